@@ -1,0 +1,47 @@
+"""Turn the peers' reports into finished metrics rows: the swarm's consensus distance at an epoch needs every
+live peer's parameter sketch for that epoch, so rows wait here until their epoch is complete (seconds, since
+peers evaluate together) or until the run ends, when whatever is pending is finished with the peers there are.
+
+Pure logic, no I/O: the driver feeds reports and peer deaths in and writes out what comes back."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from workers.metrics import MetricsRow
+from workers.sketch import consensus_distance
+from workers.train import Report
+
+
+class EpochCollector:
+    def __init__(self, peers: range | list[int]):
+        self.live = set(peers)
+        self.pending: dict[int, dict[int, Report]] = defaultdict(dict)  # epoch -> peer -> report
+
+    def add(self, report: Report) -> list[list[MetricsRow]]:
+        self.pending[report.row.epoch][report.row.peer] = report
+        return self._complete_epochs()
+
+    def drop_peer(self, peer: int) -> list[list[MetricsRow]]:
+        """A peer died: stop waiting for it."""
+        self.live.discard(peer)
+        return self._complete_epochs()
+
+    def flush(self) -> list[list[MetricsRow]]:
+        """Finish every pending epoch with the reports it has (at shutdown or after an interrupt)."""
+        return [self._finish(epoch) for epoch in sorted(self.pending)]
+
+    def _complete_epochs(self) -> list[list[MetricsRow]]:
+        done = [epoch for epoch, reports in self.pending.items() if self.live <= reports.keys()]
+        return [self._finish(epoch) for epoch in sorted(done)]
+
+    def _finish(self, epoch: int) -> list[MetricsRow]:
+        reports = self.pending.pop(epoch)
+        distance = (
+            consensus_distance([r.sketch for r in reports.values()]) if len(reports) > 1 else float("nan")
+        )
+        return [
+            dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(reports))
+            for _, r in sorted(reports.items())
+        ]

@@ -1,0 +1,167 @@
+"""The one experiment config tree: pydantic models loaded from YAML, overridable with `key.sub=value`.
+
+This module imports only pydantic and yaml, so a bad config is rejected in well under a second,
+before torch, Ray or hivemind are loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits"] = "digits"
+    root: Path = Path("data")
+    batch_size: PositiveInt = 32
+    test_batch_size: PositiveInt = 512
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split
+
+
+class ModelConfig(_Section):
+    name: Literal["small_cnn"] = "small_cnn"
+
+
+class OptimConfig(_Section):
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: PositiveInt = 10
+
+
+class GossipConfig(_Section):
+    method: Literal["gossip", "none"] = "gossip"
+    group_size: int = Field(
+        16, ge=2
+    )  # target group size; a "group" of one is no averaging (use method: none)
+    min_group_size: int = Field(2, ge=2)
+    alpha: float = Field(1.0, gt=0, le=1)  # averaging_alpha: step towards the group mean, 1.0 = take the mean
+    matchmaking_time: PositiveFloat = 5.0  # seconds a group leader waits for followers
+    every_steps: PositiveInt | Literal["epoch"] = "epoch"  # average every H local steps, or once per epoch
+    round_timeout: PositiveFloat = 30.0  # seconds an all-reduce may take after the group is formed
+
+    @model_validator(mode="after")
+    def _min_not_above_target(self) -> GossipConfig:
+        if self.min_group_size > self.group_size:
+            raise ValueError(
+                f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}"
+            )
+        return self
+
+
+class ResourcesConfig(_Section):
+    num_cpus: PositiveFloat = 1.0  # per peer; also the peer's torch thread count (at least 1)
+    num_gpus: float = Field(0.0, ge=0)  # per peer; a fraction packs several peers on one GPU
+
+
+class NetworkConfig(_Section):
+    host: str = "127.0.0.1"  # interface the peers' DHT listens on
+
+
+class MetricsConfig(_Section):
+    # Consensus distance is computed from a CountSketch of each peer's parameters with this many buckets
+    # (seed shared by all peers); 0, or a model with at most this many parameters, sends them exactly.
+    sketch_dim: int = Field(1024, ge=0)
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    peers: PositiveInt = 4
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    gossip: GossipConfig = GossipConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    network: NetworkConfig = NetworkConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _swarm_can_form_groups(self) -> ExperimentConfig:
+        if self.gossip.method == "gossip" and self.gossip.min_group_size > self.peers:
+            raise ValueError(
+                f"gossip.min_group_size={self.gossip.min_group_size} can never be met by peers={self.peers}"
+            )
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b.c=value` set; values are parsed as YAML scalars."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(text) if text.strip() else None
+    return result
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for issue in err.errors():
+        field = ".".join(str(p) for p in issue["loc"]) or "config"
+        if issue["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key (value {issue['input']!r})")
+        elif issue["type"] in ("value_error", "assertion_error") and not issue["loc"]:
+            lines.append(issue["msg"].removeprefix("Value error, "))
+        else:
+            msg = issue["msg"].removeprefix("Value error, ")
+            lines.append(f"{field}={_short(issue['input'])}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw.setdefault("name", path.stem)
+    return parse_config(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,32 @@
+"""The one results schema: a metrics row per peer per evaluation (long format), and its CSV header."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class MetricsRow:
+    run_id: str
+    peer: int
+    epoch: int  # 1-based: the number of epochs completed when this row was measured
+    step: int  # local optimizer steps so far
+    samples_seen: int  # training samples this peer has processed so far
+    wall_time_s: float  # seconds since this peer started training
+    train_loss: float  # mean over this epoch's batches
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    samples_per_s: float  # this epoch's training throughput, averaging time included
+    avg_rounds_ok: int  # cumulative successful averaging rounds
+    avg_rounds_failed: int  # cumulative failed rounds (no group in time, all-reduce error, timeout)
+    avg_group_size: float  # mean size of the groups of the successful rounds since the previous row
+    avg_seconds: float  # seconds spent in averaging since the previous row
+    consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
+    consensus_peers: int = 0  # how many peers' parameters that figure covers
+    node: str = ""  # host name of the machine the peer ran on
+
+
+CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))

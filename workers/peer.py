@@ -1,0 +1,137 @@
+"""One hivemind peer: DHT, averaging strategy, data shard, model, and the training loop in a thread.
+
+The class knows nothing of Ray: the launcher wraps it in a Ray actor, `python -m workers` runs it in the
+foreground. The driver calls `start_dht`, then `start_training`, then polls; every call returns quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch.utils.data import DataLoader
+
+from workers.averaging import GossipAveraging, NoAveraging
+from workers.config import ExperimentConfig
+from workers.data import load_dataset, peer_shard
+from workers.models import build_model
+from workers.sketch import ParameterSketch
+from workers.train import Report, TrainSetup, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerStatus:
+    peer: int
+    state: str  # "ready" | "running" | "done" | "failed" | "stopped"
+    reports: list[Report] = field(default_factory=list)
+    error: str | None = None
+
+
+class Peer:
+    def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str):
+        quiet_hivemind()
+        self.cfg, self.peer, self.run_id = cfg, peer, run_id
+        torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
+        self.device = torch.device(
+            "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        )
+        self.setup = self._build_setup()
+        self.dht = None
+        self.averaging: NoAveraging = NoAveraging()
+        self._reports: queue.Queue[Report] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state, self._error = "ready", None
+
+    def _build_setup(self) -> TrainSetup:
+        cfg = self.cfg
+        splits = load_dataset(cfg.data)
+        torch.manual_seed(cfg.seed)  # every peer starts from the same initial parameters
+        model = build_model(cfg.model, splits.num_classes).to(self.device)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        shuffle = torch.Generator().manual_seed(cfg.seed * 1000 + self.peer)  # per-peer batch order
+        shard = peer_shard(splits, self.peer, cfg.peers, cfg.seed)
+        num_params = sum(p.numel() for p in model.parameters())
+        return TrainSetup(
+            run_id=self.run_id,
+            peer=self.peer,
+            node=socket.gethostname(),
+            epochs=cfg.optim.epochs,
+            model=model,
+            optimizer=optimizer,
+            train_loader=DataLoader(shard, batch_size=cfg.data.batch_size, shuffle=True, generator=shuffle),
+            test_loader=DataLoader(splits.test, batch_size=cfg.data.test_batch_size),
+            sketch=ParameterSketch(num_params, cfg.metrics.sketch_dim, seed=cfg.seed),
+            device=self.device,
+        )
+
+    def start_dht(self, initial_peers: list[str]) -> list[str]:
+        """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs."""
+        import hivemind
+
+        self.dht = hivemind.DHT(
+            initial_peers=initial_peers, host_maddrs=[f"/ip4/{self.cfg.network.host}/tcp/0"], start=True
+        )
+        if self.cfg.gossip.method == "gossip":
+            self.averaging = GossipAveraging(self.setup.model, self.dht, self.cfg.gossip, prefix=self.run_id)
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def start_training(self) -> None:
+        self._state = "running"
+        self._thread = threading.Thread(
+            target=self._train_thread, name=f"peer-{self.peer}-train", daemon=True
+        )
+        self._thread.start()
+
+    def _train_thread(self) -> None:
+        try:
+            for report in train(self.setup, self.averaging, self._stop):
+                self._reports.put(report)
+            self._state = "stopped" if self._stop.is_set() else "done"
+        except Exception:
+            self._error, self._state = traceback.format_exc(), "failed"
+            logger.error("peer %d failed:\n%s", self.peer, self._error)
+
+    def poll(self) -> PeerStatus:
+        """Everything reported since the last poll, and the current state."""
+        reports = []
+        while True:
+            try:
+                reports.append(self._reports.get_nowait())
+            except queue.Empty:
+                break
+        return PeerStatus(self.peer, self._state, reports, self._error)
+
+    def process_ids(self) -> list[int]:
+        """This process's descendants (hivemind's DHT and averager processes, p2pd): reaped if left behind."""
+        return [child.pid for child in psutil.Process(os.getpid()).children(recursive=True)]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop training and shut hivemind down (its processes and p2pd daemons with it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.averaging.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+
+def quiet_hivemind() -> None:
+    """hivemind logs every retry at INFO/WARNING with tracebacks; keep its errors, count failures ourselves."""
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    logging.getLogger("workers").setLevel(logging.INFO)
