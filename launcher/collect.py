@@ -38,9 +38,7 @@ class EpochCollector:
 
     def _finish(self, epoch: int) -> list[MetricsRow]:
         reports = self.pending.pop(epoch)
-        distance = (
-            consensus_distance([r.sketch for r in reports.values()]) if len(reports) > 1 else float("nan")
-        )
+        distance = consensus_distance([r.sketch for r in reports.values()]) if len(reports) > 1 else float("nan")
         return [
             dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(reports))
             for _, r in sorted(reports.items())

@@ -55,9 +55,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path) -> RunResult:
         swarm.start()
         exit_code = stream_reports(swarm, writer, cfg)
     except KeyboardInterrupt:
-        logger.warning(
-            "interrupted: keeping the %d rows reported so far, shutting the peers down", writer.rows_written
-        )
+        logger.warning("interrupted: keeping the %d rows reported so far, shutting the peers down", writer.rows_written)
     finally:
         with sigint_ignored():
             writer.write([row for rows in swarm.collector.flush() for row in rows])
@@ -74,9 +72,7 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
     if ray.is_initialized():
         return False
     needed = math.ceil(cfg.peers * cfg.resources.num_cpus)
-    ray.init(
-        num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING
-    )
+    ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -91,9 +87,7 @@ class Swarm:
 
     def start(self) -> None:
         cfg = self.cfg
-        actor_class = ray.remote(Peer).options(
-            num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus
-        )
+        actor_class = ray.remote(Peer).options(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus)
         self.actors = {i: actor_class.remote(cfg, i, self.run_id) for i in range(cfg.peers)}
         bootstrap_maddrs = ray.get(self.actors[0].start_dht.remote([]), timeout=SETUP_TIMEOUT_S)
         logger.info("peer 0 is up at %s", bootstrap_maddrs)
@@ -153,9 +147,7 @@ def stream_reports(swarm: Swarm, writer: MetricsWriter, cfg: ExperimentConfig) -
                     logger.error("peer %d failed:\n%s", peer, status.error)
                     exit_code = 1
                 del running[peer]
-                for rows in (
-                    swarm.collector.drop_peer(peer) if status is None or status.state == "failed" else []
-                ):
+                for rows in swarm.collector.drop_peer(peer) if status is None or status.state == "failed" else []:
                     writer.write(rows)
         time.sleep(POLL_INTERVAL_S)
     return exit_code

@@ -96,7 +96,7 @@ class GossipAveraging(NoAveraging):
         """One round; returns the group size, or None when the round failed (training goes on either way)."""
         started = time.perf_counter()
         with torch.no_grad(), self.averager.get_tensors() as shared:
-            for dst, src in zip(shared, self.tensors):
+            for dst, src in zip(shared, self.tensors, strict=True):
                 dst.copy_(src)
         try:
             gathered = self.averager.step(timeout=self.cfg.matchmaking_time + self.cfg.round_timeout)
@@ -105,7 +105,7 @@ class GossipAveraging(NoAveraging):
             gathered = None
         if gathered:
             with torch.no_grad(), self.averager.get_tensors() as shared:
-                for dst, src in zip(self.tensors, shared):
+                for dst, src in zip(self.tensors, shared, strict=True):
                     dst.copy_(src)
         group_size = len(gathered) if gathered else None
         self.stats.record(group_size, time.perf_counter() - started)

@@ -50,9 +50,7 @@ class OptimConfig(_Section):
 
 class GossipConfig(_Section):
     method: Literal["gossip", "none"] = "gossip"
-    group_size: int = Field(
-        16, ge=2
-    )  # target group size; a "group" of one is no averaging (use method: none)
+    group_size: int = Field(16, ge=2)  # target group size; a "group" of one is no averaging (use method: none)
     min_group_size: int = Field(2, ge=2)
     alpha: float = Field(1.0, gt=0, le=1)  # averaging_alpha: step towards the group mean, 1.0 = take the mean
     matchmaking_time: PositiveFloat = 5.0  # seconds a group leader waits for followers
@@ -62,9 +60,7 @@ class GossipConfig(_Section):
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
         if self.min_group_size > self.group_size:
-            raise ValueError(
-                f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}"
-            )
+            raise ValueError(f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}")
         return self
 
 

@@ -41,9 +41,7 @@ class Peer:
         quiet_hivemind()
         self.cfg, self.peer, self.run_id = cfg, peer, run_id
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
-        self.device = torch.device(
-            "cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        )
+        self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()
         self.dht = None
         self.averaging: NoAveraging = NoAveraging()
@@ -92,9 +90,7 @@ class Peer:
 
     def start_training(self) -> None:
         self._state = "running"
-        self._thread = threading.Thread(
-            target=self._train_thread, name=f"peer-{self.peer}-train", daemon=True
-        )
+        self._thread = threading.Thread(target=self._train_thread, name=f"peer-{self.peer}-train", daemon=True)
         self._thread.start()
 
     def _train_thread(self) -> None:
