@@ -1,13 +1,17 @@
-"""`gossip-launch run CONFIG [--peers N] [--set key.sub=value ...] [--out DIR]` (also `python -m launcher`)."""
+"""`gossip-launch run CONFIG [--peers N] [--set key.sub=value ...] [--out DIR]` (also `python -m launcher`);
+`gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 from workers.config import ConfigError, load_config
+from workers.datacheck import check_data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,21 +23,55 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set gossip.alpha=0.5 (repeatable)")  # fmt: skip
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
+    analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
+    analyze.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
+    analyze.add_argument("--target-acc", type=float, help="report wall time and samples to this mean test accuracy")
+    analyze.add_argument("--plot", action="store_true", help="also write PNG plots next to comparison.csv")
+    analyze.add_argument("--out", type=Path, help="where to write (default: the folder, when only one is given)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "analyze":
+        return _analyze(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overrides = args.overrides + ([f"peers={args.peers}"] if args.peers is not None else [])
     try:
         cfg = load_config(args.config, overrides)
+        check_data(cfg.data)
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
         return 2
     from launcher.driver import run_experiment  # imports Ray and torch: only once the config is known good
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     return run_experiment(cfg, args.out).exit_code
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from launcher.analyze import MissingMetricsError, analyze, format_comparison  # pandas: only when asked for
+
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else None)
+    try:
+        table, written = analyze(args.run_dirs, args.target_acc, out, args.plot)
+    except MissingMetricsError as err:
+        print(f"gossip-launch analyze: {err}", file=sys.stderr)
+        return 2
+    print(format_comparison(table, width=shutil.get_terminal_size().columns))
+    for path in written:
+        print(f"wrote {path}")
+    if out is None:
+        print("gossip-launch analyze: several folders given; add --out DIR to write the table", file=sys.stderr)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

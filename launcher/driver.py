@@ -21,13 +21,14 @@ from launcher.collect import EpochCollector
 from launcher.results import MetricsWriter, format_summary, read_metrics, summarize
 from workers.config import ExperimentConfig, dump_config
 from workers.metrics import MetricsRow
-from workers.peer import Peer
+from workers.peer import Peer, PeerStatus
 
 logger = logging.getLogger("launcher")
 
 POLL_INTERVAL_S = 0.5
 SETUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
+FINISHED_STATES = ("done", "failed", "stopped", "lost")
 
 
 @dataclass
@@ -54,11 +55,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path) -> RunResult:
     try:
         swarm.start()
         exit_code = stream_reports(swarm, writer, cfg)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        logger.error("the peers could not be started: %s", err)
+        exit_code = 1
     except KeyboardInterrupt:
         logger.warning("interrupted: keeping the %d rows reported so far, shutting the peers down", writer.rows_written)
     finally:
         with sigint_ignored():
-            writer.write([row for rows in swarm.collector.flush() for row in rows])
+            writer.write([row for rows in swarm.drain() for row in rows])
             writer.close()
             swarm.shutdown()
             if started_ray:
@@ -87,8 +91,12 @@ class Swarm:
 
     def start(self) -> None:
         cfg = self.cfg
-        actor_class = ray.remote(Peer).options(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus)
-        self.actors = {i: actor_class.remote(cfg, i, self.run_id) for i in range(cfg.peers)}
+        peer_actor = ray.remote(Peer)
+        resources = dict(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus)
+        self.actors = {
+            i: peer_actor.options(name=actor_name(self.run_id, i), **resources).remote(cfg, i, self.run_id)
+            for i in range(cfg.peers)
+        }
         bootstrap_maddrs = ray.get(self.actors[0].start_dht.remote([]), timeout=SETUP_TIMEOUT_S)
         logger.info("peer 0 is up at %s", bootstrap_maddrs)
         others = [self.actors[i].start_dht.remote(bootstrap_maddrs) for i in range(1, cfg.peers)]
@@ -107,6 +115,23 @@ class Swarm:
                 except psutil.NoSuchProcess:
                     pass
 
+    def poll(self, peers: set[int], timeout: float = SETUP_TIMEOUT_S) -> list[PeerStatus]:
+        """Each peer's status; a peer whose actor died or stopped answering comes back as state "lost"."""
+        calls = {peer: self.actors[peer].poll.remote() for peer in sorted(peers)}
+        statuses = []
+        for peer, call in calls.items():
+            try:
+                statuses.append(ray.get(call, timeout=timeout))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                statuses.append(PeerStatus(peer, "lost", error=str(err)))
+        return statuses
+
+    def drain(self) -> list[list[MetricsRow]]:
+        """Rows the peers reported but the driver has not collected yet (after an interrupt)."""
+        statuses = self.poll(set(self.actors), timeout=5.0) if self.actors else []
+        epochs = [rows for s in statuses for report in s.reports for rows in self.collector.add(report)]
+        return epochs + self.collector.flush()
+
     def shutdown(self) -> None:
         """Ask every peer to stop hivemind cleanly, then kill the actors and reap anything left behind."""
         stops = [actor.stop.remote() for actor in self.actors.values()]
@@ -116,39 +141,40 @@ class Swarm:
         reap(self.child_processes)
 
 
+def actor_name(run_id: str, peer: int) -> str:
+    return f"{run_id}/peer-{peer}"
+
+
 def reap(processes: list[tuple[int, float]]) -> None:
+    """Kill hivemind's processes that outlived their peer (e.g. after a peer was killed mid-run)."""
+    reaped = []
     for pid, create_time in processes:
         try:
             proc = psutil.Process(pid)
             if proc.create_time() == create_time:  # the same process, not a reused pid
-                logger.warning("killing leftover process %d (%s)", pid, proc.name())
+                reaped.append(proc.name())
                 proc.kill()
         except psutil.NoSuchProcess:
             pass
+    if reaped:
+        logger.info("reaped %d processes the peers left behind: %s", len(reaped), ", ".join(sorted(set(reaped))))
 
 
 def stream_reports(swarm: Swarm, writer: MetricsWriter, cfg: ExperimentConfig) -> int:
-    """Poll every running peer, write rows as their epochs complete, until all are finished or dead."""
-    running, exit_code = dict(swarm.actors), 0
-    started = time.perf_counter()
+    """Poll the running peers and write rows as their epochs complete, until every peer is finished or lost."""
+    running, exit_code, started = set(swarm.actors), 0, time.perf_counter()
     while running:
-        for peer, actor in list(running.items()):
-            try:
-                status = ray.get(actor.poll.remote(), timeout=SETUP_TIMEOUT_S)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                logger.error("peer %d is gone: %s", peer, err)
-                status, exit_code = None, 1
-            for report in status.reports if status else []:
-                for rows in swarm.collector.add(report):
-                    writer.write(rows)
-                    log_epoch(rows, cfg, time.perf_counter() - started)
-            if status is None or status.state in ("done", "failed", "stopped"):
-                if status is not None and status.state == "failed":
-                    logger.error("peer %d failed:\n%s", peer, status.error)
-                    exit_code = 1
-                del running[peer]
-                for rows in swarm.collector.drop_peer(peer) if status is None or status.state == "failed" else []:
-                    writer.write(rows)
+        for status in swarm.poll(running):
+            epochs = [rows for report in status.reports for rows in swarm.collector.add(report)]
+            if status.state in ("failed", "lost"):
+                logger.error("peer %d %s:\n%s", status.peer, status.state, status.error)
+                epochs += swarm.collector.drop_peer(status.peer)
+                exit_code = 1
+            if status.state in FINISHED_STATES:
+                running.discard(status.peer)
+            for rows in epochs:
+                writer.write(rows)
+                log_epoch(rows, cfg, time.perf_counter() - started)
         time.sleep(POLL_INTERVAL_S)
     return exit_code
 

@@ -80,6 +80,7 @@ class GossipAveraging(NoAveraging):
             min_group_size=cfg.min_group_size,
             averaging_alpha=cfg.alpha,
             min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=min(3.0, cfg.matchmaking_time / 2),  # hivemind: must be below matchmaking time
             allreduce_timeout=cfg.round_timeout,
             start=True,
         )

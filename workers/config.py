@@ -30,15 +30,21 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits"] = "digits"
-    root: Path = Path("data")
+    dataset: Literal["digits", "cifar10", "tinyimagenet"] = "digits"
+    root: Path = Path("data")  # holds cifar-10-batches-py/ or tiny-imagenet-200/; digits ships with scikit-learn
+    download: bool = False  # fetch a missing dataset into `root` (needs internet on every peer's machine)
     batch_size: PositiveInt = 32
     test_batch_size: PositiveInt = 512
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split (digits)
+    partition: Literal["iid", "dirichlet"] = "iid"  # how the training set is split among the peers
+    dirichlet_alpha: PositiveFloat = 0.5  # concentration of the per-class Dirichlet: small = strong label skew
+    augment: bool = True  # random crop + horizontal flip of training images (cifar10, tinyimagenet)
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per peer
 
 
 class ModelConfig(_Section):
-    name: Literal["small_cnn"] = "small_cnn"
+    name: Literal["small_cnn", "cifar_cnn", "resnet50"] = "small_cnn"
+    channels_last: bool = False  # NHWC memory format on GPU (faster convolutions with AMP)
 
 
 class OptimConfig(_Section):

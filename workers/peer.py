@@ -12,6 +12,7 @@ import queue
 import socket
 import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import psutil
@@ -54,7 +55,7 @@ class Peer:
         cfg = self.cfg
         splits = load_dataset(cfg.data)
         torch.manual_seed(cfg.seed)  # every peer starts from the same initial parameters
-        model = build_model(cfg.model, splits.num_classes).to(self.device)
+        model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(self.device)
         optimizer = torch.optim.SGD(
             model.parameters(),
             lr=cfg.optim.lr,
@@ -129,5 +130,6 @@ class Peer:
 
 def quiet_hivemind() -> None:
     """hivemind logs every retry at INFO/WARNING with tracebacks; keep its errors, count failures ourselves."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     logging.getLogger("workers").setLevel(logging.INFO)

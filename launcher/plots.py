@@ -1,0 +1,105 @@
+"""PNG plots of results tables from `launcher.analyze.load_runs`: per-peer curves of one run, per-run mean curves
+with a min-max band across peers, and the consensus distance. Drawn on Agg Figures without pyplot, so they
+neither need a display nor change a notebook's backend (a returned Figure still shows inline in Jupyter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from launcher.analyze import epoch_curve, split_runs
+
+METRICS = (("test_acc", "acc", "test accuracy (fraction)"), ("test_loss", "loss", "test loss (cross-entropy)"))
+LEGEND_MAX = 12  # beyond this many lines a legend hides the plot
+
+
+def _grid(title: str) -> tuple[Figure, np.ndarray]:
+    """A 2x2 figure: rows are accuracy and loss, columns are wall time and epoch."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex="col", sharey="row")
+    fig.suptitle(title)
+    for row, (_, _, label) in enumerate(METRICS):
+        axes[row, 0].set_ylabel(label)
+        axes[row, 0].set_title(f"{label.split(' (')[0]} vs wall time")
+        axes[row, 1].set_title(f"{label.split(' (')[0]} vs epoch")
+    axes[1, 0].set_xlabel("wall time (s)")
+    axes[1, 1].set_xlabel("epoch")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _legend(ax: Axes, lines: int) -> None:
+    if 0 < lines <= LEGEND_MAX:
+        ax.legend(fontsize="small", ncol=1 if lines <= 6 else 2)
+
+
+def plot_peers(run: pd.DataFrame) -> Figure:
+    """One run: test accuracy and loss of every peer against its wall time and against epoch."""
+    peers = sorted(run["peer"].unique())
+    fig, axes = _grid(f"{run['run_id'].iloc[0]}: per peer ({len(peers)} peers)")
+    for peer in peers:
+        rows = run[run["peer"] == peer].sort_values("epoch")
+        for row, (column, _, _) in enumerate(METRICS):
+            axes[row, 0].plot(rows["wall_time_s"], rows[column], marker=".", label=f"peer {peer}")
+            axes[row, 1].plot(rows["epoch"], rows[column], marker=".", label=f"peer {peer}")
+    _legend(axes[0, 0], len(peers))
+    return fig
+
+
+def plot_runs(df: pd.DataFrame) -> Figure:
+    """Several runs: each run's across-peer mean, with a band from the worst to the best peer. The wall time
+    of an epoch is its slowest peer's, when the whole swarm had got there."""
+    runs = split_runs(df)
+    fig, axes = _grid(f"{len(runs)} runs: mean across peers, band = min to max peer, wall time = slowest peer")
+    for run in runs:
+        curve, label = epoch_curve(run), run["run_id"].iloc[0]
+        for row, (_, short, _) in enumerate(METRICS):
+            for col, x in enumerate((curve["wall_time_s"], curve.index)):
+                (line,) = axes[row, col].plot(x, curve[f"{short}_mean"], marker=".", label=label)
+                band = (curve[f"{short}_min"], curve[f"{short}_max"])
+                axes[row, col].fill_between(x, *band, color=line.get_color(), alpha=0.2, linewidth=0)
+    _legend(axes[0, 0], len(runs))
+    return fig
+
+
+def plot_consensus(df: pd.DataFrame) -> Figure | None:
+    """Consensus distance of each run against wall time, log scale; None when no run has a positive value."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = 0
+    for run in split_runs(df):
+        curve = epoch_curve(run)
+        shown = curve[np.isfinite(curve["consensus_dist"]) & (curve["consensus_dist"] > 0)]
+        if not shown.empty:
+            ax.plot(shown["wall_time_s"], shown["consensus_dist"], marker=".", label=run["run_id"].iloc[0])
+            drawn += 1
+    if not drawn:
+        return None
+    ax.set_yscale("log")
+    ax.set_title("Consensus distance: RMS distance of the peers' parameters from their mean")
+    ax.set_xlabel("wall time (s), slowest peer")
+    ax.set_ylabel("consensus distance (parameter units, log scale)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, drawn)
+    return fig
+
+
+def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per-peer curves for a single run or mean curves for several, plus consensus distance; the paths written."""
+    several = len(split_runs(df)) > 1
+    curves = ("curves_runs.png", plot_runs(df)) if several else ("curves_peers.png", plot_peers(df))
+    figures = dict([curves, ("consensus.png", plot_consensus(df))])
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=100)
+            written.append(out_dir / name)
+    return written

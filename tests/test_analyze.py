@@ -1,0 +1,163 @@
+"""The analysis of results folders: known-answer tables from synthetic runs, sweep expansion, the CLI and its plots.
+No Ray, no hivemind, no torch: every run folder here is written by hand through the real MetricsWriter."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from launcher.analyze import MissingMetricsError, compare_runs, load_run, load_runs
+from launcher.cli import main
+from launcher.results import MetricsWriter
+from workers.config import dump_config, parse_config
+from workers.metrics import CSV_COLUMNS, MetricsRow
+
+# Two peers, three epochs; dyadic numbers so every mean below is exact in floating point.
+TEST_ACC = {0: [0.25, 0.5, 0.875], 1: [0.375, 0.75, 0.625]}  # across-peer means: 0.3125, 0.625, 0.75
+WALL_TIME = {0: [10.0, 20.0, 30.0], 1: [12.0, 22.5, 31.0]}
+SAMPLES = {0: [320, 640, 960], 1: [325, 650, 975]}
+SAMPLES_PER_S = {0: [32.0, 32.0, 32.0], 1: [29.0, 30.0, 28.0]}  # mean over all six rows: 30.5
+ROUNDS_OK = {0: [1, 2, 3], 1: [1, 1, 2]}  # cumulative: totals 3 + 2
+ROUNDS_FAILED = {0: [0, 0, 0], 1: [0, 1, 1]}
+CONSENSUS = [0.5, 0.25, 0.125]
+
+
+def make_run(root: Path, name: str, *, alpha: float = 0.5, method: str = "gossip", epochs: int = 3) -> Path:
+    """A run folder as the driver leaves it: config.yaml and metrics.csv, rows written an epoch at a time."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    cfg = parse_config({"name": name, "peers": 2, "gossip": {"method": method, "alpha": alpha, "group_size": 2}})
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    writer = MetricsWriter(run_dir / "metrics.csv")
+    for e in range(epochs):
+        writer.write([_row(name, peer, e) for peer in (0, 1)])
+    writer.close()
+    return run_dir
+
+
+def _row(run_id: str, peer: int, e: int) -> MetricsRow:
+    return MetricsRow(
+        run_id=run_id, peer=peer, epoch=e + 1, step=10 * (e + 1), samples_seen=SAMPLES[peer][e],
+        wall_time_s=WALL_TIME[peer][e], train_loss=1.0 / (e + 1), train_acc=0.5, test_loss=2.0 - TEST_ACC[peer][e],
+        test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], avg_rounds_ok=ROUNDS_OK[peer][e],
+        avg_rounds_failed=ROUNDS_FAILED[peer][e], avg_group_size=2.0, avg_seconds=0.5,
+        consensus_dist=CONSENSUS[e], consensus_peers=2, node="test",
+    )  # fmt: skip
+
+
+def test_load_run_joins_the_flattened_config(tmp_path):
+    df = load_run(make_run(tmp_path, "a", alpha=0.5))
+    assert len(df) == 6
+    assert set(CSV_COLUMNS) <= set(df.columns)
+    assert (df["peers"] == 2).all() and (df["gossip.method"] == "gossip").all()
+    assert (df["gossip.alpha"] == 0.5).all() and (df["gossip.group_size"] == 2).all()
+    assert (df["optim.epochs"] == 10).all() and (df["run_dir"] == str(tmp_path / "a")).all()
+
+
+def test_compare_runs_known_answers(tmp_path):
+    table = compare_runs(load_run(make_run(tmp_path, "a")), target_acc=0.625)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["run_id"], row["peers"], row["method"], row["alpha"], row["group_size"]) == ("a", 2, "gossip", 0.5, 2)
+    assert (row["min_group_size"], row["matchmaking_time"], row["every_steps"], row["epochs"]) == (2, 5.0, "epoch", 3)
+    # final rows: peer 0 at 0.875, peer 1 at 0.625
+    assert row["final_acc_mean"] == 0.75 and row["final_acc_std"] == 0.125
+    assert row["final_acc_min"] == 0.625 and row["final_acc_max"] == 0.875
+    assert row["best_acc"] == 0.75  # epoch 3's mean; no single peer's best (0.875) counts
+    # the mean reaches 0.625 exactly at epoch 2: the slowest peer's wall time, the mean samples per peer
+    assert row["time_to_target_s"] == 22.5 and row["samples_to_target"] == 645
+    assert row["samples_per_s"] == 30.5
+    assert (row["rounds_ok"], row["rounds_failed"]) == (5, 1)
+    assert (row["rounds_ok_per_peer"], row["rounds_failed_per_peer"]) == (2.5, 0.5)
+    assert row["final_consensus_dist"] == 0.125 and row["wall_time_s"] == 31.0
+
+
+def test_target_never_reached_is_nan_and_no_target_no_columns(tmp_path):
+    df = load_run(make_run(tmp_path, "a"))
+    row = compare_runs(df, target_acc=0.8).iloc[0]  # best peer reaches 0.875 but the mean never 0.8
+    assert math.isnan(row["time_to_target_s"]) and math.isnan(row["samples_to_target"])
+    assert "time_to_target_s" not in compare_runs(df).columns
+
+
+def test_interrupted_run_uses_each_peers_last_row(tmp_path):
+    run_dir = make_run(tmp_path, "a", epochs=2)
+    writer = MetricsWriter(run_dir / "metrics.csv")
+    writer.write([_row("a", 0, 2)])  # peer 0 finished epoch 3; peer 1 stopped after epoch 2
+    writer.close()
+    row = compare_runs(load_run(run_dir)).iloc[0]
+    assert row["final_acc_mean"] == (0.875 + 0.75) / 2 and row["final_acc_min"] == 0.75
+    assert (row["rounds_ok"], row["rounds_failed"], row["epochs"]) == (3 + 1, 1, 3)
+    assert row["best_acc"] == 0.875  # epoch 3's "mean" is peer 0 alone
+
+
+def test_sweep_folder_expands_to_its_runs_sorted(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "run-b", alpha=1.0, method="none")
+    make_run(sweep, "run-a", alpha=0.25)
+    (sweep / "sweep.csv").write_text("run_id\nrun-a\nrun-b\n")
+    (sweep / "notes").mkdir()  # a subfolder without metrics.csv is not a run
+    df = load_runs([sweep])
+    assert list(df["run_dir"].unique()) == [str(sweep / "run-a"), str(sweep / "run-b")]
+    table = compare_runs(df)
+    assert list(table["run_id"]) == ["run-a", "run-b"]
+    assert list(table["alpha"]) == [0.25, 1.0] and list(table["method"]) == ["gossip", "none"]
+    # a run folder and a sweep folder together
+    assert len(load_runs([sweep / "run-b", sweep])["run_dir"].unique()) == 2
+
+
+def test_load_runs_rejects_a_folder_without_metrics(tmp_path):
+    with pytest.raises(MissingMetricsError, match="no metrics.csv"):
+        load_runs([tmp_path])
+
+
+def _assert_real_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 10_000, path
+    rgb = matplotlib.image.imread(path)[..., :3]
+    assert rgb.std() > 0.05, f"{path} looks blank"
+    # empty axes are black and white; the data lines are the only coloured pixels
+    assert ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3).mean() > 0.001, f"{path} has no data drawn"
+
+
+def test_cli_single_run_writes_table_and_plots(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "a")
+    assert main(["analyze", str(run_dir), "--target-acc", "0.625", "--plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "final_acc_mean" in printed and "comparison.csv" in printed
+    table = pd.read_csv(run_dir / "comparison.csv")
+    assert table.loc[0, "time_to_target_s"] == 22.5 and table.loc[0, "final_acc_mean"] == 0.75
+    for name in ("curves_peers.png", "consensus.png"):
+        _assert_real_png(run_dir / name)
+
+
+def test_cli_several_runs_write_into_out(tmp_path):
+    sweep, out = tmp_path / "sweep", tmp_path / "analysis"
+    make_run(sweep, "a")
+    make_run(sweep, "b", method="none")
+    assert main(["analyze", str(sweep / "a"), str(sweep / "b"), "--plot", "--out", str(out)]) == 0
+    assert list(pd.read_csv(out / "comparison.csv")["run_id"]) == ["a", "b"]
+    for name in ("curves_runs.png", "consensus.png"):
+        _assert_real_png(out / name)
+
+
+def test_cli_folder_without_metrics_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["analyze", str(tmp_path / "empty")]) == 2
+    assert "no metrics.csv" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "comparison.csv").exists()
+
+
+def test_cli_run_without_rows_exits_2(tmp_path, capsys):
+    MetricsWriter(tmp_path / "metrics.csv").close()  # header only: stopped before the first evaluation
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "no rows" in capsys.readouterr().err
+
+
+def test_analyze_module_loads_without_torch_or_ray():
+    code = "import sys, launcher.analyze; sys.exit(bool({'torch', 'ray', 'hivemind'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

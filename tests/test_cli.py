@@ -1,0 +1,63 @@
+"""The command line as a user runs it, in a subprocess: fast rejection of bad input, and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import QUICKSTART, ROOT, run_processes
+
+LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "gossip.alpha=1.5"], "gossip.alpha=1.5"),
+        (["--set", "gossip.group_size=0"], "gossip.group_size=0"),
+        (["--set", "gossip.colour=red"], "gossip.colour: unknown key"),
+        (["--peers", "1"], "can never be met by peers=1"),
+    ],
+)
+def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path):
+    before = {int(line.split(":")[0]) for line in run_processes()}
+    started = time.perf_counter()
+    proc = subprocess.run([*LAUNCH, *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert time.perf_counter() - started < 10
+    assert list(tmp_path.iterdir()) == [], "nothing is written for a rejected config"
+    assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path):
+    before = {int(line.split(":")[0]) for line in run_processes()}
+    log = (tmp_path / "log.txt").open("w")
+    # A new session, like a terminal's foreground job: SIGINT goes to the whole process group.
+    proc = subprocess.Popen([*LAUNCH, "--out", str(tmp_path / "out")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    rows_seen = wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 130
+    (metrics,) = (tmp_path / "out").glob("*/metrics.csv")
+    assert len(metrics.read_text().splitlines()) - 1 >= rows_seen
+    time.sleep(2)
+    assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
+
+
+def wait_for_rows(out_dir, at_least: int, timeout: float) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for metrics in out_dir.glob("*/metrics.csv"):
+            rows = len(metrics.read_text().splitlines()) - 1
+            if rows >= at_least:
+                return rows
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {at_least} rows in {timeout} s")

@@ -1,0 +1,75 @@
+"""The driver's pure bookkeeping: when rows are complete, what they say about consensus, what the CSV keeps."""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from launcher.collect import EpochCollector
+from launcher.results import MetricsWriter, read_metrics, summarize
+from workers.metrics import CSV_COLUMNS, MetricsRow
+from workers.train import Report
+
+
+def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -> MetricsRow:
+    return MetricsRow(
+        run_id="r", peer=peer, epoch=epoch, step=10 * epoch, samples_seen=100 * epoch, wall_time_s=float(epoch),
+        train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=test_acc, samples_per_s=100.0,
+        avg_rounds_ok=rounds_ok, avg_rounds_failed=0, avg_group_size=2.0, avg_seconds=0.1, node="n",
+    )  # fmt: skip
+
+
+def report(peer: int, epoch: int, position: float) -> Report:
+    return Report(make_row(peer, epoch), np.array([position, 0.0]))
+
+
+def test_rows_wait_for_every_live_peer_then_carry_the_swarm_distance():
+    collector = EpochCollector(range(2))
+    assert collector.add(report(0, 1, 0.0)) == []
+    assert collector.add(report(0, 2, 0.0)) == []  # a peer may run ahead
+    (epoch1,) = collector.add(report(1, 1, 2.0))
+    assert [r.peer for r in epoch1] == [0, 1]
+    assert all(r.consensus_dist == 1.0 and r.consensus_peers == 2 for r in epoch1)
+    assert collector.pending.keys() == {2}
+
+
+def test_a_lost_peer_is_no_longer_waited_for():
+    collector = EpochCollector(range(3))
+    collector.add(report(0, 1, 0.0))
+    collector.add(report(1, 1, 2.0))
+    (epoch1,) = collector.drop_peer(2)
+    assert [r.peer for r in epoch1] == [0, 1] and epoch1[0].consensus_dist == 1.0
+
+
+def test_flush_finishes_partial_epochs_with_what_is_there():
+    collector = EpochCollector(range(4))
+    collector.add(report(0, 1, 0.0))
+    collector.add(report(1, 1, 2.0))
+    collector.add(report(3, 2, 0.0))
+    epoch1, epoch2 = collector.flush()
+    assert epoch1[0].consensus_peers == 2 and epoch1[0].consensus_dist == 1.0
+    assert epoch2[0].consensus_peers == 1 and math.isnan(epoch2[0].consensus_dist)  # one peer: no swarm figure
+    assert collector.pending == {}
+
+
+def test_writer_flushes_each_batch_and_appends(tmp_path):
+    path = tmp_path / "metrics.csv"
+    writer = MetricsWriter(path)
+    writer.write([make_row(0, 1)])
+    assert len(pd.read_csv(path)) == 1  # readable before close: already on disk
+    writer.write([make_row(1, 1)])
+    writer.close()
+    writer = MetricsWriter(path)  # reopening appends without a second header
+    writer.write([make_row(0, 2)])
+    writer.close()
+    frame = read_metrics(tmp_path)
+    assert tuple(frame.columns) == CSV_COLUMNS and len(frame) == 3
+
+
+def test_summary_takes_each_peers_last_row_and_best_accuracy(tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.csv")
+    writer.write([make_row(0, 1, 0.9, 1), make_row(0, 2, 0.8, 2), make_row(1, 1, 0.3, 1), make_row(1, 2, 0.6, 3)])
+    writer.close()
+    summary = summarize(read_metrics(tmp_path)).set_index("peer")
+    assert summary.loc[0, "final_test_acc"] == 0.8 and summary.loc[0, "best_test_acc"] == 0.9
+    assert summary.loc[1, "rounds_ok"] == 3 and summary.loc[1, "epochs"] == 2

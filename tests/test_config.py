@@ -1,0 +1,71 @@
+import pytest
+
+from tests.conftest import QUICKSTART
+from workers.config import ConfigError, apply_overrides, dump_config, load_config, parse_config
+
+
+def test_quickstart_loads_with_the_documented_defaults():
+    cfg = load_config(QUICKSTART)
+    assert cfg.name == "quickstart" and cfg.peers == 4 and cfg.data.dataset == "digits"
+    assert cfg.gossip.method == "gossip" and cfg.gossip.every_steps == "epoch"
+    defaults = parse_config({}).gossip
+    assert (defaults.group_size, defaults.min_group_size, defaults.alpha, defaults.matchmaking_time) == (
+        16,
+        2,
+        1.0,
+        5.0,
+    )
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(QUICKSTART, ["gossip.alpha=0.5", "gossip.every_steps=5", "peers=3", "optim.lr=1e-3"])
+    assert cfg.gossip.alpha == 0.5 and cfg.gossip.every_steps == 5 and cfg.peers == 3 and cfg.optim.lr == 0.001
+
+
+def test_overrides_do_not_mutate_the_input():
+    raw = {"gossip": {"alpha": 1.0}}
+    assert apply_overrides(raw, ["gossip.alpha=0.1"]) == {"gossip": {"alpha": 0.1}}
+    assert raw == {"gossip": {"alpha": 1.0}}
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("gossip.alpha=1.5", "gossip.alpha", "1.5"),
+        ("gossip.alpha=0", "gossip.alpha", "0"),
+        ("gossip.group_size=0", "gossip.group_size", "0"),
+        ("gossip.matchmaking_time=-1", "gossip.matchmaking_time", "-1"),
+        ("gossip.every_steps=0", "gossip.every_steps", "0"),
+        ("gossip.method=ring", "gossip.method", "ring"),
+        ("optim.epochs=0", "optim.epochs", "0"),
+        ("peers=0", "peers", "0"),
+        ("gossip.typo=3", "gossip.typo", "unknown key"),
+        ("colour=blue", "colour", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_value(override, field, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert field in str(err.value) and value in str(err.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="min_group_size=8 is larger than group_size=4"):
+        load_config(QUICKSTART, ["gossip.group_size=4", "gossip.min_group_size=8"])
+    with pytest.raises(ConfigError, match="min_group_size=5 can never be met by peers=4"):
+        load_config(QUICKSTART, ["gossip.min_group_size=5"])
+    load_config(QUICKSTART, ["gossip.min_group_size=5", "gossip.method=none"])  # no groups, no constraint
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(QUICKSTART, ["gossip.alpha"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_snapshot_round_trips(tmp_path):
+    cfg = load_config(QUICKSTART, ["gossip.every_steps=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg

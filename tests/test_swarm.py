@@ -1,0 +1,88 @@
+"""Real swarms: a local Ray, one actor per peer, real hivemind DHTs and averagers on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from launcher.driver import actor_name, run_experiment
+from launcher.results import read_metrics
+from tests.conftest import quick_config, run_processes
+from workers.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def gossip_and_none(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    gossip = run_experiment(quick_config(), out)
+    none = run_experiment(quick_config("gossip.method=none"), out)
+    return gossip, read_metrics(gossip.run_dir), none, read_metrics(none.run_dir)
+
+
+def test_every_peer_reports_every_epoch_and_really_averaged(gossip_and_none):
+    result, metrics, _, _ = gossip_and_none
+    assert result.exit_code == 0
+    assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [[1, 2, 3]] * 4
+    final = metrics[metrics.epoch == 3]
+    assert (final.avg_rounds_ok >= 3).all(), "each peer averages at least once per epoch"
+    assert (metrics.avg_group_size >= 2).all() and (metrics.avg_group_size <= 4).all()
+    assert (final.consensus_peers == 4).all()
+
+
+def test_gossip_reaches_consensus_that_no_communication_does_not(gossip_and_none):
+    _, gossip, _, none = gossip_and_none
+    assert (none.avg_rounds_ok == 0).all() and none.avg_group_size.isna().all()
+    final_gossip = gossip[gossip.epoch == 3].consensus_dist.iloc[0]
+    final_none = none[none.epoch == 3].consensus_dist.iloc[0]
+    assert final_none > 0.1  # independent local SGD drifts apart from the same initial point
+    assert final_gossip <= final_none / 10
+    assert final_gossip < 1e-4  # a full-group average right before evaluation is exact up to float error
+
+
+def test_results_folder_holds_the_resolved_config_and_summary(gossip_and_none):
+    result, metrics, _, _ = gossip_and_none
+    assert load_config(result.run_dir / "config.yaml") == quick_config()
+    summary = (result.run_dir / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 4 and summary[0].startswith("peer,")
+    assert metrics.run_id.unique().tolist() == [result.run_dir.name]
+
+
+def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path, gossip_and_none):
+    _, _, _, none = gossip_and_none
+    cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1")
+    metrics = read_metrics(run_experiment(cfg, tmp_path).run_dir)
+    final = metrics[metrics.epoch == 3]
+    assert (metrics.avg_group_size.dropna() == 2).all(), "target group size 2 gives pairs"
+    assert (final.avg_rounds_ok >= 3).all()
+    assert final.consensus_dist.iloc[0] < none[none.epoch == 3].consensus_dist.iloc[0] / 2
+
+
+def test_a_killed_peer_loses_no_rows_and_leaves_no_processes(ray_local, tmp_path):
+    before = {int(line.split(":")[0]) for line in run_processes()}
+    cfg = quick_config("optim.epochs=5")
+    killer = threading.Thread(target=kill_peer_after_first_epoch, args=(ray_local, tmp_path, 3), daemon=True)
+    killer.start()
+    result = run_experiment(cfg, tmp_path)
+    killer.join(5)
+    metrics = read_metrics(result.run_dir)
+    assert result.exit_code == 1
+    epochs = metrics.groupby("peer")["epoch"].max()
+    assert (epochs.loc[[0, 1, 2]] == 5).all(), "the others go on without the dead peer"
+    assert 1 <= epochs.loc[3] < 5, "the dead peer's rows up to its death are kept"
+    assert (metrics[metrics.epoch == 5].consensus_peers == 3).all()
+    leftover = [line for line in run_processes() if "p2pd" in line and int(line.split(":")[0]) not in before]
+    assert leftover == []
+
+
+def kill_peer_after_first_epoch(ray, out_dir, peer: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        for metrics in out_dir.glob("*/metrics.csv"):
+            if len(metrics.read_text().splitlines()) > 4:  # header + the 4 rows of epoch 1
+                ray.kill(ray.get_actor(actor_name(metrics.parent.name, peer)))
+                return
+        time.sleep(0.2)
