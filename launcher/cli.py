@@ -1,16 +1,19 @@
-"""`gossip-launch run CONFIG [--peers N] [--set key.sub=value ...] [--out DIR]` (also `python -m launcher`);
+"""`gossip-launch run CONFIG [--peers N] [--resume-from DIR] [--set key.sub=value ...] [--out DIR]`
+(also `python -m launcher`);
 `gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import signal
 import sys
 from pathlib import Path
 
-from workers.config import ConfigError, load_config
+from workers.checkpoint import check_resume
+from workers.config import ConfigError, Sweep, load_experiment
 from workers.datacheck import check_data
 
 
@@ -20,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one N-peer experiment")
     run.add_argument("config", type=Path, help="experiment YAML, e.g. configs/experiments/quickstart.yaml")
     run.add_argument("--peers", type=int, help="number of peers (same as --set peers=N)")
+    run.add_argument("--resume-from", type=Path, metavar="DIR",
+                     help="continue from DIR's peer-<i>_final.pt files (same as --set resume_from=DIR)")  # fmt: skip
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set gossip.alpha=0.5 (repeatable)")  # fmt: skip
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
@@ -41,16 +46,31 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overrides = args.overrides + ([f"peers={args.peers}"] if args.peers is not None else [])
+    if args.resume_from is not None:  # quoted: a folder named e.g. "2024" or "a: b" stays a path
+        overrides.append(f"resume_from={json.dumps(str(args.resume_from))}")
     try:
-        cfg = load_config(args.config, overrides)
-        check_data(cfg.data)
+        cfg = load_experiment(args.config, overrides)  # a sweep: every point validated here, before Ray starts
+        for point_cfg in [p.config for p in cfg.points] if isinstance(cfg, Sweep) else [cfg]:
+            check_data(point_cfg.data)
+            check_resume(point_cfg)
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
         return 2
     from launcher.driver import run_experiment  # imports Ray and torch: only once the config is known good
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
+    if isinstance(cfg, Sweep):
+        return _run_sweep(cfg, args.out)
     return run_experiment(cfg, args.out).exit_code
+
+
+def _run_sweep(sweep: Sweep, out: Path) -> int:
+    """The points one after another, then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
+    from launcher.sweep import run_sweep
+
+    result = run_sweep(sweep, out)
+    _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir)]))
+    return result.exit_code
 
 
 def _analyze(args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path) -> RunResult:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
     started_ray = connect_ray(cfg)
-    swarm = Swarm(cfg, run_id)
+    swarm = Swarm(cfg, run_id, checkpoint_dir=(cfg.checkpoint_dir or run_dir).expanduser().resolve())
     writer = MetricsWriter(run_dir / "metrics.csv")
     exit_code = 130
     try:
@@ -83,8 +83,8 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
 class Swarm:
     """The peers' actors, started in bootstrap order, and what is needed to stop them without leftovers."""
 
-    def __init__(self, cfg: ExperimentConfig, run_id: str):
-        self.cfg, self.run_id = cfg, run_id
+    def __init__(self, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path | None = None):
+        self.cfg, self.run_id, self.checkpoint_dir = cfg, run_id, checkpoint_dir
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.child_processes: list[tuple[int, float]] = []  # (pid, create_time) of hivemind's processes
         self.collector = EpochCollector(range(cfg.peers))
@@ -94,13 +94,18 @@ class Swarm:
         peer_actor = ray.remote(Peer)
         resources = dict(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.resources.num_gpus)
         self.actors = {
-            i: peer_actor.options(name=actor_name(self.run_id, i), **resources).remote(cfg, i, self.run_id)
+            i: peer_actor.options(name=actor_name(self.run_id, i), **resources).remote(
+                cfg, i, self.run_id, self.checkpoint_dir
+            )
             for i in range(cfg.peers)
         }
         bootstrap_maddrs = ray.get(self.actors[0].start_dht.remote([]), timeout=SETUP_TIMEOUT_S)
         logger.info("peer 0 is up at %s", bootstrap_maddrs)
         others = [self.actors[i].start_dht.remote(bootstrap_maddrs) for i in range(1, cfg.peers)]
         ray.get(others, timeout=SETUP_TIMEOUT_S)
+        if cfg.gossip.method == "allreduce":
+            address = ray.get(self.actors[0].rendezvous_address.remote())
+            ray.get([actor.join_allreduce.remote(address) for actor in self.actors.values()], timeout=SETUP_TIMEOUT_S)
         self._record_child_processes()
         ray.get([actor.start_training.remote() for actor in self.actors.values()])
         logger.info("all %d peers joined the DHT and started training", cfg.peers)

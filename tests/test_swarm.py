@@ -86,3 +86,18 @@ def kill_peer_after_first_epoch(ray, out_dir, peer: int) -> None:
                 ray.kill(ray.get_actor(actor_name(metrics.parent.name, peer)))
                 return
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("mode", [["gossip.every_steps=epoch"], ["gossip.allreduce_on=gradients"]])
+def test_allreduce_baseline_is_exact_consensus_after_each_averaging(ray_local, tmp_path, mode):
+    """Parameters averaged right before evaluation (or gradients every step: DP-SGD) leave no disagreement."""
+    result = run_experiment(quick_config("gossip.method=allreduce", *mode), tmp_path)
+    metrics = read_metrics(result.run_dir)
+    assert result.exit_code == 0 and len(metrics) == 4 * 3
+    assert (metrics.consensus_dist < 1e-6).all() and (metrics.consensus_peers == 4).all()
+    assert (metrics.avg_group_size == 4).all() and (metrics.avg_rounds_failed == 0).all()
+    final = metrics[metrics.epoch == 3]
+    steps_per_epoch = final.step.iloc[0] // 3
+    expected_rounds = 3 if mode == ["gossip.every_steps=epoch"] else 3 * steps_per_epoch
+    assert (final.avg_rounds_ok == expected_rounds).all()
+    assert final.test_acc.nunique() == 1, "identical parameters give identical predictions"

@@ -4,8 +4,10 @@ counts that prove (or disprove) that averaging happened: rounds that succeeded o
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -51,6 +53,13 @@ class NoAveraging:
 
     def __init__(self) -> None:
         self.stats = RoundStats()
+
+    def epoch_steps(self, local_steps: int) -> int:
+        """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
+        return local_steps
+
+    def before_step(self) -> None:
+        pass
 
     def after_step(self, step: int) -> None:
         pass
@@ -114,3 +123,126 @@ class GossipAveraging(NoAveraging):
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+class AllReduceAveraging(NoAveraging):
+    """The all-reduce baseline: every H steps (or once per epoch) every peer takes the exact mean of all peers'
+    tensors through torch.distributed (gloo on CPU, NCCL on GPU). With `on: gradients` it averages gradients
+    before every optimizer step instead, which is data-parallel SGD."""
+
+    def __init__(self, model: nn.Module, cfg: GossipConfig, address: str, rank: int, world_size: int):
+        import torch.distributed as dist
+
+        super().__init__()
+        self.cfg, self.model, self.world_size = cfg, model, world_size
+        self.tensors = averaged_tensors(model)
+        backend = "nccl" if self.tensors[0].is_cuda else "gloo"
+        timeout = timedelta(seconds=cfg.matchmaking_time + cfg.round_timeout)
+        dist.init_process_group(backend, init_method=address, rank=rank, world_size=world_size, timeout=timeout)
+
+    def epoch_steps(self, local_steps: int) -> int:
+        """Collectives inside the epoch must be matched by every peer: all take the smallest shard's steps."""
+        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch":
+            return local_steps
+        import torch.distributed as dist
+
+        steps = torch.tensor([local_steps], device=self.tensors[0].device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        return int(steps.item())
+
+    def before_step(self) -> None:
+        if self.cfg.allreduce_on == "gradients":
+            self._all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
+
+    def after_step(self, step: int) -> None:
+        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps != "epoch":
+            if step % self.cfg.every_steps == 0:
+                self._all_reduce_mean(self.tensors)
+
+    def after_epoch(self) -> None:
+        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch":
+            self._all_reduce_mean(self.tensors)
+
+    @torch.no_grad()
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        started = time.perf_counter()
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+        self.stats.record(self.world_size, time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class OptimizerAveraging(NoAveraging):
+    """hivemind.Optimizer, as the original scripts used it: it wraps the local optimizer and averages parameters
+    in the background whenever the swarm has processed `target_batch_size` samples together.
+
+    hivemind reports those background rounds only through its log ("Averaged parameters with N peers" /
+    "Averaging failed with ..."), so a log handler on its state averager counts them."""
+
+    ROUND_OK = re.compile(r"Averaged parameters with (\d+) peers")
+    ROUND_FAILED = re.compile(r"Averaging failed with")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
+                 target_batch_size: int):  # fmt: skip
+        import hivemind
+
+        super().__init__()
+        self._counter = _RoundLogCounter(self)
+        self.optimizer = hivemind.Optimizer(
+            dht=dht,
+            run_id=prefix,
+            optimizer=optimizer,
+            target_batch_size=target_batch_size,
+            batch_size_per_step=batch_size,
+            use_local_updates=cfg.local_updates,
+            matchmaking_time=cfg.matchmaking_time,  # hivemind passes it on as min_matchmaking_time
+            averaging_timeout=cfg.round_timeout,
+            averager_opts=dict(
+                target_group_size=cfg.group_size,
+                min_group_size=cfg.min_group_size,
+                averaging_alpha=cfg.alpha,
+                request_timeout=min(3.0, cfg.matchmaking_time / 2),
+            ),
+            delay_state_averaging=cfg.background_averaging,
+            verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
+        )
+
+    def shutdown(self) -> None:
+        self.optimizer.shutdown()
+        self._counter.detach()
+
+
+class _RoundLogCounter(logging.Handler):
+    LOGGER = "hivemind.optim.state_averager"
+
+    def __init__(self, owner: OptimizerAveraging):
+        super().__init__(logging.INFO)
+        self.owner = owner
+        self.logger = logging.getLogger(self.LOGGER)
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # keep hivemind's chatter out of the peer's log; we count, not print
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()  # rounds run in the background: no training time is spent in them
+        if match := OptimizerAveraging.ROUND_OK.search(message):
+            self.owner.stats.record(int(match.group(1)), 0.0)
+        elif OptimizerAveraging.ROUND_FAILED.search(message):
+            self.owner.stats.record(None, 0.0)
+        elif record.levelno >= logging.WARNING:
+            logging.getLogger("workers.averaging").log(record.levelno, "hivemind: %s", message)
+
+    def detach(self) -> None:
+        self.logger.removeHandler(self)

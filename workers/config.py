@@ -6,6 +6,8 @@ before torch, Ray or hivemind are loaded.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +42,9 @@ class DataConfig(_Section):
     dirichlet_alpha: PositiveFloat = 0.5  # concentration of the per-class Dirichlet: small = strong label skew
     augment: bool = True  # random crop + horizontal flip of training images (cifar10, tinyimagenet)
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per peer
+    # cifar10: check every file's md5 against the official release (torchvision's check). Turn off only for
+    # copies that are re-packed or converted (same format, other bytes) and for tests' tiny generated files.
+    verify_checksums: bool = True
 
 
 class ModelConfig(_Section):
@@ -51,17 +56,36 @@ class OptimConfig(_Section):
     lr: PositiveFloat = 0.05
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = 10  # in total: a resumed run trains from its checkpoint's epoch up to this one
+    # Learning rate per epoch (it changes between epochs, never within one): constant, cosine decay over the
+    # epochs after warmup, or step (multiplied by `gamma` every `step_size` epochs after warmup).
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_size: PositiveInt = 30  # step: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # step: factor applied at each decay
+    warmup_epochs: int = Field(0, ge=0)  # linear ramp up to `lr` over the first epochs, before the schedule
+    amp: bool = False  # bf16 autocast for forward passes on GPU; ignored (with a log line) on CPU
+
+    @model_validator(mode="after")
+    def _warmup_leaves_epochs(self) -> OptimConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} leaves no epoch of epochs={self.epochs} after it")
+        return self
 
 
 class GossipConfig(_Section):
-    method: Literal["gossip", "none"] = "gossip"
+    # gossip: DecentralizedAverager every H steps; optimizer: hivemind.Optimizer; allreduce: torch.distributed
+    # exact mean over all peers (the baseline); none: no communication (the other baseline)
+    method: Literal["gossip", "optimizer", "allreduce", "none"] = "gossip"
     group_size: int = Field(16, ge=2)  # target group size; a "group" of one is no averaging (use method: none)
     min_group_size: int = Field(2, ge=2)
     alpha: float = Field(1.0, gt=0, le=1)  # averaging_alpha: step towards the group mean, 1.0 = take the mean
     matchmaking_time: PositiveFloat = 5.0  # seconds a group leader waits for followers
     every_steps: PositiveInt | Literal["epoch"] = "epoch"  # average every H local steps, or once per epoch
     round_timeout: PositiveFloat = 30.0  # seconds an all-reduce may take after the group is formed
+    allreduce_on: Literal["parameters", "gradients"] = "parameters"  # allreduce: gradients every step = DP-SGD
+    target_batch_size: PositiveInt | None = None  # optimizer: swarm samples per round (None: one swarm epoch)
+    local_updates: bool = True  # optimizer: step on local gradients, average parameters every target batch
+    background_averaging: bool = True  # optimizer: hivemind's delay_state_averaging (see README)
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -96,10 +120,14 @@ class ExperimentConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     network: NetworkConfig = NetworkConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # A previous run's folder (or its checkpoint_dir) with peer-<i>_final.pt for every peer: each peer continues
+    # from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
+    resume_from: Path | None = None
+    checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt are written; None: the run's folder
 
     @model_validator(mode="after")
     def _swarm_can_form_groups(self) -> ExperimentConfig:
-        if self.gossip.method == "gossip" and self.gossip.min_group_size > self.peers:
+        if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size > self.peers:
             raise ValueError(
                 f"gossip.min_group_size={self.gossip.min_group_size} can never be met by peers={self.peers}"
             )
@@ -154,7 +182,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML as a dict, `name` defaulting to the file's stem; not validated yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -162,7 +191,81 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw.setdefault("name", path.stem)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = read_config_file(path)
+    if "sweep" in raw:
+        raise ConfigError(f"{path} has a `sweep:` section: it is a sweep, load it with load_experiment")
     return parse_config(apply_overrides(raw, overrides or []))
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    overrides: tuple[str, ...]  # this point's `key=value` settings from the grid
+    config: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    keys: tuple[str, ...]  # the swept dotted keys, in the order written
+    points: tuple[SweepPoint, ...]
+    spec: dict[str, Any]  # the file after --set, `sweep:` included: what to snapshot to rerun it
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig | Sweep:
+    """What `gossip-launch run` takes: one experiment, or a sweep when the file has a `sweep:` section."""
+    raw = read_config_file(path)
+    if "sweep" not in raw:
+        return parse_config(apply_overrides(raw, overrides or []))
+    return parse_sweep(raw, overrides or [])
+
+
+def parse_sweep(raw: dict[str, Any], overrides: list[str]) -> Sweep:
+    """Every point of the grid validated now, so a bad point stops the sweep before anything runs."""
+    base = {key: value for key, value in raw.items() if key != "sweep"}
+    grid = raw["sweep"]
+    grid_points = expand_grid(grid)
+    _reject_swept_overrides(overrides, list(grid))
+    base = apply_overrides(base, overrides)
+    points, errors = [], []
+    for number, point in enumerate(grid_points, 1):
+        try:
+            points.append(SweepPoint(tuple(point), parse_config(apply_overrides(base, point))))
+        except ConfigError as err:
+            errors.append(f"sweep point {number}/{len(grid_points)} ({', '.join(point)}): {err}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Sweep(points[0].config.name, tuple(grid), tuple(points), {**base, "sweep": grid})
+
+
+def expand_grid(sweep: dict[str, list]) -> list[list[str]]:
+    """{'a': [1, 2], 'b': [x]} -> [['a=1', 'b=x'], ['a=2', 'b=x']]: the Cartesian product, first key slowest."""
+    if not isinstance(sweep, dict) or not sweep:
+        example = "gossip.alpha: [0.5, 1.0]"
+        raise ConfigError(f"sweep={_short(sweep)}: expected dotted keys with lists of values, e.g. {example}")
+    for key, values in sweep.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"sweep: key {key!r} is not a dotted config key such as gossip.alpha")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.{key}={_short(values)}: expected a non-empty list of values")
+    settings = [[f"{key}={_yaml_scalar(value)}" for value in values] for key, values in sweep.items()]
+    return [list(point) for point in itertools.product(*settings)]
+
+
+def _yaml_scalar(value: Any) -> str:
+    """`value` written so that apply_overrides reads back the same value ('1.5' stays a string, 1.5 a float)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).removesuffix("\n...\n").rstrip("\n")
+
+
+def _reject_swept_overrides(overrides: list[str], swept: list[str]) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        clash = [s for s in swept if key == s or key.startswith(s + ".") or s.startswith(key + ".")]
+        if clash:
+            raise ConfigError(f"override {item!r}: {clash[0]} is swept; drop it from --set or from the sweep")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

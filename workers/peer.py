@@ -14,15 +14,18 @@ import threading
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
 from torch.utils.data import DataLoader
 
-from workers.averaging import GossipAveraging, NoAveraging
+from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
+from workers.checkpoint import resume
 from workers.config import ExperimentConfig
-from workers.data import load_dataset, peer_shard
+from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
+from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
 from workers.train import Report, TrainSetup, train
 
@@ -38,9 +41,12 @@ class PeerStatus:
 
 
 class Peer:
-    def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str):
+    def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None):
+        """`checkpoint_dir`: where this peer writes peer-<i>_{best,final}.pt (the driver passes `cfg.checkpoint_dir`
+        or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too."""
         quiet_hivemind()
         self.cfg, self.peer, self.run_id = cfg, peer, run_id
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()
@@ -52,30 +58,46 @@ class Peer:
         self._state, self._error = "ready", None
 
     def _build_setup(self) -> TrainSetup:
-        cfg = self.cfg
+        cfg, on_gpu = self.cfg, self.device.type == "cuda"
         splits = load_dataset(cfg.data)
         torch.manual_seed(cfg.seed)  # every peer starts from the same initial parameters
         model = build_model(cfg.model, splits.num_classes, splits.input_shape).to(self.device)
+        if cfg.model.channels_last and on_gpu:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.optim.amp and not on_gpu:
+            logger.info("peer %d: optim.amp is ignored on CPU (bf16 autocast is used on CUDA only)", self.peer)
         optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
+            model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
-        shuffle = torch.Generator().manual_seed(cfg.seed * 1000 + self.peer)  # per-peer batch order
-        shard = peer_shard(splits, self.peer, cfg.peers, cfg.seed)
-        num_params = sum(p.numel() for p in model.parameters())
-        return TrainSetup(
+        train_loader, test_loader = self._loaders(splits)
+        setup = TrainSetup(
             run_id=self.run_id,
             peer=self.peer,
             node=socket.gethostname(),
             epochs=cfg.optim.epochs,
             model=model,
             optimizer=optimizer,
-            train_loader=DataLoader(shard, batch_size=cfg.data.batch_size, shuffle=True, generator=shuffle),
-            test_loader=DataLoader(splits.test, batch_size=cfg.data.test_batch_size),
-            sketch=ParameterSketch(num_params, cfg.metrics.sketch_dim, seed=cfg.seed),
+            scheduler=build_scheduler(optimizer, cfg.optim),
+            train_loader=train_loader,
+            test_loader=test_loader,
+            sketch=ParameterSketch(sum(p.numel() for p in model.parameters()), cfg.metrics.sketch_dim, seed=cfg.seed),
             device=self.device,
+            amp=cfg.optim.amp and on_gpu,
+            channels_last=cfg.model.channels_last and on_gpu,
+            checkpoint_dir=self.checkpoint_dir,
+        )
+        if cfg.resume_from is not None:
+            resume(setup, cfg)  # parameters, optimizer, schedule, counters and RNG streams from the checkpoint
+        return setup
+
+    def _loaders(self, splits: Splits) -> tuple[DataLoader, DataLoader]:
+        cfg = self.cfg
+        shuffle = torch.Generator().manual_seed(cfg.seed * 1000 + self.peer)  # per-peer batch order
+        shard = peer_shard(splits, self.peer, cfg.peers, cfg.seed)
+        workers = dict(num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        return (
+            DataLoader(shard, batch_size=cfg.data.batch_size, shuffle=True, generator=shuffle, **workers),
+            DataLoader(splits.test, batch_size=cfg.data.test_batch_size, **workers),
         )
 
     def start_dht(self, initial_peers: list[str]) -> list[str]:
@@ -85,9 +107,31 @@ class Peer:
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, host_maddrs=[f"/ip4/{self.cfg.network.host}/tcp/0"], start=True
         )
-        if self.cfg.gossip.method == "gossip":
-            self.averaging = GossipAveraging(self.setup.model, self.dht, self.cfg.gossip, prefix=self.run_id)
+        self.averaging = self._hivemind_averaging()
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def _hivemind_averaging(self) -> NoAveraging:
+        gossip, setup = self.cfg.gossip, self.setup
+        if gossip.method == "gossip":
+            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id)
+        if gossip.method == "optimizer":
+            swarm_epoch = len(setup.train_loader.dataset) * self.cfg.peers
+            averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
+                                           batch_size=self.cfg.data.batch_size,
+                                           target_batch_size=gossip.target_batch_size or swarm_epoch)  # fmt: skip
+            setup.optimizer = averaging.optimizer  # the loop steps hivemind.Optimizer, which steps ours
+            return averaging
+        return NoAveraging()
+
+    def rendezvous_address(self) -> str:
+        """A free TCP address on this peer's host for torch.distributed's rendezvous (peer 0 provides it)."""
+        with socket.socket() as sock:
+            sock.bind((self.cfg.network.host, 0))
+            return f"tcp://{self.cfg.network.host}:{sock.getsockname()[1]}"
+
+    def join_allreduce(self, address: str) -> None:
+        """Join the all-reduce baseline's process group; blocks until every peer has joined."""
+        self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
 
     def start_training(self) -> None:
         self._state = "running"

@@ -6,15 +6,19 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from workers.averaging import NoAveraging
+from workers.checkpoint import save_epoch
 from workers.metrics import MetricsRow
 from workers.sketch import ParameterSketch
 
@@ -28,74 +32,141 @@ class Report:
 
 
 @dataclass
+class Progress:
+    """Where a peer's training stands. A checkpoint stores it; a resumed run starts from it and continues it."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0
+    wall_time_s: float = 0.0  # seconds of training so far, the runs before a resume included
+    best_acc: float = -math.inf  # best test accuracy after any epoch so far
+
+
+@dataclass
 class TrainSetup:
     run_id: str
     peer: int
     node: str
-    epochs: int
+    epochs: int  # the last epoch to train; the first is progress.epoch + 1
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
+    optimizer: torch.optim.Optimizer  # what the loop steps (a strategy may wrap the scheduler's optimizer)
+    scheduler: LRScheduler  # stepped once per epoch
+    train_loader: DataLoader  # its `generator` orders the shard: checkpoints store its state
     test_loader: DataLoader
     sketch: ParameterSketch
     device: torch.device
+    amp: bool = False  # bf16 autocast of forward passes (CUDA only)
+    channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
+    checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass
+class EpochTotals:
+    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step."""
+
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seen: int = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().float() * len(targets)
+        self.correct = self.correct + (logits.argmax(1) == targets).sum()
+        self.seen += len(targets)
 
 
 def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> Iterator[Report]:
-    model, device = setup.model, setup.device
-    started = time.perf_counter()
-    step = samples = 0
-    for epoch in range(1, setup.epochs + 1):
-        epoch_started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        model.train()
-        for inputs, targets in setup.train_loader:
-            if stop.is_set():
-                return
-            inputs, targets = inputs.to(device), targets.to(device)
+    """Train from the epoch after `setup.progress.epoch` to `setup.epochs`; one report per epoch."""
+    progress = setup.progress
+    started = time.perf_counter() - progress.wall_time_s
+    for epoch in range(progress.epoch + 1, setup.epochs + 1):
+        epoch_started = time.perf_counter()
+        totals = train_epoch(setup, averaging, stop)
+        if totals is None:
+            return
+        averaging.after_epoch()
+        test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last)
+        improved = test_acc > progress.best_acc
+        progress.epoch, progress.wall_time_s = epoch, time.perf_counter() - started
+        progress.best_acc = test_acc if improved else progress.best_acc
+        row = epoch_row(setup, averaging, totals, (test_loss, test_acc), time.perf_counter() - epoch_started)
+        setup.scheduler.step()
+        save_epoch(setup, row, improved)
+        yield Report(row, setup.sketch(flat_parameters(setup.model)))
+
+
+def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> EpochTotals | None:
+    """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short."""
+    model, progress, totals = setup.model, setup.progress, EpochTotals()
+    model.train()
+    for inputs, targets in islice(setup.train_loader, averaging.epoch_steps(len(setup.train_loader))):
+        if stop.is_set():
+            return None
+        inputs, targets = to_device(inputs, targets, setup.device, setup.channels_last)
+        with autocast(setup.device, setup.amp):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
-            setup.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            setup.optimizer.step()
-            step, samples, seen = step + 1, samples + len(targets), seen + len(targets)
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            averaging.after_step(step)
-        averaging.after_epoch()
-        test_loss, test_acc = evaluate(model, setup.test_loader, device)
-        group_size, avg_seconds = averaging.stats.take_window()
-        row = MetricsRow(
-            run_id=setup.run_id,
-            peer=setup.peer,
-            epoch=epoch,
-            step=step,
-            samples_seen=samples,
-            wall_time_s=time.perf_counter() - started,
-            train_loss=loss_sum / max(seen, 1),
-            train_acc=correct / max(seen, 1),
-            test_loss=test_loss,
-            test_acc=test_acc,
-            samples_per_s=seen / (time.perf_counter() - epoch_started),
-            avg_rounds_ok=averaging.stats.ok,
-            avg_rounds_failed=averaging.stats.failed,
-            avg_group_size=group_size,
-            avg_seconds=avg_seconds,
-            node=setup.node,
-        )
-        yield Report(row, setup.sketch(flat_parameters(model)))
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        averaging.before_step()
+        setup.optimizer.step()
+        progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
+        totals.add(loss, logits, targets)
+        averaging.after_step(progress.step)
+    return totals
+
+
+def epoch_row(
+    setup: TrainSetup, averaging: NoAveraging, totals: EpochTotals, test: tuple[float, float], seconds: float
+) -> MetricsRow:
+    group_size, avg_seconds = averaging.stats.take_window()
+    progress = setup.progress
+    return MetricsRow(
+        run_id=setup.run_id,
+        peer=setup.peer,
+        epoch=progress.epoch,
+        step=progress.step,
+        samples_seen=progress.samples_seen,
+        wall_time_s=progress.wall_time_s,
+        train_loss=float(totals.loss_sum) / max(totals.seen, 1),
+        train_acc=int(totals.correct) / max(totals.seen, 1),
+        test_loss=test[0],
+        test_acc=test[1],
+        samples_per_s=totals.seen / seconds,
+        avg_rounds_ok=averaging.stats.ok,
+        avg_rounds_failed=averaging.stats.failed,
+        avg_group_size=group_size,
+        avg_seconds=avg_seconds,
+        node=setup.node,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, channels_last: bool = False
+) -> tuple[float, float]:
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        inputs, targets = to_device(inputs, targets, device, channels_last)
+        with autocast(device, amp):
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
     return (loss_sum / count, correct / count) if count else (math.nan, math.nan)
+
+
+def to_device(
+    inputs: torch.Tensor, targets: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return inputs.to(device, non_blocking=True, memory_format=layout), targets.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 needs no loss scaling (unlike fp16), so the step itself is unchanged."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:

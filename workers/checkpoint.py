@@ -1,0 +1,177 @@
+"""Per-peer checkpoints, written atomically, and resuming a peer from one.
+
+Each peer keeps two files in its checkpoint folder: `peer-<i>_final.pt`, rewritten after every epoch (so a run that
+is stopped or crashes can be resumed from its last completed epoch; after a normal end it is the final state), and
+`peer-<i>_best.pt`, rewritten whenever the peer's test accuracy improves. Both hold everything a resume needs: model,
+optimizer, scheduler, the training counters (`Progress`), that epoch's metrics row, and the RNG states.
+
+Importing this module loads no torch (torch and numpy are imported inside the functions that need them), so the
+CLI can call `check_resume` right after loading the config, before Ray starts, as it calls `check_data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.config import ConfigError, ExperimentConfig
+
+if TYPE_CHECKING:
+    from workers.metrics import MetricsRow
+    from workers.train import TrainSetup
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(folder: str | Path, peer: int, kind: str) -> Path:
+    """`kind` is "best" or "final"."""
+    return Path(folder).expanduser() / f"peer-{peer}_{kind}.pt"
+
+
+def check_resume(cfg: ExperimentConfig) -> None:
+    """Raise ConfigError unless `cfg.resume_from` holds a final checkpoint for every peer (or is unset)."""
+    if cfg.resume_from is None:
+        return
+    paths = [checkpoint_path(cfg.resume_from, peer, "final") for peer in range(cfg.peers)]
+    missing = [str(path.resolve()) for path in paths if not path.is_file()]
+    if missing:
+        raise ConfigError(
+            f"resume_from={str(cfg.resume_from)!r}: no checkpoint for {len(missing)} of peers={cfg.peers} "
+            f"(missing: {', '.join(missing)}); expected a previous run's folder (or its checkpoint_dir) "
+            f"holding peer-<i>_final.pt for each peer"
+        )
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader (or a resume
+    after a crash) sees the old file or the new one, never half of one."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    _fsync_folder(path.parent)  # makes the rename itself durable
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors come back on the CPU; `weights_only` refuses anything but plain data (a checkpoint runs no code)."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:
+    """After an epoch (its scheduler step done): rewrite `final`, and `best` when the test accuracy improved."""
+    if setup.checkpoint_dir is None:
+        return
+    state = training_state(setup, row)
+    atomic_save(state, checkpoint_path(setup.checkpoint_dir, setup.peer, "final"))
+    if improved:
+        atomic_save(state, checkpoint_path(setup.checkpoint_dir, setup.peer, "best"))
+
+
+def training_state(setup: TrainSetup, row: MetricsRow) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "run_id": setup.run_id,
+        "peer": setup.peer,
+        "progress": dataclasses.asdict(setup.progress),
+        "metrics": dataclasses.asdict(row),
+        "model": setup.model.state_dict(),
+        "optimizer": setup.scheduler.optimizer.state_dict(),  # the torch optimizer, even when a wrapper steps it
+        "scheduler": setup.scheduler.state_dict(),
+        "rng": rng_state(setup),
+    }
+
+
+def resume(setup: TrainSetup, cfg: ExperimentConfig) -> None:
+    """Load this peer's final checkpoint from `cfg.resume_from` into a freshly built `setup`."""
+    from workers.schedule import resume_schedule
+
+    path = checkpoint_path(cfg.resume_from, setup.peer, "final")
+    state = load_checkpoint(path)
+    progress = dataclasses.replace(setup.progress, **state["progress"])
+    if progress.epoch >= cfg.optim.epochs:
+        raise ConfigError(
+            f"resume_from={str(cfg.resume_from)!r}: {path.name} has finished epoch {progress.epoch}, and "
+            f"optim.epochs={cfg.optim.epochs} (the total) leaves nothing to train; raise optim.epochs"
+        )
+    try:
+        setup.model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ConfigError(f"{path}: its parameters do not fit model.name={cfg.model.name!r}: {err}") from err
+    setup.scheduler.optimizer.load_state_dict(state["optimizer"])
+    resume_schedule(setup.scheduler.optimizer, setup.scheduler, state["scheduler"], cfg.optim)
+    setup.progress = progress
+    restore_rng(setup, state["rng"])
+    _carry_best(path.parent, setup)
+    logger.info("peer %d: resumed from %s at epoch %d, step %d", setup.peer, path, progress.epoch, progress.step)
+
+
+def _carry_best(source: Path, setup: TrainSetup) -> None:
+    """Copy the previous run's best checkpoint into this run's folder: the resumed run writes `best` only when it
+    beats that accuracy, and its folder should hold the best model so far either way."""
+    if setup.checkpoint_dir is None:
+        return
+    best = checkpoint_path(source, setup.peer, "best")
+    target = checkpoint_path(setup.checkpoint_dir, setup.peer, "best")
+    if best.is_file() and best.resolve() != target.resolve():
+        atomic_save(load_checkpoint(best), target)
+
+
+def rng_state(setup: TrainSetup) -> dict[str, Any]:
+    """Every random stream training draws from: torch's (dropout, augmentation), CUDA's, the shard's shuffle order,
+    numpy's and Python's. numpy's key is stored as a tensor so the file loads with `weights_only`."""
+    import numpy as np
+    import torch
+
+    numpy_state = np.random.get_state(legacy=False)  # {"state": {"key": uint32 array, "pos": int}, ...}
+    numpy_key = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else None,
+        "shuffle": setup.train_loader.generator.get_state(),
+        "numpy": {**numpy_state, "state": {**numpy_state["state"], "key": numpy_key}},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(setup: TrainSetup, rng: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and setup.device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"][: torch.cuda.device_count()])
+    setup.train_loader.generator.set_state(rng["shuffle"])
+    numpy_state = rng["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
+    random.setstate(rng["python"])
