@@ -77,7 +77,18 @@ def compare_runs(df: pd.DataFrame, target_acc: float | None = None) -> pd.DataFr
     """One row per run: its settings, final/best accuracy, time and samples to `target_acc`, throughput,
     averaging rounds and final consensus distance. Runs keep the order in which they appear in `df`; a run
     with no rows yet (stopped before its first evaluation) has no row."""
-    return pd.DataFrame([_compare_one(run, target_acc) for run in split_runs(df)])
+    runs = split_runs(df)
+    table = pd.DataFrame([_compare_one(run, target_acc) for run in runs])
+    for offset, key in enumerate(_other_varying_settings(runs)):  # e.g. optim.lr in a learning-rate sweep
+        table.insert(table.columns.get_loc("epochs") + offset, key, [run[key].iloc[0] for run in runs])
+    return table
+
+
+def _other_varying_settings(runs: list[pd.DataFrame]) -> list[str]:
+    """Config keys (dotted, or the seed) that differ between runs and are not already in the table."""
+    shown = {"gossip.method", *(f"gossip.{knob}" for knob in GOSSIP_KNOBS)}
+    keys = [c for c in runs[0].columns if ("." in c or c == "seed") and c not in shown] if runs else []
+    return [k for k in keys if len({str(run[k].iloc[0]) if k in run else "" for run in runs}) > 1]
 
 
 def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:

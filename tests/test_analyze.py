@@ -28,11 +28,14 @@ ROUNDS_FAILED = {0: [0, 0, 0], 1: [0, 1, 1]}
 CONSENSUS = [0.5, 0.25, 0.125]
 
 
-def make_run(root: Path, name: str, *, alpha: float = 0.5, method: str = "gossip", epochs: int = 3) -> Path:
+def make_run(
+    root: Path, name: str, *, alpha: float = 0.5, method: str = "gossip", epochs: int = 3, lr: float = 0.05
+) -> Path:
     """A run folder as the driver leaves it: config.yaml and metrics.csv, rows written an epoch at a time."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    cfg = parse_config({"name": name, "peers": 2, "gossip": {"method": method, "alpha": alpha, "group_size": 2}})
+    gossip = {"method": method, "alpha": alpha, "group_size": 2}
+    cfg = parse_config({"name": name, "peers": 2, "gossip": gossip, "optim": {"lr": lr}})
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     writer = MetricsWriter(run_dir / "metrics.csv")
     for e in range(epochs):
@@ -161,3 +164,12 @@ def test_cli_run_without_rows_exits_2(tmp_path, capsys):
 def test_analyze_module_loads_without_torch_or_ray():
     code = "import sys, launcher.analyze; sys.exit(bool({'torch', 'ray', 'hivemind'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_settings_that_vary_between_runs_get_their_own_column(tmp_path):
+    """A sweep over a key the table does not show (here optim.lr) must still tell its rows apart."""
+    make_run(tmp_path, "a", lr=0.1)
+    make_run(tmp_path, "b", lr=0.01)
+    table = compare_runs(load_runs([tmp_path]))
+    assert table["optim.lr"].tolist() == [0.1, 0.01]
+    assert "seed" not in table.columns and "data.dataset" not in table.columns  # equal in both runs

@@ -1,0 +1,173 @@
+"""`python -m workers`: one peer per process, no Ray, started the way the original scripts were (three terminals)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+from workers.config import ConfigError
+from workers.standalone import build_parser, flags_to_overrides, parse_host_maddr, standalone_config
+
+PEER = [sys.executable, "-m", "workers"]
+EPOCHS = 3
+SWARM = ["--peers", "3", "--epochs", str(EPOCHS), "--set", "gossip.matchmaking_time=1.5"]
+
+
+def test_original_flags_map_onto_the_config_tree():
+    args = build_parser().parse_args(
+        ["--batch", "64", "--lr", "0.01", "--epochs", "2", "--gossip_group_size", "4", "--gossip_min_group_size", "3",
+         "--gossip_alpha", "0.5", "--data_root", "/data/x y", "--resume_from", "ckpt/7.pt", "--dataset", "cifar10",
+         "--peers", "5", "--host_maddr", "/ip4/0.0.0.0/tcp/0", "--set", "seed=3", "--set", "optim.lr=0.2"]
+    )  # fmt: skip
+    assert flags_to_overrides(args) == [
+        "data.batch_size=64",
+        "optim.lr=0.01",
+        "optim.epochs=2",
+        "gossip.group_size=4",
+        "gossip.min_group_size=3",
+        "gossip.alpha=0.5",
+        "peers=5",
+        'data.dataset="cifar10"',
+        'data.root="/data/x y"',
+        'resume_from="ckpt/7.pt"',
+        "network.host=0.0.0.0",
+        "seed=3",
+        "optim.lr=0.2",  # --set comes last, so it wins over the original flag
+    ]
+    assert flags_to_overrides(build_parser().parse_args([])) == []
+
+
+def test_flags_resolve_to_a_validated_config():
+    cfg = standalone_config(build_parser().parse_args([*SWARM, "--peer", "2", "--batch", "16", "--lr", "1e-3"]))
+    assert (cfg.peers, cfg.optim.epochs, cfg.data.batch_size, cfg.optim.lr) == (3, EPOCHS, 16, 0.001)
+    assert cfg.gossip.matchmaking_time == 1.5 and cfg.data.dataset == "digits"
+    with pytest.raises(ConfigError, match=r"--peer=3: must be in \[0, peers=3\)"):
+        standalone_config(build_parser().parse_args([*SWARM, "--peer", "3"]))
+
+
+@pytest.mark.parametrize(
+    "maddr, expected", [("/ip4/127.0.0.1/tcp/0", ("127.0.0.1", 0)), ("/ip4/10.0.0.5/tcp/31337/", ("10.0.0.5", 31337))]
+)
+def test_host_maddr(maddr, expected):
+    assert parse_host_maddr(maddr) == expected
+
+
+@pytest.mark.parametrize("maddr", ["/ip6/::1/tcp/0", "127.0.0.1:4000", "/ip4/127.0.0.1/udp/0/quic"])
+def test_host_maddr_rejects_what_the_peer_cannot_listen_on(maddr):
+    with pytest.raises(ConfigError, match="--host_maddr"):
+        parse_host_maddr(maddr)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--gossip_alpha", "2"], "gossip.alpha=2.0"),
+        (["--batch", "0"], "data.batch_size=0"),
+        (["--gossip_min_group_size", "4", "--peers", "3"], "can never be met by peers=3"),
+        (["--set", "gossip.colour=red"], "gossip.colour: unknown key"),
+        (["--peer", "3", "--peers", "3"], "--peer=3"),
+        (["--resume_from", "/nonexistent", "--peer", "1"], "resume_from='/nonexistent': no checkpoint for --peer=1"),
+        (["--host_maddr", "/ip4/127.0.0.1/tcp/4000"], "a fixed port is not supported yet"),
+    ],
+)
+def test_bad_flag_exits_2_naming_the_field(args, expected, tmp_path):
+    proc = subprocess.run([*PEER, *args, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Starts `python -m workers` peers, each in its own session like a terminal's job; at teardown, kills whatever
+    is left in those sessions, so that a failed test leaves no peer or p2pd behind."""
+    procs: list[subprocess.Popen] = []
+
+    def start(peer: int, *extra: str) -> subprocess.Popen:
+        args = [*PEER, *SWARM, "--peer", str(peer), "--out", str(tmp_path / f"peer-{peer}"), *extra]
+        with open(tmp_path / f"peer-{peer}.out", "w") as out, open(tmp_path / f"peer-{peer}.log", "w") as log:
+            procs.append(subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=log, start_new_session=True))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_three_standalone_peers_average_with_each_other(launch, tmp_path):
+    first = launch(0, "--host_maddr", "/ip4/127.0.0.1/tcp/0")
+    maddrs = read_visible_maddrs(tmp_path / "peer-0.out", timeout=120)
+    assert maddrs and all(m.startswith("/ip4/127.0.0.1/tcp/") for m in maddrs)
+    procs = [first] + [launch(i, "--initial_peer", maddrs[0]) for i in (1, 2)]
+    assert [proc.wait(timeout=180) for proc in procs] == [0, 0, 0], logs(tmp_path)
+    assert leftovers(procs) == []
+    metrics = pd.concat(pd.read_csv(tmp_path / f"peer-{i}" / "metrics.csv") for i in range(3))
+    assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [list(range(1, EPOCHS + 1))] * 3
+    final = metrics[metrics.epoch == EPOCHS]
+    assert (final.avg_rounds_ok >= EPOCHS).all(), "each peer averages once per epoch"
+    assert (metrics.avg_group_size >= 2).all() and (metrics.avg_group_size <= 3).all()
+    assert metrics.consensus_dist.isna().all(), "no driver, no consensus distance"
+    if (final.avg_group_size == 3).all():  # one group of all three, alpha 1: identical parameters
+        assert final.test_acc.nunique() == 1
+    assert (tmp_path / "peer-0.out").read_text().count("VISIBLE_MADDRS") == 1
+    assert (tmp_path / "peer-1.out").read_text() == "", "only the first peer prints; the others log"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_the_peer_cleanly(launch, tmp_path):
+    # Alone in a swarm of 2, it trains with failing rounds (short ones: Peer.stop waits for the round in flight).
+    proc = launch(0, "--peers", "2", "--join_timeout", "0", "--set", "gossip.round_timeout=2")
+    read_visible_maddrs(tmp_path / "peer-0.out", timeout=120)
+    time.sleep(5)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground process group
+    interrupted = time.monotonic()
+    assert proc.wait(timeout=60) == 130, logs(tmp_path)
+    assert time.monotonic() - interrupted < 30
+    assert leftovers([proc]) == []
+    assert (tmp_path / "peer-0" / "metrics.csv").read_text().startswith("run_id,peer,epoch,")
+
+
+def read_visible_maddrs(path: Path, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if line.startswith("VISIBLE_MADDRS: "):
+                return ast.literal_eval(line.removeprefix("VISIBLE_MADDRS: "))
+        time.sleep(0.2)
+    raise AssertionError(f"no VISIBLE_MADDRS line in {timeout} s:\n{logs(path.parent)}")
+
+
+def leftovers(procs: list[subprocess.Popen]) -> list[str]:
+    """Live processes (hivemind's, p2pd) in the peers' sessions: anything left behind after the peers exited.
+    By session rather than by name, since tests running beside these may start p2pd daemons of their own."""
+    time.sleep(1)
+    sessions, found = {proc.pid for proc in procs}, []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) in sessions:
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+        except ProcessLookupError:
+            pass
+    return found
+
+
+def logs(folder: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("peer-*.log")))
