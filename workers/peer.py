@@ -175,5 +175,5 @@ class Peer:
 def quiet_hivemind() -> None:
     """hivemind logs every retry at INFO/WARNING with tracebacks; keep its errors, count failures ourselves."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-    logging.getLogger("hivemind").setLevel(getattr(logging, os.environ.get("HM_LEVEL", "ERROR")))
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
     logging.getLogger("workers").setLevel(logging.INFO)
