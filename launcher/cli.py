@@ -1,4 +1,4 @@
-"""`gossip-launch run CONFIG [--peers N] [--resume-from DIR] [--set key.sub=value ...] [--out DIR]`
+"""`gossip-launch run CONFIG [--peers N] [--resume-from DIR] [--set key.sub=value ...] [--out DIR] [--address ADDR]`
 (also `python -m launcher`);
 `gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`."""
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set gossip.alpha=0.5 (repeatable)")  # fmt: skip
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
+    run.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS, "
+                     "else a cluster started with `ray start` on this machine, else a new local one)")  # fmt: skip
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
     analyze.add_argument("--target-acc", type=float, help="report wall time and samples to this mean test accuracy")
@@ -60,15 +62,15 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     if isinstance(cfg, Sweep):
-        return _run_sweep(cfg, args.out)
-    return run_experiment(cfg, args.out).exit_code
+        return _run_sweep(cfg, args.out, args.address)
+    return run_experiment(cfg, args.out, args.address).exit_code
 
 
-def _run_sweep(sweep: Sweep, out: Path) -> int:
+def _run_sweep(sweep: Sweep, out: Path, address: str | None) -> int:
     """The points one after another, then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
     from launcher.sweep import run_sweep
 
-    result = run_sweep(sweep, out)
+    result = run_sweep(sweep, out, address)
     _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir)]))
     return result.exit_code
 

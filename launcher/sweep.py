@@ -36,11 +36,11 @@ class SweepResult:
     exit_code: int  # 0 every point finished, 1 a point failed, 130 interrupted (later points not run)
 
 
-def run_sweep(sweep: Sweep, out_dir: Path) -> SweepResult:
+def run_sweep(sweep: Sweep, out_dir: Path, address: str | None = None) -> SweepResult:
     """Run the points in grid order; a failed point does not stop the sweep, Ctrl-C does (after a clean shutdown)."""
     sweep_dir = make_sweep_dir(sweep, Path(out_dir))
     logger.info("sweep %s: %d points over %s -> %s", sweep.name, len(sweep.points), ", ".join(sweep.keys), sweep_dir)
-    started_ray = connect_ray(largest_point(sweep))  # one Ray for all points, sized for the largest one
+    started_ray = connect_ray(largest_point(sweep), address)  # one Ray for all points, sized for the largest one
     try:
         exit_code = run_points(sweep, sweep_dir)
     finally:

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, quick_config
 from workers.config import ConfigError, apply_overrides, dump_config, load_config, parse_config
 
 
@@ -69,3 +69,9 @@ def test_snapshot_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_an_optimizer_target_batch_the_run_never_reaches_is_rejected():
+    with pytest.raises(ConfigError, match=r"gossip.target_batch_size=100000 is never reached: .* about 14370 samples"):
+        quick_config("gossip.method=optimizer", "optim.epochs=10", "gossip.target_batch_size=100000")
+    assert quick_config("gossip.method=optimizer", "gossip.target_batch_size=256").gossip.target_batch_size == 256

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from tests.conftest import ROOT
 from workers.config import ConfigError
+from workers.network import dht_maddrs, free_port, node_ip
 from workers.standalone import build_parser, flags_to_overrides, parse_host_maddr, standalone_config
 
 PEER = [sys.executable, "-m", "workers"]
@@ -27,7 +29,8 @@ def test_original_flags_map_onto_the_config_tree():
     args = build_parser().parse_args(
         ["--batch", "64", "--lr", "0.01", "--epochs", "2", "--gossip_group_size", "4", "--gossip_min_group_size", "3",
          "--gossip_alpha", "0.5", "--data_root", "/data/x y", "--resume_from", "ckpt/7.pt", "--dataset", "cifar10",
-         "--peers", "5", "--host_maddr", "/ip4/0.0.0.0/tcp/0", "--set", "seed=3", "--set", "optim.lr=0.2"]
+         "--peers", "5", "--host_maddr", "/ip4/0.0.0.0/tcp/0", "--announce_maddr", "/ip4/203.0.113.7/tcp/0",
+         "--set", "seed=3", "--set", "optim.lr=0.2"]
     )  # fmt: skip
     assert flags_to_overrides(args) == [
         "data.batch_size=64",
@@ -41,6 +44,8 @@ def test_original_flags_map_onto_the_config_tree():
         'data.root="/data/x y"',
         'resume_from="ckpt/7.pt"',
         "network.host=0.0.0.0",
+        "network.port=0",  # tcp/0 is any free port, even where the config file fixes one
+        "network.announce_host=203.0.113.7",
         "seed=3",
         "optim.lr=0.2",  # --set comes last, so it wins over the original flag
     ]
@@ -62,10 +67,57 @@ def test_host_maddr(maddr, expected):
     assert parse_host_maddr(maddr) == expected
 
 
-@pytest.mark.parametrize("maddr", ["/ip6/::1/tcp/0", "127.0.0.1:4000", "/ip4/127.0.0.1/udp/0/quic"])
+@pytest.mark.parametrize(
+    "maddr", ["/ip6/::1/tcp/0", "127.0.0.1:4000", "/ip4/127.0.0.1/udp/0/quic", "/ip4/10.0.0.300/tcp/0",
+              "/ip4/10.0.0.5/tcp/65536"]
+)  # fmt: skip
 def test_host_maddr_rejects_what_the_peer_cannot_listen_on(maddr):
     with pytest.raises(ConfigError, match="--host_maddr"):
         parse_host_maddr(maddr)
+
+
+def dht_addresses(*flags: str) -> tuple[list[str], list[str]]:
+    """(host_maddrs, announce_maddrs) that a standalone peer started with these flags gives hivemind.DHT: peer 2,
+    whose Ray counterpart would listen on port + 2, but Peer(port_offset=False) takes the port as given."""
+    return dht_maddrs(standalone_config(build_parser().parse_args([*SWARM, "--peer", "2", *flags])).network, 0)
+
+
+def test_fixed_port_is_listened_on_and_announced_as_given():
+    fixed = ["/ip4/127.0.0.1/tcp/31337"]
+    assert dht_addresses("--host_maddr", "/ip4/127.0.0.1/tcp/31337") == (fixed, fixed)
+    host, announce = dht_addresses()  # default: loopback, a free port (picked here: hivemind cannot announce tcp/0)
+    assert host == announce and re.fullmatch(r"/ip4/127\.0\.0\.1/tcp/[1-9]\d*", host[0])
+
+
+def test_all_interfaces_announce_the_machines_ip_not_loopback():
+    ip = node_ip()
+    if ip == "127.0.0.1":
+        pytest.skip("this machine has no non-loopback IPv4 interface")
+    assert dht_addresses("--host_maddr", "/ip4/0.0.0.0/tcp/31337") == (
+        ["/ip4/0.0.0.0/tcp/31337"], [f"/ip4/{ip}/tcp/31337"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("announce", ["/ip4/203.0.113.7/tcp/31337", "/ip4/203.0.113.7/tcp/0"])
+def test_announce_maddr_replaces_the_announced_host(announce):
+    assert dht_addresses("--host_maddr", "/ip4/0.0.0.0/tcp/31337", "--announce_maddr", announce) == (
+        ["/ip4/0.0.0.0/tcp/31337"], ["/ip4/203.0.113.7/tcp/31337"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--host_maddr", "/ip4/0.0.0.0/tcp/31337", "--announce_maddr", "/ip4/203.0.113.7/tcp/4000"],
+         r"port 4000 differs from the port this peer listens on \(network.port=31337.*use tcp/31337 \(or tcp/0\)"),
+        (["--announce_maddr", "/ip4/203.0.113.7/tcp/4000"], "port 4000 differs.*use tcp/0, since it listens on any"),
+        (["--announce_maddr", "/ip4/0.0.0.0/tcp/0"], "0.0.0.0 is not an address other peers can dial"),
+        (["--announce_maddr", "203.0.113.7:4000"], "--announce_maddr='203.0.113.7:4000': expected /ip4/"),
+    ],
+)  # fmt: skip
+def test_announce_maddr_rejects_what_the_peer_cannot_announce(flags, expected):
+    with pytest.raises(ConfigError, match=expected):
+        standalone_config(build_parser().parse_args([*SWARM, *flags]))
 
 
 @pytest.mark.parametrize(
@@ -77,7 +129,8 @@ def test_host_maddr_rejects_what_the_peer_cannot_listen_on(maddr):
         (["--set", "gossip.colour=red"], "gossip.colour: unknown key"),
         (["--peer", "3", "--peers", "3"], "--peer=3"),
         (["--resume_from", "/nonexistent", "--peer", "1"], "resume_from='/nonexistent': no checkpoint for --peer=1"),
-        (["--host_maddr", "/ip4/127.0.0.1/tcp/4000"], "a fixed port is not supported yet"),
+        (["--host_maddr", "/ip4/127.0.0.1/tcp/70000"], "port 70000 is past 65535"),
+        (["--host_maddr", "/ip4/0.0.0.0/tcp/4000", "--announce_maddr", "/ip4/10.0.0.5/tcp/4001"], "port 4001 differs"),
     ],
 )
 def test_bad_flag_exits_2_naming_the_field(args, expected, tmp_path):
@@ -88,35 +141,47 @@ def test_bad_flag_exits_2_naming_the_field(args, expected, tmp_path):
     assert proc.stdout == "" and not (tmp_path / "out").exists()
 
 
+class PeerProcesses:
+    """Starts `python -m workers` peers, each in its own session like a terminal's job, with stdout in
+    `peer-<i>.out` and the log in `peer-<i>.log`; `kill` kills whatever is left in those sessions, so that a failed
+    test leaves no peer or p2pd behind. `prefix` runs a peer under another command, e.g. `ip netns exec NS`."""
+
+    def __init__(self, folder: Path, swarm: list[str]):
+        self.folder, self.swarm, self.procs = folder, swarm, []
+
+    def start(self, peer: int, *extra: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        args = [*prefix, *PEER, *self.swarm, "--peer", str(peer), "--out", str(self.folder / f"peer-{peer}"), *extra]
+        with open(self.folder / f"peer-{peer}.out", "w") as out, open(self.folder / f"peer-{peer}.log", "w") as log:
+            self.procs.append(subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=log, start_new_session=True))
+        return self.procs[-1]
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+
 @pytest.fixture
 def launch(tmp_path):
-    """Starts `python -m workers` peers, each in its own session like a terminal's job; at teardown, kills whatever
-    is left in those sessions, so that a failed test leaves no peer or p2pd behind."""
-    procs: list[subprocess.Popen] = []
-
-    def start(peer: int, *extra: str) -> subprocess.Popen:
-        args = [*PEER, *SWARM, "--peer", str(peer), "--out", str(tmp_path / f"peer-{peer}"), *extra]
-        with open(tmp_path / f"peer-{peer}.out", "w") as out, open(tmp_path / f"peer-{peer}.log", "w") as log:
-            procs.append(subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=log, start_new_session=True))
-        return procs[-1]
-
-    yield start
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+    peers = PeerProcesses(tmp_path, SWARM)
+    yield peers.start
+    peers.kill()
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_three_standalone_peers_average_with_each_other(launch, tmp_path):
-    first = launch(0, "--host_maddr", "/ip4/127.0.0.1/tcp/0")
+    first_port, last_port = free_port("127.0.0.1"), free_port("127.0.0.1")  # fixed ports, as given on a cluster
+    first = launch(0, "--host_maddr", f"/ip4/127.0.0.1/tcp/{first_port}")
     maddrs = read_visible_maddrs(tmp_path / "peer-0.out", timeout=120)
-    assert maddrs and all(m.startswith("/ip4/127.0.0.1/tcp/") for m in maddrs)
-    procs = [first] + [launch(i, "--initial_peer", maddrs[0]) for i in (1, 2)]
+    assert maddrs and all(m.startswith(f"/ip4/127.0.0.1/tcp/{first_port}/p2p/") for m in maddrs)
+    procs = [first, launch(1, "--initial_peer", maddrs[0])]
+    procs.append(launch(2, "--initial_peer", maddrs[0], "--host_maddr", f"/ip4/127.0.0.1/tcp/{last_port}"))
     assert [proc.wait(timeout=180) for proc in procs] == [0, 0, 0], logs(tmp_path)
+    assert all(m.startswith(f"/ip4/127.0.0.1/tcp/{last_port}/p2p/") for m in logged_maddrs(tmp_path / "peer-2.log"))
     assert leftovers(procs) == []
     metrics = pd.concat(pd.read_csv(tmp_path / f"peer-{i}" / "metrics.csv") for i in range(3))
     assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [list(range(1, EPOCHS + 1))] * 3
@@ -153,6 +218,13 @@ def read_visible_maddrs(path: Path, timeout: float) -> list[str]:
                 return ast.literal_eval(line.removeprefix("VISIBLE_MADDRS: "))
         time.sleep(0.2)
     raise AssertionError(f"no VISIBLE_MADDRS line in {timeout} s:\n{logs(path.parent)}")
+
+
+def logged_maddrs(log: Path) -> list[str]:
+    """The visible multiaddrs a peer logged when it came up (only the first peer prints them to stdout)."""
+    found = re.search(r"is up at (\[.*?\]);", log.read_text())
+    assert found, f"no 'is up at' line in {log}"
+    return ast.literal_eval(found[1])
 
 
 def leftovers(procs: list[subprocess.Popen]) -> list[str]:

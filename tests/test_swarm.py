@@ -101,3 +101,18 @@ def test_allreduce_baseline_is_exact_consensus_after_each_averaging(ray_local, t
     expected_rounds = 3 if mode == ["gossip.every_steps=epoch"] else 3 * steps_per_epoch
     assert (final.avg_rounds_ok == expected_rounds).all()
     assert final.test_acc.nunique() == 1, "identical parameters give identical predictions"
+
+
+def test_hivemind_optimizer_mode_really_moves_peers_together(ray_local, tmp_path):
+    """gossip.method=optimizer (hivemind.Optimizer with local updates): a blocking parameter round whenever the swarm
+    has processed target_batch_size samples (here ~8 per swarm epoch) keeps the peers far closer together than the
+    same run without communication. Measured over 6 epochs: final consensus 0.33 against 3.13."""
+    short = ("peers=2", "optim.epochs=4", "gossip.matchmaking_time=1.0")
+    cfg = quick_config(*short, "gossip.method=optimizer", "gossip.target_batch_size=180")
+    optimizer = read_metrics(run_experiment(cfg, tmp_path).run_dir)
+    none = read_metrics(run_experiment(quick_config(*short, "gossip.method=none"), tmp_path).run_dir)
+    assert (optimizer[optimizer.epoch == 4].avg_rounds_ok >= 8).all(), "rounds every target_batch_size samples"
+    assert (optimizer.avg_group_size.dropna() == 2).all()
+    late, late_none = (m[m.epoch >= 3].consensus_dist.mean() for m in (optimizer, none))
+    print(f"consensus, epochs 3-4: optimizer {late:.3f}, none {late_none:.3f}")
+    assert late < late_none / 2

@@ -154,7 +154,7 @@ def fake_runs(monkeypatch):
         return RunResult(run_dir, outcome)
 
     monkeypatch.setattr(sweep_module, "run_experiment", run_experiment)
-    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg, address=None: False)
     return sweep_module, calls, script
 
 
@@ -190,7 +190,7 @@ def test_ray_is_sized_for_the_largest_point(tmp_path, fake_runs, monkeypatch):
     sweep_module, _, script = fake_runs
     script += [0, 0, 0]
     sizes = []
-    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg: sizes.append(cfg.peers) or False)
+    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg, address=None: sizes.append(cfg.peers) or False)
     sweep = load_experiment(write_sweep(tmp_path, {"peers": [2, 6, 3]}))
     sweep_module.run_sweep(sweep, tmp_path / "out")
     assert sizes == [6], "Ray is connected once, before the first point, for the largest one"

@@ -195,10 +195,11 @@ class OptimizerAveraging(NoAveraging):
     ROUND_FAILED = re.compile(r"Averaging failed with")
 
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
-                 target_batch_size: int):  # fmt: skip
+                 target_batch_size: int, peers: int, join_timeout: float = 60.0):  # fmt: skip
         import hivemind
 
         super().__init__()
+        self.peers, self.join_timeout, self._joined = peers, join_timeout, False
         self._counter = _RoundLogCounter(self)
         self.optimizer = hivemind.Optimizer(
             dht=dht,
@@ -218,6 +219,21 @@ class OptimizerAveraging(NoAveraging):
             delay_state_averaging=cfg.background_averaging,
             verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
         )
+
+    def after_step(self, step: int) -> None:
+        if not self._joined:
+            self._wait_for_swarm()
+
+    def _wait_for_swarm(self) -> None:
+        """After its first step (a peer publishes its progress only once it has samples), wait until this peer's
+        progress tracker sees every peer: until then hivemind counts the swarm as empty and skips averaging."""
+        tracker, deadline = self.optimizer.tracker, time.monotonic() + self.join_timeout
+        while tracker.global_progress.num_peers < self.peers and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._joined = True
+        if tracker.global_progress.num_peers < self.peers:
+            logger.warning("hivemind sees %d of %d peers after %.0f s; training anyway",
+                           tracker.global_progress.num_peers, self.peers, self.join_timeout)  # fmt: skip
 
     def shutdown(self) -> None:
         self.optimizer.shutdown()

@@ -55,11 +55,20 @@ def atomic_save(obj: Any, path: Path) -> None:
     after a crash) sees the old file or the new one, never half of one."""
     import torch
 
+    _atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` into `path`, atomically (see `atomic_save`)."""
+    _atomic_write(path, lambda file: file.write(data))
+
+
+def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)

@@ -6,6 +6,7 @@ before torch, Ray or hivemind are loaded.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -85,7 +87,9 @@ class GossipConfig(_Section):
     allreduce_on: Literal["parameters", "gradients"] = "parameters"  # allreduce: gradients every step = DP-SGD
     target_batch_size: PositiveInt | None = None  # optimizer: swarm samples per round (None: one swarm epoch)
     local_updates: bool = True  # optimizer: step on local gradients, average parameters every target batch
-    background_averaging: bool = True  # optimizer: hivemind's delay_state_averaging (see README)
+    # optimizer: hivemind's delay_state_averaging. Off by default: in the background hivemind applies each round as
+    # a delta against the parameters of when the round began, so local drift during the round survives (README).
+    background_averaging: bool = False
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -97,16 +101,56 @@ class GossipConfig(_Section):
 class ResourcesConfig(_Section):
     num_cpus: PositiveFloat = 1.0  # per peer; also the peer's torch thread count (at least 1)
     num_gpus: float = Field(0.0, ge=0)  # per peer; a fraction packs several peers on one GPU
+    custom: dict[str, PositiveFloat] = {}  # extra Ray resources every peer needs, e.g. {"accelerator_type:H100": 0.01}
+    # Extra Ray resources per peer: entry i is added to peer i's bundle (pins peers to nodes that advertise them).
+    peer_custom: list[dict[str, PositiveFloat]] = []
+    # How the placement group lays the peers' bundles out: SPREAD puts peers on different nodes when it can.
+    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
+    placement_timeout: PositiveFloat = 120.0  # seconds to wait for a feasible placement group to be scheduled
 
 
 class NetworkConfig(_Section):
-    host: str = "127.0.0.1"  # interface the peers' DHT listens on
+    # The interface the peers' DHT listens on: "auto" is 127.0.0.1 when the Ray cluster has one node and 0.0.0.0
+    # (all interfaces) when it has several; or an IPv4 address.
+    host: str = "auto"
+    # The IPv4 address other peers dial; None: the peer's node IP when listening on 0.0.0.0, else `host`.
+    announce_host: str | None = None
+    # Peer i listens on port + i (0: any free port); the allreduce baseline's rendezvous uses port + peers.
+    port: int = Field(0, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_auto_or_ipv4(cls, value: str) -> str:
+        return value if value == "auto" else _ipv4(value)
+
+    @field_validator("announce_host")
+    @classmethod
+    def _announce_host_is_dialable(cls, value: str | None) -> str | None:
+        if value is not None and ipaddress.IPv4Address(_ipv4(value)).is_unspecified:
+            raise ValueError("0.0.0.0 is where to listen, not an address other peers can dial")
+        return value
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError("expected an IPv4 address such as 10.0.0.5") from None
 
 
 class MetricsConfig(_Section):
     # Consensus distance is computed from a CountSketch of each peer's parameters with this many buckets
     # (seed shared by all peers); 0, or a model with at most this many parameters, sends them exactly.
     sketch_dim: int = Field(1024, ge=0)
+
+
+TRAIN_SET_SIZES = {"digits": 1797, "cifar10": 50_000, "tinyimagenet": 100_000}  # digits: before the test split
+
+
+def train_set_size(data: DataConfig) -> int:
+    """Training samples per epoch of the whole swarm (the peers' shards together)."""
+    size = TRAIN_SET_SIZES[data.dataset]
+    return int(size * (1 - data.test_fraction)) if data.dataset == "digits" else size
 
 
 class ExperimentConfig(_Section):
@@ -124,6 +168,32 @@ class ExperimentConfig(_Section):
     # from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
     resume_from: Path | None = None
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt are written; None: the run's folder
+
+    @model_validator(mode="after")
+    def _peer_resources_match_peers(self) -> ExperimentConfig:
+        if self.resources.peer_custom and len(self.resources.peer_custom) != self.peers:
+            raise ValueError(
+                f"resources.peer_custom has {len(self.resources.peer_custom)} entries but peers={self.peers}"
+                " (one entry per peer, or none)"
+            )
+        if self.network.port and self.network.port + self.peers > 65535:
+            raise ValueError(f"network.port={self.network.port} + peers={self.peers} is past 65535")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_rounds_can_happen(self) -> ExperimentConfig:
+        """hivemind.Optimizer averages when the swarm has processed target_batch_size samples together: a target the
+        whole run never reaches means no round at all."""
+        target = self.gossip.target_batch_size
+        if self.gossip.method == "optimizer" and target is not None:
+            run_samples = train_set_size(self.data) * self.optim.epochs
+            if target > run_samples:
+                raise ValueError(
+                    f"gossip.target_batch_size={target} is never reached: the whole swarm processes about "
+                    f"{run_samples} samples in {self.optim.epochs} epochs of {self.data.dataset}, so hivemind.Optimizer "
+                    "would never average"
+                )
+        return self
 
     @model_validator(mode="after")
     def _swarm_can_form_groups(self) -> ExperimentConfig:

@@ -27,6 +27,7 @@ class MetricsRow:
     consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
     consensus_peers: int = 0  # how many peers' parameters that figure covers
     node: str = ""  # host name of the machine the peer ran on
+    node_id: str = ""  # the Ray node the peer ran on (several Ray nodes may share a machine; "" without Ray)
 
 
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))

@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
-from workers.checkpoint import resume
+from workers.checkpoint import checkpoint_path, resume
 from workers.config import ExperimentConfig
 from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
+from workers.network import announce_host, dht_maddrs, peer_port
 from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
 from workers.train import Report, TrainSetup, train
@@ -41,12 +42,16 @@ class PeerStatus:
 
 
 class Peer:
-    def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None):
+    def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None,
+                 port_offset: bool = True):  # fmt: skip
         """`checkpoint_dir`: where this peer writes peer-<i>_{best,final}.pt (the driver passes `cfg.checkpoint_dir`
-        or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too."""
+        or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too.
+        `port_offset`: listen on `network.port + peer` (Ray peers, which may share a node) or on `network.port`."""
         quiet_hivemind()
-        self.cfg, self.peer, self.run_id = cfg, peer, run_id
+        self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = self.checkpoint_dir.expanduser()
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()
@@ -74,6 +79,7 @@ class Peer:
             run_id=self.run_id,
             peer=self.peer,
             node=socket.gethostname(),
+            node_id=ray_node_id(),
             epochs=cfg.optim.epochs,
             model=model,
             optimizer=optimizer,
@@ -104,8 +110,9 @@ class Peer:
         """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs."""
         import hivemind
 
+        host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, self.peer if self.port_offset else 0)
         self.dht = hivemind.DHT(
-            initial_peers=initial_peers, host_maddrs=[f"/ip4/{self.cfg.network.host}/tcp/0"], start=True
+            initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
         )
         self.averaging = self._hivemind_averaging()
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
@@ -118,16 +125,15 @@ class Peer:
             swarm_epoch = len(setup.train_loader.dataset) * self.cfg.peers
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
                                            batch_size=self.cfg.data.batch_size,
-                                           target_batch_size=gossip.target_batch_size or swarm_epoch)  # fmt: skip
+                                           target_batch_size=gossip.target_batch_size or swarm_epoch,
+                                           peers=self.cfg.peers)  # fmt: skip
             setup.optimizer = averaging.optimizer  # the loop steps hivemind.Optimizer, which steps ours
             return averaging
         return NoAveraging()
 
     def rendezvous_address(self) -> str:
-        """A free TCP address on this peer's host for torch.distributed's rendezvous (peer 0 provides it)."""
-        with socket.socket() as sock:
-            sock.bind((self.cfg.network.host, 0))
-            return f"tcp://{self.cfg.network.host}:{sock.getsockname()[1]}"
+        """A TCP address on this peer's node for torch.distributed's rendezvous (peer 0 provides it)."""
+        return f"tcp://{announce_host(self.cfg.network)}:{peer_port(self.cfg.network, self.cfg.peers)}"
 
     def join_allreduce(self, address: str) -> None:
         """Join the all-reduce baseline's process group; blocks until every peer has joined."""
@@ -157,6 +163,13 @@ class Peer:
                 break
         return PeerStatus(self.peer, self._state, reports, self._error)
 
+    def checkpoint_bytes(self, kind: str = "final") -> bytes | None:
+        """This peer's `peer-<i>_<kind>.pt` as bytes (the driver copies final models off remote nodes)."""
+        if self.checkpoint_dir is None:
+            return None
+        path = checkpoint_path(self.checkpoint_dir, self.peer, kind)
+        return path.read_bytes() if path.exists() else None
+
     def process_ids(self) -> list[int]:
         """This process's descendants (hivemind's DHT and averager processes, p2pd): reaped if left behind."""
         return [child.pid for child in psutil.Process(os.getpid()).children(recursive=True)]
@@ -170,6 +183,17 @@ class Peer:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import sys
+
+    if "ray" not in sys.modules:  # standalone peers never import Ray
+        return ""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def quiet_hivemind() -> None:

@@ -4,6 +4,11 @@
     python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --peers 3 --peer 1
     python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --peers 3 --peer 2
 
+On several machines, listen on all interfaces (a fixed port, if a firewall wants one): the peer announces, and
+prints, this machine's IP, or the address given with --announce_maddr (e.g. behind a NAT with the same port forwarded):
+
+    python -m workers --host_maddr /ip4/0.0.0.0/tcp/31337 --peers 3 --peer 0   # VISIBLE_MADDRS: ['/ip4/10.0.0.5/...']
+
 The original scripts' flags are kept and mapped onto the one config tree (`workers.config`), so a standalone peer
 trains exactly what the Ray launcher would with the same config. Each peer writes its own metrics.csv; there is no
 driver to gather the swarm's parameter sketches, so the consensus_dist column stays empty.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -27,7 +33,6 @@ from pathlib import Path
 from workers.config import (
     ConfigError,
     ExperimentConfig,
-    NetworkConfig,
     apply_overrides,
     dump_config,
     load_config,
@@ -67,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", type=Path, help="experiment YAML (default: the built-in defaults: digits, small_cnn)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set gossip.matchmaking_time=2 (repeatable; applied last)")  # fmt: skip
-    add("--host_maddr", help="multiaddr to listen on, e.g. /ip4/0.0.0.0/tcp/0 (sets network.host)")
+    add("--host_maddr", help="multiaddr to listen on, e.g. /ip4/0.0.0.0/tcp/0: all interfaces, any free port "
+        "(sets network.host and network.port; default: 127.0.0.1, any free port)")  # fmt: skip
+    add("--announce_maddr", help="multiaddr the other peers dial, e.g. /ip4/203.0.113.7/tcp/0 (sets "
+        "network.announce_host; its port must be the one listened on, or 0 for that; default: this machine's "
+        "IP when listening on 0.0.0.0, else the listen address)")  # fmt: skip
     add("--initial_peer", dest="initial_peers", action="append", default=[], metavar="MADDR",
         help="multiaddr of a running peer to join (repeatable); none: this peer starts the swarm")  # fmt: skip
     add("--peer", type=int, default=0, help="this peer's index in [0, peers): which data shard it trains on")
@@ -90,11 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_host_maddr(maddr: str) -> tuple[str, int]:
-    """`/ip4/IP/tcp/PORT` -> (IP, PORT); the peer's DHT listens on that interface."""
+def parse_host_maddr(maddr: str, flag: str = "--host_maddr") -> tuple[str, int]:
+    """`/ip4/IP/tcp/PORT` -> (IP, PORT): the address a peer's DHT listens on (or announces, for `flag`)."""
     match = _HOST_MADDR.fullmatch(maddr.strip())
     if match is None:
-        raise ConfigError(f"--host_maddr={maddr!r}: expected /ip4/<address>/tcp/<port>, e.g. /ip4/0.0.0.0/tcp/0")
+        raise ConfigError(f"{flag}={maddr!r}: expected /ip4/<address>/tcp/<port>, e.g. /ip4/0.0.0.0/tcp/0")
+    try:
+        ipaddress.IPv4Address(match["host"])
+    except ValueError:
+        raise ConfigError(f"{flag}={maddr!r}: {match['host']!r} is not an IPv4 address") from None
+    if int(match["port"]) > 65535:
+        raise ConfigError(f"{flag}={maddr!r}: port {match['port']} is past 65535")
     return match["host"], int(match["port"])
 
 
@@ -107,25 +122,39 @@ def flags_to_overrides(args: argparse.Namespace) -> list[str]:
                   if getattr(args, flag) is not None]  # fmt: skip
     if args.host_maddr is not None:
         host, port = parse_host_maddr(args.host_maddr)
-        overrides.append(f"network.host={host}")
-        if port:
-            overrides.append(f"network.port={port}")
+        overrides += [f"network.host={host}", f"network.port={port}"]
+    if args.announce_maddr is not None:
+        host, _ = parse_host_maddr(args.announce_maddr, "--announce_maddr")
+        overrides.append(f"network.announce_host={host}")
     return overrides + list(args.overrides)
 
 
 def standalone_config(args: argparse.Namespace) -> ExperimentConfig:
     """The validated config for this peer; ConfigError names the field (or flag) and the bad value."""
     overrides = flags_to_overrides(args)
-    if any(o.startswith("network.port=") for o in overrides) and "port" not in NetworkConfig.model_fields:
-        raise ConfigError(f"--host_maddr={args.host_maddr}: a fixed port is not supported yet (use tcp/0)")
     cfg = load_config(args.config, overrides) if args.config else parse_config(apply_overrides({}, overrides))
     if not 0 <= args.peer < cfg.peers:
         raise ConfigError(f"--peer={args.peer}: must be in [0, peers={cfg.peers})")
+    if args.announce_maddr is not None:
+        check_announce_maddr(args.announce_maddr, cfg.network.port)
     if cfg.gossip.method == "allreduce":
         raise ConfigError("gossip.method='allreduce': its rendezvous needs the Ray launcher (`gossip-launch run`)")
     check_data(cfg.data)
     check_own_checkpoint(cfg, args.peer)
     return cfg
+
+
+def check_announce_maddr(maddr: str, listen_port: int) -> None:
+    """The peer announces the port it listens on: hivemind cannot announce another one (e.g. a NAT's remapping)."""
+    host, port = parse_host_maddr(maddr, "--announce_maddr")
+    if ipaddress.IPv4Address(host).is_unspecified:
+        raise ConfigError(f"--announce_maddr={maddr!r}: {host} is not an address other peers can dial")
+    if port not in (0, listen_port):
+        expected = f"tcp/{listen_port} (or tcp/0)" if listen_port else "tcp/0, since it listens on any free port"
+        raise ConfigError(
+            f"--announce_maddr={maddr!r}: port {port} differs from the port this peer listens on (network.port="
+            f"{listen_port}, from --host_maddr or the config); announcing another port is not supported: use {expected}"
+        )
 
 
 def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
@@ -164,7 +193,8 @@ def run_peer(
     # a resumed peer goes on in the same file: its rows continue from the checkpoint's epoch
     with MetricsFile(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
         try:
-            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out)
+            # exactly the port asked for: unlike Ray peers, standalone ones on one machine each pass their own
+            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out, port_offset=False)
             maddrs = start_dht(peer, initial_peers)
             if not initial_peers:
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join

@@ -46,7 +46,7 @@ class Progress:
 class TrainSetup:
     run_id: str
     peer: int
-    node: str
+    node: str  # host name
     epochs: int  # the last epoch to train; the first is progress.epoch + 1
     model: nn.Module
     optimizer: torch.optim.Optimizer  # what the loop steps (a strategy may wrap the scheduler's optimizer)
@@ -58,6 +58,7 @@ class TrainSetup:
     amp: bool = False  # bf16 autocast of forward passes (CUDA only)
     channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
+    node_id: str = ""  # the Ray node the peer runs on ("" outside Ray)
     progress: Progress = field(default_factory=Progress)
 
 
@@ -138,6 +139,7 @@ def epoch_row(
         avg_group_size=group_size,
         avg_seconds=avg_seconds,
         node=setup.node,
+        node_id=setup.node_id,
     )
 
 
