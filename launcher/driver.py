@@ -49,12 +49,11 @@ def make_run_id(cfg: ExperimentConfig) -> str:
 def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = None) -> RunResult:
     """Run one experiment on the Ray cluster at `address` (or RAY_ADDRESS, or one started with `ray start` on this
     machine, or else a new local one) and write its results under `out_dir` on this machine."""
+    connected = connect_ray(cfg, address)
     run_id = make_run_id(cfg)
     run_dir = Path(out_dir).expanduser().resolve() / run_id
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))  # as given: `network.host: auto` stays portable
-    connected = connect_ray(cfg, address)
-    cfg = resolve_network(cfg)
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
     swarm = Swarm(cfg, run_id, checkpoint_dir=(cfg.checkpoint_dir or run_dir).expanduser().resolve())
     writer = MetricsWriter(run_dir / "metrics.csv")
@@ -69,36 +68,45 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
         logger.warning("interrupted: keeping the %d rows reported so far, shutting the peers down", writer.rows_written)
     finally:
         with sigint_ignored():
-            writer.write([row for rows in swarm.drain() for row in rows])
-            writer.close()
-            swarm.fetch_final_models(run_dir)
-            swarm.shutdown()
-            if connected:
-                ray.shutdown()
+            try:
+                writer.write([row for rows in swarm.drain() for row in rows])
+                writer.close()
+                swarm.fetch_final_models()
+            finally:  # whatever failed above, no peer, placement group or hivemind process outlives the run
+                swarm.shutdown()
+                if connected:
+                    ray.shutdown()
     finish(run_dir, writer.rows_written)
     return RunResult(run_dir, exit_code)
 
 
 def connect_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
-    """Connect to the Ray cluster at `address` or RAY_ADDRESS, else to one started with `ray start` on this machine,
-    else start a local one. False when this process had Ray initialized already (the caller owns it)."""
+    """Connect to the Ray cluster at `address` or RAY_ADDRESS, else to one started with `ray start` on this machine
+    and still up, else start a private local one. False when this process had Ray initialized already."""
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
     if address:
         enable_token_auth(os.environ)
         ray.init(address=address, **quiet)
-    else:
-        try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:  # no cluster on this machine: start one just for this run
-            needed = math.ceil(cfg.peers * cfg.resources.num_cpus)
-            ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, **quiet)
-            return True
-    nodes = alive_nodes()
-    logger.info("connected to the Ray cluster at %s: %d nodes", ray.get_runtime_context().gcs_address, len(nodes))
+        logger.info("connected to the Ray cluster at %s: %d nodes", address, len(alive_nodes()))
+    else:  # "local": a new Ray just for this run, never another process's private one
+        needed = math.ceil(cfg.peers * cfg.resources.num_cpus)
+        ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, **quiet)
     return True
+
+
+def started_cluster_address() -> str | None:
+    """The address of the cluster the last `ray start` on this machine joined, if its processes are still up."""
+    from ray._private.services import find_gcs_addresses
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address()
+    if address and address not in find_gcs_addresses():
+        logger.warning("ignoring the stale Ray address %s from the last `ray start` (that cluster is down)", address)
+        return None
+    return address
 
 
 TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # besides ~/.ray/auth_token
@@ -117,13 +125,21 @@ def alive_nodes() -> list[dict]:
     return [node for node in ray.nodes() if node["Alive"]]
 
 
-def resolve_network(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`network.host: auto`: loopback on a one-node Ray, all interfaces (each peer announces its node's IP) on a
-    multi-node cluster."""
-    if cfg.network.host != "auto":
+def resolve_network(cfg: ExperimentConfig, nodes: int) -> ExperimentConfig:
+    """`network.host: auto`: loopback when every peer is on one node, all interfaces (each peer announces its node's
+    IP) when they are spread over `nodes` > 1. A fixed host or announce address is one machine's: it cannot serve
+    peers on several nodes."""
+    net = cfg.network
+    if nodes > 1 and (net.host not in ("auto", "0.0.0.0") or net.announce_host):
+        fixed = (
+            f"network.host={net.host}" if net.host not in ("auto", "0.0.0.0") else f"announce_host={net.announce_host}"
+        )
+        raise PlacementError(f"{fixed} is one machine's address, but the peers were placed on {nodes} nodes: use "
+                             "network.host auto or 0.0.0.0 (each peer announces its own node's IP)")  # fmt: skip
+    if net.host != "auto":
         return cfg
-    host = "0.0.0.0" if len(alive_nodes()) > 1 else "127.0.0.1"
-    return cfg.model_copy(update={"network": cfg.network.model_copy(update={"host": host})})
+    host = "0.0.0.0" if nodes > 1 else "127.0.0.1"
+    return cfg.model_copy(update={"network": net.model_copy(update={"host": host})})
 
 
 class PlacementError(RuntimeError):
@@ -138,27 +154,38 @@ def peer_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
 
 
 def check_placeable(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> None:
-    """Fail at once, naming the resource, when no node of the cluster could ever hold a peer's bundle (e.g. GPUs on a
-    CPU-only cluster), instead of waiting for a placement group that will never be scheduled.
-    `nodes`: each alive node's total resources."""
+    """Fail at once, naming the resource, when the cluster's nodes could never hold the peers' bundles (e.g. GPUs on
+    a CPU-only cluster, or more GPUs than the cluster has), instead of waiting for a placement group that will never
+    be scheduled. `nodes`: each alive node's total resources."""
 
     def fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
         return all(node.get(name, 0.0) >= amount for name, amount in bundle.items())
 
     have = "; ".join(_format_resources(node) for node in nodes) or "no nodes"
+    hint = f"(nodes: {have}; nodes that are still starting do not count yet: see `ray status`)"
     for peer, bundle in enumerate(bundles):
         if not any(fits(bundle, node) for node in nodes):
             short = {k: v for k, v in bundle.items() if not any(node.get(k, 0.0) >= v for node in nodes)} or bundle
-            raise PlacementError(
-                f"peer {peer} needs {_format_resources(bundle)} on one node, but no node of the cluster has "
-                f"{_format_resources(short)} (nodes: {have}); check resources.* in the config"
-            )
-    if strategy == "STRICT_PACK":
-        total = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
-        if not any(fits(total, node) for node in nodes):
-            raise PlacementError(f"placement STRICT_PACK needs {_format_resources(total)} on one node (nodes: {have})")
-    if strategy == "STRICT_SPREAD" and len(nodes) < len(bundles):
-        raise PlacementError(f"placement STRICT_SPREAD needs {len(bundles)} nodes, the cluster has {len(nodes)}")
+            raise PlacementError(f"peer {peer} needs {_format_resources(bundle)} on one node, but no node of "
+                                 f"the cluster has {_format_resources(short)} {hint}; see resources.*")  # fmt: skip
+    total = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
+    cluster = {k: sum(node.get(k, 0.0) for node in nodes) for k in total}
+    if not fits(total, cluster):
+        raise PlacementError(f"{len(bundles)} peers need {_format_resources(total)} in all, the cluster has "
+                             f"{_format_resources(cluster)} {hint}")  # fmt: skip
+    if strategy == "STRICT_PACK" and not any(fits(total, node) for node in nodes):
+        raise PlacementError(f"placement STRICT_PACK needs {_format_resources(total)} on one node {hint}")
+    if strategy == "STRICT_SPREAD":
+        usable = sum(any(fits(bundle, node) for bundle in bundles) for node in nodes)
+        if usable < len(bundles):
+            raise PlacementError(f"placement STRICT_SPREAD needs {len(bundles)} nodes that can hold a peer, the "
+                                 f"cluster has {usable} {hint}")  # fmt: skip
+
+
+def placement_strategy(cfg: ExperimentConfig) -> str:
+    """`resources.placement`, or by default PACK for peers that share GPUs (a fraction each), else SPREAD."""
+    res = cfg.resources
+    return res.placement or ("PACK" if 0 < res.num_gpus < 1 else "SPREAD")
 
 
 def _format_resources(resources: dict[str, float]) -> str:
@@ -174,26 +201,25 @@ class Swarm:
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.peer_nodes: dict[int, str] = {}  # peer -> Ray node id of its bundle
         self.placement_group = None
+        self.training = False  # every peer started training (so there are final models to fetch)
         self.child_processes: list[tuple[int, float]] = []  # (pid, create_time) of hivemind's processes
         self.collector = EpochCollector(range(cfg.peers))
 
     def start(self) -> None:
-        cfg = self.cfg
-        self._place()
+        bundles = self._place()
+        cfg = self.cfg = resolve_network(self.cfg, nodes=len(set(self.peer_nodes.values())))
         peer_actor = ray.remote(Peer)
-        res = cfg.resources
-        self.actors = {
-            i: peer_actor.options(
+        self.actors = {}
+        for i, bundle in enumerate(bundles):
+            custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            in_bundle = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+            self.actors[i] = peer_actor.options(
                 name=actor_name(self.run_id, i),
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus,
-                resources={**res.custom, **(res.peer_custom[i] if res.peer_custom else {})},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=i
-                ),
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                resources=custom,
+                scheduling_strategy=in_bundle,
             ).remote(cfg, i, self.run_id, self.checkpoint_dir)
-            for i in range(cfg.peers)
-        }
         bootstrap_maddrs = ray.get(self.actors[0].start_dht.remote([]), timeout=SETUP_TIMEOUT_S)
         logger.info("peer 0 is up at %s", bootstrap_maddrs)
         others = [self.actors[i].start_dht.remote(bootstrap_maddrs) for i in range(1, cfg.peers)]
@@ -203,27 +229,29 @@ class Swarm:
             ray.get([actor.join_allreduce.remote(address) for actor in self.actors.values()], timeout=SETUP_TIMEOUT_S)
         self._record_child_processes()
         ray.get([actor.start_training.remote() for actor in self.actors.values()])
+        self.training = True
         logger.info("all %d peers joined the DHT and started training", cfg.peers)
 
-    def _place(self) -> None:
+    def _place(self) -> list[dict[str, float]]:
         """Reserve one bundle per peer (SPREAD by default: different nodes when possible), or fail fast."""
-        res = self.cfg.resources
+        res, strategy = self.cfg.resources, placement_strategy(self.cfg)
         bundles = peer_bundles(self.cfg)
-        check_placeable(bundles, res.placement, [node["Resources"] for node in alive_nodes()])
-        self.placement_group = placement_group(bundles, strategy=res.placement, name=f"{self.run_id}/peers")
+        check_placeable(bundles, strategy, [node["Resources"] for node in alive_nodes()])
+        self.placement_group = placement_group(bundles, strategy=strategy, name=f"{self.run_id}/peers")
         try:
             ray.get(self.placement_group.ready(), timeout=res.placement_timeout)
         except ray.exceptions.GetTimeoutError:
             raise PlacementError(
                 f"the cluster could not place {len(bundles)} peers ({_format_resources(bundles[0])} each, "
-                f"{res.placement}) within resources.placement_timeout={res.placement_timeout:g} s: its resources are "
+                f"{strategy}) within resources.placement_timeout={res.placement_timeout:g} s: its resources are "
                 f"busy (available now: {_format_resources(ray.available_resources())})"
             ) from None
         table = placement_group_table(self.placement_group)["bundles_to_node_id"]
         self.peer_nodes = {i: table[i] for i in range(len(bundles))}
         nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in alive_nodes()}
-        logger.info("placement (%s): %s", res.placement,
-                    ", ".join(f"peer {i} on {nodes.get(n, n[:8])}" for i, n in self.peer_nodes.items()))  # fmt: skip
+        logger.info("placement (%s): %s", strategy, ", ".join(
+            f"peer {i} on {nodes.get(n, '?')} (node {n[:8]})" for i, n in self.peer_nodes.items()))  # fmt: skip
+        return bundles
 
     def _local_peers(self) -> list[int]:
         """Peers on the driver's own Ray node (their processes can be seen and reaped from here)."""
@@ -256,20 +284,22 @@ class Swarm:
         epochs = [rows for s in statuses for report in s.reports for rows in self.collector.add(report)]
         return epochs + self.collector.flush()
 
-    def fetch_final_models(self, run_dir: Path) -> None:
-        """Copy peer-<i>_final.pt of peers on other nodes into `run_dir`: no shared filesystem needed."""
-        remote = [i for i in self.actors if i not in self._local_peers()] if self.actors else []
-        calls = {i: self.actors[i].checkpoint_bytes.remote("final") for i in remote}
-        for peer, call in calls.items():
+    def fetch_final_models(self) -> None:
+        """Copy peer-<i>_final.pt of the peers on other nodes into this machine's checkpoint folder (the run folder
+        unless checkpoint_dir is set), one at a time: no shared filesystem needed."""
+        if not self.training:
+            return
+        fetched = []
+        for peer in [i for i in self.actors if i not in self._local_peers()]:
             try:
-                data = ray.get(call, timeout=STOP_TIMEOUT_S)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
+                data = ray.get(self.actors[peer].checkpoint_bytes.remote("final"), timeout=STOP_TIMEOUT_S)
+                if data is not None:
+                    atomic_write_bytes(checkpoint_path(self.checkpoint_dir, peer, "final"), data)
+                    fetched.append(peer)
+            except (ray.exceptions.RayError, OSError) as err:
                 logger.warning("peer %d's final model could not be fetched: %s", peer, err)
-                continue
-            if data is not None:
-                atomic_write_bytes(checkpoint_path(run_dir, peer, "final"), data)
-        if calls:
-            logger.info("fetched the final models of peers %s from their nodes", sorted(calls))
+        if fetched:
+            logger.info("fetched the final models of peers %s from their nodes into %s", fetched, self.checkpoint_dir)
 
     def shutdown(self) -> None:
         """Ask every peer to stop hivemind cleanly, then kill the actors and reap anything left behind."""

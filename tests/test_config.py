@@ -72,6 +72,6 @@ def test_snapshot_round_trips(tmp_path):
 
 
 def test_an_optimizer_target_batch_the_run_never_reaches_is_rejected():
-    with pytest.raises(ConfigError, match=r"gossip.target_batch_size=100000 is never reached: .* about 14370 samples"):
+    with pytest.raises(ConfigError, match=r"gossip.target_batch_size=100000 is never reached: .* about 14380 samples"):
         quick_config("gossip.method=optimizer", "optim.epochs=10", "gossip.target_batch_size=100000")
     assert quick_config("gossip.method=optimizer", "gossip.target_batch_size=256").gossip.target_batch_size == 256

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from launcher.driver import PlacementError, check_placeable, peer_bundles
+from launcher.driver import PlacementError, check_placeable, peer_bundles, placement_strategy, resolve_network
 from tests.conftest import quick_config
 from workers.config import ConfigError, NetworkConfig
 from workers.network import announce_host, dht_maddrs, node_ip
@@ -51,8 +51,22 @@ def test_what_fits_passes_including_gpu_fractions_packed_on_one_gpu():
 def test_strict_strategies_are_checked_against_the_whole_group():
     with pytest.raises(PlacementError, match="STRICT_PACK needs CPU=12"):
         check_placeable([{"CPU": 4.0}] * 3, "STRICT_PACK", [CPU_NODE, CPU_NODE])
-    with pytest.raises(PlacementError, match="STRICT_SPREAD needs 3 nodes, the cluster has 2"):
+    with pytest.raises(PlacementError, match="STRICT_SPREAD needs 3 nodes that can hold a peer, the cluster has 2"):
         check_placeable([{"CPU": 1.0}] * 3, "STRICT_SPREAD", [CPU_NODE, GPU_NODE])
+    with pytest.raises(PlacementError, match="STRICT_SPREAD needs 2 nodes that can hold a peer, the cluster has 1"):
+        check_placeable([{"CPU": 1.0, "GPU": 0.5}] * 2, "STRICT_SPREAD", [CPU_NODE, GPU_NODE])  # one has a GPU
+
+
+def test_more_than_the_whole_cluster_has_fails_at_once():
+    with pytest.raises(PlacementError, match=r"3 peers need CPU=3, GPU=3 in all, the cluster has CPU=24, GPU=1"):
+        check_placeable([{"CPU": 1.0, "GPU": 1.0}] * 3, "SPREAD", [CPU_NODE, GPU_NODE])
+
+
+def test_peers_that_share_gpus_are_packed_by_default():
+    assert placement_strategy(quick_config("resources.num_gpus=0.25")) == "PACK"
+    assert placement_strategy(quick_config("resources.num_gpus=1")) == "SPREAD"
+    assert placement_strategy(quick_config()) == "SPREAD"
+    assert placement_strategy(quick_config("resources.num_gpus=0.5", "resources.placement=SPREAD")) == "SPREAD"
 
 
 @pytest.mark.parametrize(
@@ -65,6 +79,9 @@ def test_strict_strategies_are_checked_against_the_whole_group():
         ("network.announce_host=0.0.0.0", "network.announce_host='0.0.0.0': 0.0.0.0 is where to listen"),
         ("network.port=65534", "network.port=65534 \\+ peers=4 is past 65535"),
         ("resources.custom={node_a: -1}", "resources.custom"),
+        ("resources.custom={CPU: 4}", "CPU: set resources.num_cpus / num_gpus instead"),
+        ("resources.peer_custom=[{a: 1}, {GPU: 1}, {b: 1}, {c: 1}]", "GPU: set resources.num_cpus"),
+        ("resources.num_gpus=1.5", "a fraction of one GPU or a whole number"),
     ],
 )
 def test_bad_placement_and_network_settings_are_config_errors(override, message):
@@ -87,3 +104,16 @@ def test_listening_on_all_interfaces_announces_this_nodes_ip_not_loopback():
     assert ip == node_ip()
     if ip != "127.0.0.1":  # a machine with a non-loopback interface (any cluster node)
         assert not ipaddress.ip_address(ip).is_loopback
+
+
+def test_auto_host_is_loopback_on_one_node_and_all_interfaces_across_nodes():
+    assert resolve_network(quick_config(), nodes=1).network.host == "127.0.0.1"
+    assert resolve_network(quick_config(), nodes=3).network.host == "0.0.0.0"
+    assert resolve_network(quick_config("network.host=0.0.0.0"), nodes=1).network.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("override", ["network.host=127.0.0.1", "network.announce_host=10.0.0.9"])
+def test_one_machines_address_cannot_serve_peers_on_several_nodes(override):
+    with pytest.raises(PlacementError, match="is one machine's address, but the peers were placed on 2 nodes"):
+        resolve_network(quick_config(override), nodes=2)
+    resolve_network(quick_config(override), nodes=1)  # fine on one node

@@ -111,7 +111,7 @@ def test_announce_maddr_replaces_the_announced_host(announce):
         (["--host_maddr", "/ip4/0.0.0.0/tcp/31337", "--announce_maddr", "/ip4/203.0.113.7/tcp/4000"],
          r"port 4000 differs from the port this peer listens on \(network.port=31337.*use tcp/31337 \(or tcp/0\)"),
         (["--announce_maddr", "/ip4/203.0.113.7/tcp/4000"], "port 4000 differs.*use tcp/0, since it listens on any"),
-        (["--announce_maddr", "/ip4/0.0.0.0/tcp/0"], "0.0.0.0 is not an address other peers can dial"),
+        (["--announce_maddr", "/ip4/0.0.0.0/tcp/0"], "0.0.0.0 is where to listen, not an address other peers can dial"),
         (["--announce_maddr", "203.0.113.7:4000"], "--announce_maddr='203.0.113.7:4000': expected /ip4/"),
     ],
 )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +33,11 @@ class RoundStats:
         else:
             self.ok += 1
             self._window_groups.append(group_size)
+        self.seconds += seconds
+        self._window_seconds += seconds
+
+    def add_seconds(self, seconds: float) -> None:
+        """Time spent in rounds that were recorded without it."""
         self.seconds += seconds
         self._window_seconds += seconds
 
@@ -186,20 +192,23 @@ class AllReduceAveraging(NoAveraging):
 
 class OptimizerAveraging(NoAveraging):
     """hivemind.Optimizer, as the original scripts used it: it wraps the local optimizer and averages parameters
-    in the background whenever the swarm has processed `target_batch_size` samples together.
+    whenever the swarm has processed `target_batch_size` samples together (inside the step that crosses it, or in
+    the background with `background_averaging`).
 
-    hivemind reports those background rounds only through its log ("Averaged parameters with N peers" /
-    "Averaging failed with ..."), so a log handler on its state averager counts them."""
+    hivemind reports those rounds only through its log ("Averaged parameters with N peers" / "Averaging failed
+    with ..."), so a log handler on its state averager counts them; a blocking round's time is that step's time."""
 
     ROUND_OK = re.compile(r"Averaged parameters with (\d+) peers")
     ROUND_FAILED = re.compile(r"Averaging failed with")
 
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
-                 target_batch_size: int, peers: int, join_timeout: float = 60.0):  # fmt: skip
+                 target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0):  # fmt: skip
         import hivemind
 
         super().__init__()
-        self.peers, self.join_timeout, self._joined = peers, join_timeout, False
+        self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
+        self.background = cfg.background_averaging
+        self._step_started, self._rounds_before = 0.0, 0
         self._counter = _RoundLogCounter(self)
         self.optimizer = hivemind.Optimizer(
             dht=dht,
@@ -220,7 +229,12 @@ class OptimizerAveraging(NoAveraging):
             verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
         )
 
+    def before_step(self) -> None:
+        self._step_started, self._rounds_before = time.perf_counter(), self.stats.ok + self.stats.failed
+
     def after_step(self, step: int) -> None:
+        if not self.background and self.stats.ok + self.stats.failed > self._rounds_before:
+            self.stats.add_seconds(time.perf_counter() - self._step_started)  # this step held a blocking round
         if not self._joined:
             self._wait_for_swarm()
 
@@ -229,7 +243,8 @@ class OptimizerAveraging(NoAveraging):
         progress tracker sees every peer: until then hivemind counts the swarm as empty and skips averaging."""
         tracker, deadline = self.optimizer.tracker, time.monotonic() + self.join_timeout
         while tracker.global_progress.num_peers < self.peers and time.monotonic() < deadline:
-            time.sleep(0.1)
+            if self.stop.wait(0.1):
+                return
         self._joined = True
         if tracker.global_progress.num_peers < self.peers:
             logger.warning("hivemind sees %d of %d peers after %.0f s; training anyway",
@@ -252,7 +267,7 @@ class _RoundLogCounter(logging.Handler):
         self.logger.propagate = False  # keep hivemind's chatter out of the peer's log; we count, not print
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()  # rounds run in the background: no training time is spent in them
+        message = record.getMessage()  # the time is added by OptimizerAveraging.after_step (blocking rounds only)
         if match := OptimizerAveraging.ROUND_OK.search(message):
             self.owner.stats.record(int(match.group(1)), 0.0)
         elif OptimizerAveraging.ROUND_FAILED.search(message):

@@ -104,9 +104,25 @@ class ResourcesConfig(_Section):
     custom: dict[str, PositiveFloat] = {}  # extra Ray resources every peer needs, e.g. {"accelerator_type:H100": 0.01}
     # Extra Ray resources per peer: entry i is added to peer i's bundle (pins peers to nodes that advertise them).
     peer_custom: list[dict[str, PositiveFloat]] = []
-    # How the placement group lays the peers' bundles out: SPREAD puts peers on different nodes when it can.
-    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
+    # How the placement group lays the peers' bundles out: SPREAD puts peers on different nodes when it can; None:
+    # PACK when peers share GPUs (0 < num_gpus < 1), else SPREAD.
+    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] | None = None
     placement_timeout: PositiveFloat = 120.0  # seconds to wait for a feasible placement group to be scheduled
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_gpus_above_one(cls, value: float) -> float:
+        if value > 1 and not value.is_integer():
+            raise ValueError("a peer takes a fraction of one GPU or a whole number of GPUs")
+        return value
+
+    @field_validator("custom", "peer_custom")
+    @classmethod
+    def _custom_is_not_cpu_or_gpu(cls, value):
+        for resources in value if isinstance(value, list) else [value]:
+            if reserved := sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"}):
+                raise ValueError(f"{', '.join(reserved)}: set resources.num_cpus / num_gpus instead")
+        return value
 
 
 class NetworkConfig(_Section):
@@ -150,7 +166,7 @@ TRAIN_SET_SIZES = {"digits": 1797, "cifar10": 50_000, "tinyimagenet": 100_000}  
 def train_set_size(data: DataConfig) -> int:
     """Training samples per epoch of the whole swarm (the peers' shards together)."""
     size = TRAIN_SET_SIZES[data.dataset]
-    return int(size * (1 - data.test_fraction)) if data.dataset == "digits" else size
+    return size - int(round(size * data.test_fraction)) if data.dataset == "digits" else size  # as data.py splits
 
 
 class ExperimentConfig(_Section):
@@ -190,8 +206,8 @@ class ExperimentConfig(_Section):
             if target > run_samples:
                 raise ValueError(
                     f"gossip.target_batch_size={target} is never reached: the whole swarm processes about "
-                    f"{run_samples} samples in {self.optim.epochs} epochs of {self.data.dataset}, so hivemind.Optimizer "
-                    "would never average"
+                    f"{run_samples} samples in {self.optim.epochs} epochs of {self.data.dataset}, so "
+                    "hivemind.Optimizer would never average"
                 )
         return self
 

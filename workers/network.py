@@ -18,11 +18,23 @@ ANY = "0.0.0.0"
 LOOPBACK = "127.0.0.1"
 
 
+def _ray():
+    """The Ray module when this process is a Ray worker or driver; None otherwise (standalone peers never import
+    Ray: they need not pay for the import)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    ray = _ray()
+    return ray.get_runtime_context().get_node_id() if ray else ""
+
+
 def node_ip() -> str:
     """This machine's IPv4 address as the other nodes see it: Ray's node IP inside a Ray worker, else the address of
     the interface that routes outward, else the first non-loopback interface address."""
-    ray = sys.modules.get("ray")  # a Ray worker has imported it; a standalone peer need not pay for the import
-    if ray is not None and ray.is_initialized():
+    if ray := _ray():
         return ray.util.get_node_ip_address()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

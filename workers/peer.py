@@ -6,6 +6,7 @@ foreground. The driver calls `start_dht`, then `start_training`, then polls; eve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -22,10 +23,10 @@ from torch.utils.data import DataLoader
 
 from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
 from workers.checkpoint import checkpoint_path, resume
-from workers.config import ExperimentConfig
+from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
-from workers.network import announce_host, dht_maddrs, peer_port
+from workers.network import announce_host, dht_maddrs, peer_port, ray_node_id
 from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
 from workers.train import Report, TrainSetup, train
@@ -122,11 +123,11 @@ class Peer:
         if gossip.method == "gossip":
             return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id)
         if gossip.method == "optimizer":
-            swarm_epoch = len(setup.train_loader.dataset) * self.cfg.peers
+            swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
                                            batch_size=self.cfg.data.batch_size,
                                            target_batch_size=gossip.target_batch_size or swarm_epoch,
-                                           peers=self.cfg.peers)  # fmt: skip
+                                           peers=self.cfg.peers, stop=self._stop)  # fmt: skip
             setup.optimizer = averaging.optimizer  # the loop steps hivemind.Optimizer, which steps ours
             return averaging
         return NoAveraging()
@@ -183,17 +184,13 @@ class Peer:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
-
-
-def ray_node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray)."""
-    import sys
-
-    if "ray" not in sys.modules:  # standalone peers never import Ray
-        return ""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        # hivemind's p2pd has no parent-death signal: whatever of it outlived the shutdown is killed here, on the
+        # peer's own node (the driver can reap only the processes of its own node)
+        leftovers = psutil.Process(os.getpid()).children(recursive=True)
+        _, alive = psutil.wait_procs(leftovers, timeout=3)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 def quiet_hivemind() -> None:

@@ -284,8 +284,12 @@ class MetricsFile:
         if exists and not append:
             logger.warning("replacing %s", path)
         self.path, self.rows_written = path, 0
+        columns = CSV_COLUMNS
+        if exists and append:  # keep the file's own header (written by an older version, maybe with fewer columns)
+            with path.open(newline="") as file:
+                columns = next(csv.reader(file))
         self._file = path.open("a" if append else "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._csv = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
         if not (exists and append):
             self._csv.writeheader()
 
