@@ -197,4 +197,6 @@ def quiet_hivemind() -> None:
     """hivemind logs every retry at INFO/WARNING with tracebacks; keep its errors, count failures ourselves."""
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     logging.getLogger("hivemind").setLevel(logging.ERROR)
+    # ...but show rounds that lost part of their all-reduce, which hivemind otherwise reports as a success
+    logging.getLogger("hivemind.averaging.partition").setLevel(logging.WARNING)
     logging.getLogger("workers").setLevel(logging.INFO)
