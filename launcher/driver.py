@@ -25,6 +25,7 @@ from launcher.results import MetricsWriter, format_summary, read_metrics, summar
 from workers.checkpoint import atomic_write_bytes, checkpoint_path
 from workers.config import ExperimentConfig, dump_config
 from workers.metrics import MetricsRow
+from workers.network import ANY, LOOPBACK
 from workers.peer import Peer, PeerStatus
 
 logger = logging.getLogger("launcher")
@@ -130,15 +131,14 @@ def resolve_network(cfg: ExperimentConfig, nodes: int) -> ExperimentConfig:
     IP) when they are spread over `nodes` > 1. A fixed host or announce address is one machine's: it cannot serve
     peers on several nodes."""
     net = cfg.network
-    if nodes > 1 and (net.host not in ("auto", "0.0.0.0") or net.announce_host):
-        fixed = (
-            f"network.host={net.host}" if net.host not in ("auto", "0.0.0.0") else f"announce_host={net.announce_host}"
-        )
+    fixed_host = net.host not in ("auto", ANY)
+    if nodes > 1 and (fixed_host or net.announce_host):
+        fixed = f"network.host={net.host}" if fixed_host else f"network.announce_host={net.announce_host}"
         raise PlacementError(f"{fixed} is one machine's address, but the peers were placed on {nodes} nodes: use "
                              "network.host auto or 0.0.0.0 (each peer announces its own node's IP)")  # fmt: skip
     if net.host != "auto":
         return cfg
-    host = "0.0.0.0" if nodes > 1 else "127.0.0.1"
+    host = ANY if nodes > 1 else LOOPBACK
     return cfg.model_copy(update={"network": net.model_copy(update={"host": host})})
 
 
@@ -236,7 +236,8 @@ class Swarm:
         """Reserve one bundle per peer (SPREAD by default: different nodes when possible), or fail fast."""
         res, strategy = self.cfg.resources, placement_strategy(self.cfg)
         bundles = peer_bundles(self.cfg)
-        check_placeable(bundles, strategy, [node["Resources"] for node in alive_nodes()])
+        nodes = alive_nodes()
+        check_placeable(bundles, strategy, [node["Resources"] for node in nodes])
         self.placement_group = placement_group(bundles, strategy=strategy, name=f"{self.run_id}/peers")
         try:
             ray.get(self.placement_group.ready(), timeout=res.placement_timeout)
@@ -248,9 +249,9 @@ class Swarm:
             ) from None
         table = placement_group_table(self.placement_group)["bundles_to_node_id"]
         self.peer_nodes = {i: table[i] for i in range(len(bundles))}
-        nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in alive_nodes()}
+        addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in nodes}
         logger.info("placement (%s): %s", strategy, ", ".join(
-            f"peer {i} on {nodes.get(n, '?')} (node {n[:8]})" for i, n in self.peer_nodes.items()))  # fmt: skip
+            f"peer {i} on {addresses.get(n, '?')} (node {n[:8]})" for i, n in self.peer_nodes.items()))  # fmt: skip
         return bundles
 
     def _local_peers(self) -> list[int]:
@@ -289,8 +290,8 @@ class Swarm:
         unless checkpoint_dir is set), one at a time: no shared filesystem needed."""
         if not self.training:
             return
-        fetched = []
-        for peer in [i for i in self.actors if i not in self._local_peers()]:
+        fetched, local = [], self._local_peers()
+        for peer in [i for i in self.actors if i not in local]:
             try:
                 data = ray.get(self.actors[peer].checkpoint_bytes.remote("final"), timeout=STOP_TIMEOUT_S)
                 if data is not None:

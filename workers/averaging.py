@@ -33,11 +33,10 @@ class RoundStats:
         else:
             self.ok += 1
             self._window_groups.append(group_size)
-        self.seconds += seconds
-        self._window_seconds += seconds
+        self.add_seconds(seconds)
 
     def add_seconds(self, seconds: float) -> None:
-        """Time spent in rounds that were recorded without it."""
+        """Time spent averaging (also for rounds that were recorded without it)."""
         self.seconds += seconds
         self._window_seconds += seconds
 

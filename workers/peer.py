@@ -51,8 +51,6 @@ class Peer:
         quiet_hivemind()
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = self.checkpoint_dir.expanduser()
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()

@@ -146,9 +146,7 @@ def standalone_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def check_announce_maddr(maddr: str, listen_port: int) -> None:
     """The peer announces the port it listens on: hivemind cannot announce another one (e.g. a NAT's remapping)."""
-    host, port = parse_host_maddr(maddr, "--announce_maddr")
-    if ipaddress.IPv4Address(host).is_unspecified:
-        raise ConfigError(f"--announce_maddr={maddr!r}: {host} is not an address other peers can dial")
+    _, port = parse_host_maddr(maddr, "--announce_maddr")  # 0.0.0.0 is refused by NetworkConfig already
     if port not in (0, listen_port):
         expected = f"tcp/{listen_port} (or tcp/0)" if listen_port else "tcp/0, since it listens on any free port"
         raise ConfigError(
