@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -28,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set gossip.alpha=0.5 (repeatable)")  # fmt: skip
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
-    run.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS, "
-                     "else a cluster started with `ray start` on this machine, else a new local one)")  # fmt: skip
+    run.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.1:6379, auto, or local (a new private "
+                     "one); default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new "
+                     "local one")  # fmt: skip
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
     analyze.add_argument("--target-acc", type=float, help="report wall time and samples to this mean test accuracy")
@@ -55,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         for point_cfg in [p.config for p in cfg.points] if isinstance(cfg, Sweep) else [cfg]:
             check_data(point_cfg.data)
             check_resume(point_cfg)
+        check_address(args.address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
         return 2
@@ -64,6 +67,14 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(cfg, Sweep):
         return _run_sweep(cfg, args.out, args.address)
     return run_experiment(cfg, args.out, args.address).exit_code
+
+
+def check_address(address: str | None) -> None:
+    """Ray Client (ray://) is refused: the driver would not be on any node of the cluster, so the final models it
+    fetches "to this machine" and the processes it reaps "here" would be the wrong machine's."""
+    if address and address.startswith("ray://"):
+        raise ConfigError(f"address {address}: Ray Client (ray://) is not supported; run the driver on the cluster "
+                          "with `ray job submit` or `ray submit` (README: Run on a Ray cluster)")  # fmt: skip
 
 
 def _run_sweep(sweep: Sweep, out: Path, address: str | None) -> int:

@@ -1,13 +1,19 @@
-"""Turn the peers' reports into finished metrics rows: the swarm's consensus distance at an epoch needs every
-live peer's parameter sketch for that epoch, so rows wait here until their epoch is complete (seconds, since
-peers evaluate together) or until the run ends, when whatever is pending is finished with the peers there are.
+"""Turn the peers' reports into finished metrics rows: the swarm's consensus distance at an epoch needs the
+parameter sketch of every peer expected at that epoch, so rows wait here until their epoch is complete (seconds,
+since peers evaluate together) or until the run ends, when whatever is pending is finished with the peers there are.
 
-Pure logic, no I/O: the driver feeds reports and peer deaths in and writes out what comes back."""
+Peers come and go: a dead peer is no longer waited for, a restarted or joining peer is expected from the first
+epoch it trains. A report for an epoch that was already finished (a newcomer that took over a state from before
+it) is finished at once, its consensus measured against the rows that epoch already had.
+
+Pure logic, no I/O: the driver feeds reports and peer changes in and writes out what comes back."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+
+import numpy as np
 
 from workers.metrics import MetricsRow
 from workers.sketch import consensus_distance
@@ -16,16 +22,26 @@ from workers.train import Report
 
 class EpochCollector:
     def __init__(self, peers: range | list[int]):
-        self.live = set(peers)
+        self.expected: dict[int, int] = {peer: 1 for peer in peers}  # peer -> the first epoch it reports
         self.pending: dict[int, dict[int, Report]] = defaultdict(dict)  # epoch -> peer -> report
+        self.finished: dict[int, list[np.ndarray]] = {}  # epoch -> the sketches its rows were finished with
+        self.swarm_epoch = 0  # the last epoch finished
 
     def add(self, report: Report) -> list[list[MetricsRow]]:
-        self.pending[report.row.epoch][report.row.peer] = report
+        epoch = report.row.epoch
+        if epoch in self.finished:
+            self.finished[epoch].append(report.sketch)
+            return [self._rows({report.row.peer: report}, self.finished[epoch])]
+        self.pending[epoch][report.row.peer] = report
         return self._complete_epochs()
 
+    def expect(self, peer: int, first_epoch: int) -> None:
+        """A peer (re)joined: wait for its reports from `first_epoch` on."""
+        self.expected[peer] = first_epoch
+
     def drop_peer(self, peer: int) -> list[list[MetricsRow]]:
-        """A peer died: stop waiting for it."""
-        self.live.discard(peer)
+        """A peer died or left: stop waiting for it."""
+        self.expected.pop(peer, None)
         return self._complete_epochs()
 
     def flush(self) -> list[list[MetricsRow]]:
@@ -33,13 +49,23 @@ class EpochCollector:
         return [self._finish(epoch) for epoch in sorted(self.pending)]
 
     def _complete_epochs(self) -> list[list[MetricsRow]]:
-        done = [epoch for epoch, reports in self.pending.items() if self.live <= reports.keys()]
+        done = [
+            epoch
+            for epoch, reports in self.pending.items()
+            if all(peer in reports for peer, first in self.expected.items() if first <= epoch)
+        ]
         return [self._finish(epoch) for epoch in sorted(done)]
 
     def _finish(self, epoch: int) -> list[MetricsRow]:
         reports = self.pending.pop(epoch)
-        distance = consensus_distance([r.sketch for r in reports.values()]) if len(reports) > 1 else float("nan")
+        self.finished[epoch] = [r.sketch for r in reports.values()]
+        self.swarm_epoch = max(self.swarm_epoch, epoch)
+        return self._rows(reports, self.finished[epoch])
+
+    @staticmethod
+    def _rows(reports: dict[int, Report], sketches: list[np.ndarray]) -> list[MetricsRow]:
+        distance = consensus_distance(sketches) if len(sketches) > 1 else float("nan")
         return [
-            dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(reports))
+            dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(sketches))
             for _, r in sorted(reports.items())
         ]

@@ -1,10 +1,13 @@
-"""The results folder: metrics.csv appended and flushed row by row, summary.csv and the printed table."""
+"""The results folder: metrics.csv and events.csv appended and flushed row by row, summary.csv and the printed
+table."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -12,19 +15,34 @@ import pandas as pd
 from workers.metrics import CSV_COLUMNS, MetricsRow
 
 
+@dataclass
+class Event:
+    """One thing that happened to a peer: events.csv's row."""
+
+    time_s: float  # seconds since the run started (the driver's clock)
+    peer: int
+    restarts: int  # the peer's incarnation when it happened
+    event: str  # started, killed, died, wedged, state_downloaded, restarted, joined, left, slow, gave_up
+    detail: str = ""
+    seconds: float = math.nan  # how long it took: detection after a scripted kill, time to rejoin after a death
+
+
+EVENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Event))
+
+
 class MetricsWriter:
     """Appends rows to a CSV and flushes after every batch, so an interrupted run keeps what it reported."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: tuple[str, ...] = CSV_COLUMNS):
         self.path = path
         new = not path.exists() or path.stat().st_size == 0
         self._file = path.open("a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._csv = csv.DictWriter(self._file, fieldnames=columns)
         if new:
             self._csv.writeheader()
         self.rows_written = 0
 
-    def write(self, rows: list[MetricsRow]) -> None:
+    def write(self, rows: list[MetricsRow] | list[Event]) -> None:
         for row in rows:
             self._csv.writerow(dataclasses.asdict(row))
         self._file.flush()
@@ -39,10 +57,21 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "metrics.csv")
 
 
-def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per peer: its last evaluation, its best accuracy, and its averaging record."""
+def read_events(run_dir: Path) -> pd.DataFrame:
+    """The run's events.csv (an empty table for runs without one)."""
+    path = Path(run_dir) / "events.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(EVENT_COLUMNS))
+
+
+def summarize(metrics: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per peer: its last evaluation, its best accuracy, its averaging record (summed over its
+    incarnations: the round counters start again with each), and its deaths, restarts and time to rejoin."""
     by_peer = metrics.sort_values(["peer", "epoch"]).groupby("peer")
     last = by_peer.tail(1).set_index("peer")
+    incarnations = metrics.sort_values("epoch").groupby(["peer", "restarts"]).tail(1).groupby("peer")
+    events = events if events is not None else pd.DataFrame(columns=list(EVENT_COLUMNS))
+    per_event = events.groupby(["peer", "event"]).size().unstack(fill_value=0) if len(events) else pd.DataFrame()
+    rejoin = events[events.event == "restarted"].groupby("peer").seconds.mean() if len(events) else pd.Series()
     summary = pd.DataFrame(
         {
             "node": last["node"],
@@ -51,15 +80,24 @@ def summarize(metrics: pd.DataFrame) -> pd.DataFrame:
             "best_test_acc": by_peer["test_acc"].max(),
             "final_test_loss": last["test_loss"],
             "final_train_loss": last["train_loss"],
-            "rounds_ok": last["avg_rounds_ok"],
-            "rounds_failed": last["avg_rounds_failed"],
+            "rounds_ok": incarnations["avg_rounds_ok"].sum(),
+            "rounds_failed": incarnations["avg_rounds_failed"].sum(),
             "mean_group_size": by_peer["avg_group_size"].mean(),
             "samples_per_s": by_peer["samples_per_s"].mean(),
             "wall_time_s": last["wall_time_s"],
             "final_consensus_dist": last["consensus_dist"],
+            "deaths": _count(per_event, ("died", "wedged"), last.index),
+            "restarts": last["restarts"],
+            "mean_rejoin_s": rejoin.reindex(last.index),
         }
     )
     return summary.reset_index()
+
+
+def _count(per_event: pd.DataFrame, events: tuple[str, ...], peers: pd.Index) -> pd.Series:
+    present = [e for e in events if e in per_event.columns]
+    counts = per_event[present].sum(axis=1) if present else pd.Series(dtype=int)
+    return counts.reindex(peers, fill_value=0).astype(int)
 
 
 def format_summary(summary: pd.DataFrame) -> str:

@@ -21,7 +21,8 @@ from typing import Any
 import ray
 import yaml
 
-from launcher.driver import connect_ray, run_experiment, sigint_ignored
+from launcher.connect import connect_ray
+from launcher.driver import run_experiment, signals_ignored
 from workers.config import ExperimentConfig, Sweep, SweepPoint
 
 logger = logging.getLogger("launcher.sweep")
@@ -45,7 +46,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, address: str | None = None) -> SweepR
         exit_code = run_points(sweep, sweep_dir)
     finally:
         if started_ray:
-            with sigint_ignored():
+            with signals_ignored():
                 ray.shutdown()
     return SweepResult(sweep_dir, exit_code)
 

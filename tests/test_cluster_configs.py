@@ -20,7 +20,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from launcher import run
 from launcher.cli import build_parser
-from launcher.driver import enable_token_auth
+from launcher.connect import enable_token_auth
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIGS = sorted((REPO / "configs" / "cluster").glob("*.yaml"))

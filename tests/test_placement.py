@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from launcher.driver import PlacementError, check_placeable, peer_bundles, placement_strategy, resolve_network
+from launcher.placement import PlacementError, check_placeable, peer_bundles, placement_strategy, resolve_network
 from tests.conftest import quick_config
 from workers.config import ConfigError, NetworkConfig
 from workers.network import announce_host, dht_maddrs, node_ip

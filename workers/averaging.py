@@ -59,6 +59,15 @@ class NoAveraging:
     def __init__(self) -> None:
         self.stats = RoundStats()
 
+    def share_state(self, provider, priority) -> None:
+        """Let newcomers download this peer's state from `provider()` -> (metadata, tensors), preferring the peer
+        with the highest `priority()` (its progress); a no-op for methods without a hivemind averager (a restarted
+        peer of theirs resumes from its own checkpoint)."""
+
+    def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
+        """The state of the most advanced live peer that shares one, or None."""
+        return None
+
     def epoch_steps(self, local_steps: int) -> int:
         """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
         return local_steps
@@ -80,13 +89,11 @@ class GossipAveraging(NoAveraging):
     """hivemind's DecentralizedAverager over the model's tensors: every H steps (or once per epoch) the peer
     joins a DHT-matched group and moves its tensors `alpha` of the way to the group's mean."""
 
-    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str):
-        from hivemind.averaging import DecentralizedAverager
-
+    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.lock = cfg, lock or threading.Lock()
         self.tensors = averaged_tensors(model)
-        self.averager = DecentralizedAverager(
+        self.averager = _state_sharing_averager()(
             [t.detach().to("cpu", copy=True) for t in self.tensors],
             dht,
             prefix=prefix,
@@ -96,8 +103,17 @@ class GossipAveraging(NoAveraging):
             min_matchmaking_time=cfg.matchmaking_time,
             request_timeout=min(3.0, cfg.matchmaking_time / 2),  # hivemind: must be below matchmaking time
             allreduce_timeout=cfg.round_timeout,
+            allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
             start=True,
         )
+
+    def share_state(self, provider, priority) -> None:
+        self.averager.state_provider, self._priority = provider, priority
+        self.averager.state_sharing_priority = priority()  # re-declared in the DHT whenever it changes
+        self.averager.allow_state_sharing = True
+
+    def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
+        return self.averager.load_state_from_peers(timeout=timeout)
 
     def after_step(self, step: int) -> None:
         if self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0:
@@ -106,6 +122,8 @@ class GossipAveraging(NoAveraging):
     def after_epoch(self) -> None:
         if self.cfg.every_steps == "epoch":
             self.average()
+        if self.averager.allow_state_sharing:
+            self.averager.state_sharing_priority = self._priority()
 
     def average(self) -> int | None:
         """One round; returns the group size, or None when the round failed (training goes on either way)."""
@@ -119,7 +137,7 @@ class GossipAveraging(NoAveraging):
             logger.warning("averaging round failed: %r", err)
             gathered = None
         if gathered:
-            with torch.no_grad(), self.averager.get_tensors() as shared:
+            with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
                 for dst, src in zip(self.tensors, shared, strict=True):
                     dst.copy_(src)
         group_size = len(gathered) if gathered else None
@@ -128,6 +146,23 @@ class GossipAveraging(NoAveraging):
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+def _state_sharing_averager():
+    """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
+    get_current_state in this process, from its background thread, when another peer asks)."""
+    from hivemind.averaging import DecentralizedAverager
+
+    class StateSharingAverager(DecentralizedAverager):
+        state_provider = None
+
+        def get_current_state(self):
+            if self.state_provider is None:
+                return super().get_current_state()
+            metadata, tensors = self.state_provider()
+            return metadata, tensors, None
+
+    return StateSharingAverager
 
 
 class AllReduceAveraging(NoAveraging):

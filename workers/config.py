@@ -160,6 +160,43 @@ class MetricsConfig(_Section):
     sketch_dim: int = Field(1024, ge=0)
 
 
+class FaultsConfig(_Section):
+    """What the driver does when a peer dies, hangs or loses its hivemind processes."""
+
+    max_restarts: int = Field(2, ge=0)  # per peer; past it the peer is given up and the run goes on without it
+    # A running peer whose training thread has made no progress (no step, no finished round) for
+    # max(stall_min_s, stall_factor x its longest epoch so far) is wedged: it is killed and restarted like a dead one.
+    stall_factor: float = Field(3.0, ge=1)
+    stall_min_s: PositiveFloat = 60.0
+    poll_timeout_s: PositiveFloat = 10.0  # a peer that does not answer a status poll this long is wedged too
+    start_timeout_s: PositiveFloat = 300.0  # loading data, building the model, starting the DHT, downloading state
+
+
+class ScenarioEvent(_Section):
+    """One scripted churn event. `kill`: SIGKILL of the peer's process (then restarted within max_restarts);
+    `leave`: the peer finishes its current epoch, stops, and is not restarted; `join`: a new peer joins the running
+    swarm (it downloads the state first); `slow`: each of the peer's steps takes `factor` times longer."""
+
+    event: Literal["kill", "leave", "join", "slow"]
+    peer: int | None = Field(None, ge=0)  # kill, leave, slow: which peer (joiners are numbered peers, peers+1, ...)
+    at_epoch: PositiveInt | None = None  # when that peer (for join: the swarm) has reported this epoch
+    at_s: float | None = Field(None, ge=0)  # seconds after every peer started training
+    factor: float | None = Field(None, gt=1)  # slow: step time multiplier
+
+    @model_validator(mode="after")
+    def _fields_fit_the_event(self) -> ScenarioEvent:
+        if self.at_epoch is not None and self.at_s is not None:
+            raise ValueError("give at_epoch or at_s, not both")
+        if (self.peer is None) != (self.event == "join"):
+            raise ValueError(f"{self.event}: " + ("a join takes no peer (the joiner gets the next free index)"
+                                                  if self.event == "join" else "needs peer: N"))  # fmt: skip
+        if (self.factor is None) != (self.event != "slow"):
+            raise ValueError("slow needs factor: F (> 1); other events take no factor")
+        if self.event in ("kill", "leave", "join") and self.at_epoch is None and self.at_s is None:
+            raise ValueError(f"{self.event} needs at_epoch or at_s")
+        return self
+
+
 TRAIN_SET_SIZES = {"digits": 1797, "cifar10": 50_000, "tinyimagenet": 100_000}  # digits: before the test split
 
 
@@ -184,6 +221,13 @@ class ExperimentConfig(_Section):
     # from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
     resume_from: Path | None = None
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt are written; None: the run's folder
+    faults: FaultsConfig = FaultsConfig()
+    scenario: list[ScenarioEvent] = []  # scripted churn: kills, leaves, joins, stragglers (Ray runs only)
+
+    @property
+    def joins(self) -> int:
+        """Peers that join the running swarm (they get indices peers, peers + 1, ...)."""
+        return sum(event.event == "join" for event in self.scenario)
 
     @model_validator(mode="after")
     def _peer_resources_match_peers(self) -> ExperimentConfig:
@@ -209,6 +253,19 @@ class ExperimentConfig(_Section):
                     f"{run_samples} samples in {self.optim.epochs} epochs of {self.data.dataset}, so "
                     "hivemind.Optimizer would never average"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _scenario_fits_the_swarm(self) -> ExperimentConfig:
+        for number, event in enumerate(self.scenario):
+            where = f"scenario.{number}"
+            if event.peer is not None and event.peer >= self.peers + self.joins:
+                raise ValueError(f"{where}.peer={event.peer}: the swarm has peers 0..{self.peers + self.joins - 1}")
+            if event.at_epoch is not None and event.at_epoch >= self.optim.epochs:
+                raise ValueError(f"{where}.at_epoch={event.at_epoch}: the run ends after epoch {self.optim.epochs}")
+            if event.event != "slow" and self.gossip.method == "allreduce":
+                raise ValueError(f"{where}.event={event.event}: the allreduce baseline's process group is fixed: "
+                                 "peers cannot die, leave or join (use gossip, optimizer or none)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ class MetricsRow:
     consensus_peers: int = 0  # how many peers' parameters that figure covers
     node: str = ""  # host name of the machine the peer ran on
     node_id: str = ""  # the Ray node the peer ran on (several Ray nodes may share a machine; "" without Ray)
+    restarts: int = 0  # how many times this peer was restarted before this row (its incarnation)
 
 
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))

@@ -10,8 +10,12 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
+import signal
 import socket
+import sys
 import threading
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from workers.models import build_model
 from workers.network import announce_host, dht_maddrs, peer_port, ray_node_id
 from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
+from workers.state import apply_snapshot, snapshot
 from workers.train import Report, TrainSetup, train
 
 logger = logging.getLogger(__name__)
@@ -37,19 +42,36 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PeerStatus:
     peer: int
-    state: str  # "ready" | "running" | "done" | "failed" | "stopped"
+    state: str  # "ready" | "running" | "done" | "failed" | "stopped" | "left"
     reports: list[Report] = field(default_factory=list)
     error: str | None = None
+    progress_age_s: float = 0.0  # heartbeat: seconds since the training thread last finished a step or a round
+    hivemind_error: str | None = None  # which of this peer's hivemind processes died, if one did
+
+
+@dataclass
+class Joined:
+    """What a peer that joined a running swarm reports: where it is and where its state came from."""
+
+    maddrs: list[str]
+    first_epoch: int  # the first epoch it trains (its rows start there)
+    source: str  # "peer N" (downloaded from a live peer), "checkpoint", or "fresh"
+    seconds: float  # from the call to training
+    processes: list[tuple[int, float]]  # see Peer.process_ids
 
 
 class Peer:
     def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None,
-                 port_offset: bool = True):  # fmt: skip
+                 port_offset: bool = True, restarts: int = 0, whole_set: bool = False):  # fmt: skip
         """`checkpoint_dir`: where this peer writes peer-<i>_{best,final}.pt (the driver passes `cfg.checkpoint_dir`
         or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too.
-        `port_offset`: listen on `network.port + peer` (Ray peers, which may share a node) or on `network.port`."""
+        `port_offset`: listen on `network.port + peer` (Ray peers, which may share a node) or on `network.port`.
+        `restarts`: this peer's incarnation. `whole_set`: train on the whole training set in an order of its own
+        (standalone peers of an open swarm) instead of shard `peer % peers`."""
         quiet_hivemind()
+        children_die_with_this_process()
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
+        self.restarts, self.whole_set = restarts, whole_set
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -60,6 +82,7 @@ class Peer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state, self._error = "ready", None
+        self._hivemind: list[tuple[psutil.Process, str]] = []  # hivemind's processes: their death wedges the peer
 
     def _build_setup(self) -> TrainSetup:
         cfg, on_gpu = self.cfg, self.device.type == "cuda"
@@ -90,6 +113,7 @@ class Peer:
             amp=cfg.optim.amp and on_gpu,
             channels_last=cfg.model.channels_last and on_gpu,
             checkpoint_dir=self.checkpoint_dir,
+            restarts=self.restarts,
         )
         if cfg.resume_from is not None:
             resume(setup, cfg)  # parameters, optimizer, schedule, counters and RNG streams from the checkpoint
@@ -97,8 +121,12 @@ class Peer:
 
     def _loaders(self, splits: Splits) -> tuple[DataLoader, DataLoader]:
         cfg = self.cfg
-        shuffle = torch.Generator().manual_seed(cfg.seed * 1000 + self.peer)  # per-peer batch order
-        shard = peer_shard(splits, self.peer, cfg.peers, cfg.seed)
+        # per-peer batch order; a restarted peer does not replay its predecessor's, a whole-set peer has its own
+        order = secrets.randbits(32) if self.whole_set else cfg.seed * 1000 + self.peer + 7919 * self.restarts
+        shuffle = torch.Generator().manual_seed(order)
+        # a joiner (index >= peers) trains on the shard of peer `index % peers`, with its own order
+        shard = peer_shard(splits, 0, 1, cfg.seed) if self.whole_set else peer_shard(splits, self.peer % cfg.peers,
+                                                                                    cfg.peers, cfg.seed)  # fmt: skip
         workers = dict(num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         return (
             DataLoader(shard, batch_size=cfg.data.batch_size, shuffle=True, generator=shuffle, **workers),
@@ -114,12 +142,14 @@ class Peer:
             initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
         )
         self.averaging = self._hivemind_averaging()
+        self._hivemind = [(proc, proc.name()) for proc in psutil.Process(os.getpid()).children(recursive=True)
+                          if proc.name() != "torch_shm_manager"]  # fmt: skip
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
     def _hivemind_averaging(self) -> NoAveraging:
         gossip, setup = self.cfg.gossip, self.setup
         if gossip.method == "gossip":
-            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id)
+            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock)
         if gossip.method == "optimizer":
             swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
@@ -138,8 +168,38 @@ class Peer:
         """Join the all-reduce baseline's process group; blocks until every peer has joined."""
         self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
 
+    def join(self, initial_peers: list[str], state_timeout: float = 30.0) -> Joined:
+        """Join a running swarm: start the DHT off `initial_peers` (any live peers), take the state (see
+        `restore_state`), then train the rest of the run."""
+        started = time.monotonic()
+        maddrs = self.start_dht(initial_peers)
+        source = self.restore_state(state_timeout)
+        self.start_training()
+        seconds = time.monotonic() - started
+        return Joined(maddrs, self.setup.progress.epoch + 1, source, seconds, self.process_ids())
+
+    def restore_state(self, timeout: float) -> str:
+        """One of three sources, the first that has it: a live peer (the swarm's current parameters, optimizer
+        state and position in the run), this peer's own last checkpoint, or its fresh initialisation."""
+        deadline = time.monotonic() + timeout
+        downloaded = self.averaging.download_state(timeout)
+        while downloaded is not None and downloaded[0].get("busy") and time.monotonic() < deadline:
+            time.sleep(0.2)  # the donor is ending its epoch: its next state starts the next one with the swarm
+            downloaded = self.averaging.download_state(max(1.0, deadline - time.monotonic()))
+        if downloaded is not None and not downloaded[0].get("busy"):
+            metadata, tensors = downloaded
+            apply_snapshot(self.setup, metadata, tensors, self.cfg.optim)
+            return f"peer {metadata['peer']}"
+        own = checkpoint_path(self.checkpoint_dir, self.peer, "final") if self.checkpoint_dir else None
+        if own is not None and own.is_file():
+            resume(self.setup, self.cfg.model_copy(update={"resume_from": self.checkpoint_dir}))
+            return "checkpoint"
+        return "fresh"
+
     def start_training(self) -> None:
         self._state = "running"
+        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
+        self.setup.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._train_thread, name=f"peer-{self.peer}-train", daemon=True)
         self._thread.start()
 
@@ -147,20 +207,43 @@ class Peer:
         try:
             for report in train(self.setup, self.averaging, self._stop):
                 self._reports.put(report)
-            self._state = "stopped" if self._stop.is_set() else "done"
+            left = self.setup.leave_after is not None and self.setup.progress.epoch < self.setup.epochs
+            self._state = "stopped" if self._stop.is_set() else "left" if left else "done"
         except Exception:
             self._error, self._state = traceback.format_exc(), "failed"
             logger.error("peer %d failed:\n%s", self.peer, self._error)
 
+    def leave_after(self, epoch: int | None = None) -> None:
+        """Finish epoch `epoch` (None: the current one), report it, and stop: a graceful leave."""
+        self.setup.leave_after = epoch if epoch is not None else self.setup.progress.epoch + 1
+
+    def set_slowdown(self, factor: float) -> None:
+        """Every step from now on takes `factor` times as long (a straggler)."""
+        self.setup.slowdown = factor
+
     def poll(self) -> PeerStatus:
-        """Everything reported since the last poll, and the current state."""
+        """Everything reported since the last poll, the current state and the heartbeat. Never waits on the
+        training thread or on hivemind."""
         reports = []
         while True:
             try:
                 reports.append(self._reports.get_nowait())
             except queue.Empty:
                 break
-        return PeerStatus(self.peer, self._state, reports, self._error)
+        age = time.monotonic() - self.setup.last_progress if self._state == "running" else 0.0
+        return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error())
+
+    def hivemind_error(self) -> str | None:
+        """Which of hivemind's processes (DHT, averager, p2pd) died since they started, if any: without them the
+        peer cannot average and its rounds may hang."""
+        for proc, name in self._hivemind:
+            try:
+                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                return f"its hivemind process {name} (pid {proc.pid}) died"
+        return None
 
     def checkpoint_bytes(self, kind: str = "final") -> bytes | None:
         """This peer's `peer-<i>_<kind>.pt` as bytes (the driver copies final models off remote nodes)."""
@@ -169,9 +252,11 @@ class Peer:
         path = checkpoint_path(self.checkpoint_dir, self.peer, kind)
         return path.read_bytes() if path.exists() else None
 
-    def process_ids(self) -> list[int]:
-        """This process's descendants (hivemind's DHT and averager processes, p2pd): reaped if left behind."""
-        return [child.pid for child in psutil.Process(os.getpid()).children(recursive=True)]
+    def process_ids(self) -> list[tuple[int, float]]:
+        """(pid, create time) of this process and of hivemind's (DHT, averager, p2pd), to reap what a killed peer
+        leaves behind."""
+        procs = [psutil.Process(os.getpid())] + [proc for proc, _ in self._hivemind]
+        return [(proc.pid, proc.create_time()) for proc in procs]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop training and shut hivemind down (its processes and p2pd daemons with it)."""
@@ -182,13 +267,34 @@ class Peer:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
-        # hivemind's p2pd has no parent-death signal: whatever of it outlived the shutdown is killed here, on the
-        # peer's own node (the driver can reap only the processes of its own node)
-        leftovers = psutil.Process(os.getpid()).children(recursive=True)
-        _, alive = psutil.wait_procs(leftovers, timeout=3)
+        # hivemind's p2pd has no parent-death signal: whatever of it outlived the shutdown is killed here
+        _, alive = psutil.wait_procs([proc for proc, _ in self._hivemind], timeout=3)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
+
+
+_DIE_WITH_PARENT: list[bool] = []
+
+
+def children_die_with_this_process() -> None:
+    """Every Python process forked from this one from now on (hivemind's DHT and averager) gets SIGKILL when this
+    process dies. Without it a peer killed with SIGKILL leaves them running, and since they inherited its
+    connection to Ray's raylet, Ray would not even notice the peer's death until they went. Linux only."""
+    if _DIE_WITH_PARENT or not sys.platform.startswith("linux"):
+        return
+    _DIE_WITH_PARENT.append(True)
+    os.register_at_fork(after_in_child=_set_parent_death_signal)
+
+
+def _set_parent_death_signal() -> None:
+    import ctypes
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1  # noqa: N806 (linux/prctl.h)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody would send the signal
+        os._exit(1)
 
 
 def quiet_hivemind() -> None:

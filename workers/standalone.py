@@ -1,8 +1,13 @@
 """One peer without Ray, started by hand from a terminal the way the original scripts were:
 
-    python -m workers --host_maddr /ip4/127.0.0.1/tcp/0 --peers 3 --peer 0          # prints VISIBLE_MADDRS: [...]
-    python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --peers 3 --peer 1
-    python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --peers 3 --peer 2
+    python -m workers --host_maddr /ip4/127.0.0.1/tcp/0                    # prints VISIBLE_MADDRS: [...]
+    python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --host_maddr /ip4/127.0.0.1/tcp/0
+    python -m workers --initial_peer /ip4/127.0.0.1/tcp/PORT/p2p/ID --host_maddr /ip4/127.0.0.1/tcp/0
+
+That is an open swarm: each peer trains at once on the whole training set in an order of its own and averages with
+whoever is there; a peer that joins with --initial_peer first takes the swarm's state (parameters, optimizer,
+position in the run) from a live peer. With --peers N and --peer I instead, peer I trains on shard I of N and waits
+(up to --join_timeout) for all N to join before training, as the Ray launcher's peers do.
 
 On several machines, listen on all interfaces (a fixed port, if a firewall wants one): the peer announces, and
 prints, this machine's IP, or the address given with --announce_maddr (e.g. behind a NAT with the same port forwarded):
@@ -79,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "IP when listening on 0.0.0.0, else the listen address)")  # fmt: skip
     add("--initial_peer", dest="initial_peers", action="append", default=[], metavar="MADDR",
         help="multiaddr of a running peer to join (repeatable); none: this peer starts the swarm")  # fmt: skip
-    add("--peer", type=int, default=0, help="this peer's index in [0, peers): which data shard it trains on")
-    add("--peers", type=int, help="number of peers the training set is split among (config: peers)")
+    add("--peer", type=int, help="this peer's index in [0, peers): which data shard it trains on (with --peers; "
+        "without either, the peer trains on the whole training set in an order of its own)")  # fmt: skip
+    add("--peers", type=int, help="number of peers the training set is split among (config: peers); without "
+        "--peers and --peer the swarm is open: peers come and go, none waits for another")  # fmt: skip
+    add("--run_id", help="the swarm's id, its DHT key prefix: every peer of one swarm uses the same (default: "
+        "standalone-NAME); to join a run of `gossip-launch run`, its run id")  # fmt: skip
     add("--batch", type=int, help="data.batch_size")
     add("--lr", type=float, help="optim.lr")
     add("--epochs", type=int, help="optim.epochs")
@@ -133,15 +142,24 @@ def standalone_config(args: argparse.Namespace) -> ExperimentConfig:
     """The validated config for this peer; ConfigError names the field (or flag) and the bad value."""
     overrides = flags_to_overrides(args)
     cfg = load_config(args.config, overrides) if args.config else parse_config(apply_overrides({}, overrides))
-    if not 0 <= args.peer < cfg.peers:
+    if not 0 <= peer_index(args) < cfg.peers:
         raise ConfigError(f"--peer={args.peer}: must be in [0, peers={cfg.peers})")
     if args.announce_maddr is not None:
         check_announce_maddr(args.announce_maddr, cfg.network.port)
     if cfg.gossip.method == "allreduce":
         raise ConfigError("gossip.method='allreduce': its rendezvous needs the Ray launcher (`gossip-launch run`)")
     check_data(cfg.data)
-    check_own_checkpoint(cfg, args.peer)
+    check_own_checkpoint(cfg, peer_index(args))
     return cfg
+
+
+def open_swarm(args: argparse.Namespace) -> bool:
+    """The original scripts' way: no --peers and no --peer, so no shard and nobody to wait for."""
+    return args.peers is None and args.peer is None
+
+
+def peer_index(args: argparse.Namespace) -> int:
+    return args.peer or 0
 
 
 def check_announce_maddr(maddr: str, listen_port: int) -> None:
@@ -172,17 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         sys.stderr.write(f"{parser.prog}: {err}\n")
         return 2
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s peer-{args.peer} %(name)s: %(message)s",
+    index, whole_set = peer_index(args), open_swarm(args)
+    name = f"peer-{index}" if not whole_set else f"peer-{os.getpid()}"  # open swarm: any number, all unnamed
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
-    run_id = f"standalone-{cfg.name}"  # also the DHT key prefix: every peer of one swarm must use the same
-    out = args.out or Path("results") / run_id / f"peer-{args.peer}"
+    run_id = args.run_id or f"standalone-{cfg.name}"  # the DHT key prefix: every peer of one swarm uses the same
+    out = args.out or Path("results") / run_id / name
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`: shut down as on Ctrl-C
-    return run_peer(cfg, args.peer, run_id, args.initial_peers, out, args.join_timeout)
+    join_timeout = 0.0 if whole_set else args.join_timeout
+    return run_peer(cfg, index, run_id, args.initial_peers, out, join_timeout, whole_set)
 
 
 def run_peer(
-    cfg: ExperimentConfig, peer_index: int, run_id: str, initial_peers: list[str], out: Path, join_timeout: float
+    cfg: ExperimentConfig,
+    peer_index: int,
+    run_id: str,
+    initial_peers: list[str],
+    out: Path,
+    join_timeout: float,
+    whole_set: bool = False,
 ) -> int:
+    """`whole_set`: an open swarm's peer (see the module's doc): it takes the state of a live peer when it joins
+    one, and never waits for others."""
     from workers.peer import Peer  # torch and hivemind: only once the config is known good
 
     out.mkdir(parents=True, exist_ok=True)
@@ -192,12 +221,16 @@ def run_peer(
     with MetricsFile(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
         try:
             # exactly the port asked for: unlike Ray peers, standalone ones on one machine each pass their own
-            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out, port_offset=False)
+            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out, port_offset=False,
+                        whole_set=whole_set)  # fmt: skip
             maddrs = start_dht(peer, initial_peers)
             if not initial_peers:
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join
             logger.info("peer %d of %d is up at %s; metrics -> %s", peer_index, cfg.peers, maddrs, metrics.path)
-            if cfg.gossip.method != "none":  # peers that never communicate need not wait for each other
+            if whole_set and initial_peers:
+                source = peer.restore_state(timeout=30.0)
+                logger.info("state from %s: training from epoch %d", source, peer.setup.progress.epoch + 1)
+            elif cfg.gossip.method != "none":  # peers that never communicate need not wait for each other
                 wait_for_swarm(peer.dht, f"{run_id}/joined", peer_index, cfg.peers, join_timeout)
             peer.start_training()
             exit_code = follow(peer, metrics, cfg.optim.epochs)

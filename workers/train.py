@@ -40,6 +40,7 @@ class Progress:
     samples_seen: int = 0
     wall_time_s: float = 0.0  # seconds of training so far, the runs before a resume included
     best_acc: float = -math.inf  # best test accuracy after any epoch so far
+    epoch_step: int = 0  # steps taken into the current epoch (a peer that takes over this state skips them)
 
 
 @dataclass
@@ -59,7 +60,14 @@ class TrainSetup:
     channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
     node_id: str = ""  # the Ray node the peer runs on ("" outside Ray)
+    restarts: int = 0  # this peer's incarnation: how many times it was restarted before
     progress: Progress = field(default_factory=Progress)
+    # Held while the parameters change (a step, an averaging result): a snapshot for another peer is never half one.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_progress: float = field(default_factory=time.monotonic)  # heartbeat: monotonic time of the last step/round
+    leave_after: int | None = None  # stop gracefully after this epoch (a scripted leave)
+    slowdown: float = 1.0  # a scripted straggler: every step takes this many times longer
+    epoch_ending: bool = False  # between an epoch's last step and its report (its round, its evaluation)
 
 
 @dataclass
@@ -85,24 +93,32 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         totals = train_epoch(setup, averaging, stop)
         if totals is None:
             return
+        setup.last_progress, setup.epoch_ending = time.monotonic(), True
         averaging.after_epoch()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last)
         improved = test_acc > progress.best_acc
-        progress.epoch, progress.wall_time_s = epoch, time.perf_counter() - started
+        with setup.lock:  # the epoch's end as one change: a snapshot sees it all or none of it
+            progress.epoch, progress.epoch_step, progress.wall_time_s = epoch, 0, time.perf_counter() - started
+            setup.scheduler.step()
+            setup.epoch_ending = False
         progress.best_acc = test_acc if improved else progress.best_acc
         row = epoch_row(setup, averaging, totals, (test_loss, test_acc), time.perf_counter() - epoch_started)
-        setup.scheduler.step()
         save_epoch(setup, row, improved)
         yield Report(row, setup.sketch(flat_parameters(setup.model)))
+        if setup.leave_after is not None and epoch >= setup.leave_after:
+            return
 
 
 def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> EpochTotals | None:
-    """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short."""
+    """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short. A peer that
+    took over another's state mid-epoch starts at that peer's step into the epoch."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
     model.train()
-    for inputs, targets in islice(setup.train_loader, averaging.epoch_steps(len(setup.train_loader))):
+    steps = averaging.epoch_steps(len(setup.train_loader))
+    for inputs, targets in islice(setup.train_loader, progress.epoch_step, steps):
         if stop.is_set():
             return None
+        step_started = time.perf_counter()
         inputs, targets = to_device(inputs, targets, setup.device, setup.channels_last)
         with autocast(setup.device, setup.amp):
             logits = model(inputs)
@@ -110,10 +126,15 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
         setup.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         averaging.before_step()
-        setup.optimizer.step()
-        progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
+        with setup.lock:
+            setup.optimizer.step()
+            progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
+            progress.epoch_step += 1
         totals.add(loss, logits, targets)
+        if setup.slowdown > 1:  # a straggler: its step takes `slowdown` times as long
+            stop.wait((setup.slowdown - 1) * (time.perf_counter() - step_started))
         averaging.after_step(progress.step)
+        setup.last_progress = time.monotonic()
     return totals
 
 
@@ -140,6 +161,7 @@ def epoch_row(
         avg_seconds=avg_seconds,
         node=setup.node,
         node_id=setup.node_id,
+        restarts=setup.restarts,
     )
 
 

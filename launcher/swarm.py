@@ -1,0 +1,359 @@
+"""The peers' actors and what they report: started in bootstrap order, polled without ever blocking on one peer,
+killed, restarted in their own placement-group bundle, joined, told to leave or slow down, and stopped at the end
+without leftovers. Each peer is a sequence of incarnations (its restarts); rows and events name both."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import ray
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from launcher.collect import EpochCollector
+from launcher.placement import reserve, resolve_network
+from launcher.policy import FINISHED, Decision, PeerView, Phase
+from launcher.results import Event
+from workers.checkpoint import atomic_write_bytes, checkpoint_path
+from workers.config import ExperimentConfig
+from workers.metrics import MetricsRow
+from workers.peer import Joined, Peer, PeerStatus
+
+logger = logging.getLogger("launcher")
+
+STOP_TIMEOUT_S = 15.0  # a peer's graceful stop at the end (a blocking round may be under way)
+DRAIN_TIMEOUT_S = 5.0
+FETCH_TIMEOUT_S = 20.0  # all final models from other nodes together
+STATE_TIMEOUT_S = 30.0  # a newcomer's state download
+
+
+@dataclass
+class Incarnation:
+    peer: int
+    restarts: int
+    actor: ray.actor.ActorHandle
+    node_id: str
+    phase: Phase = "starting"
+    since: float = field(default_factory=time.monotonic)  # when it entered `phase`
+    launch: ray.ObjectRef | None = None  # a newcomer's join() call in flight
+    poll: ray.ObjectRef | None = None  # the status poll in flight
+    poll_sent: float = 0.0
+    processes: list[tuple[int, float]] = field(default_factory=list)  # (pid, create time): its process, hivemind's
+    maddrs: list[str] = field(default_factory=list)
+    reason: str = ""  # why it died
+    status: PeerStatus | None = None  # the last status it answered
+    last_report: float | None = None
+    epoch: int = 0  # the last epoch it reported
+    epoch_s: float | None = None  # its longest epoch so far, as seen from here
+    waiting_since: float | None = None  # a newcomer: since its predecessor died, or since its join was due
+
+    def enter(self, phase: Phase, reason: str = "") -> None:
+        self.phase, self.since, self.reason = phase, time.monotonic(), reason or self.reason
+
+
+class Swarm:
+    def __init__(self, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path | None = None):
+        self.cfg, self.run_id, self.checkpoint_dir = cfg, run_id, checkpoint_dir
+        self.peers: dict[int, Incarnation] = {}  # each peer's current incarnation
+        self.retired: list[Incarnation] = []  # earlier incarnations: their leftovers are reaped at the end
+        self.standby: dict[int, Incarnation] = {}  # scripted joiners, built ahead (data, model) but not in the swarm
+        self.collector = EpochCollector(range(cfg.peers))
+        self.events: list[Event] = []  # not yet written
+        self.placement_group, self.bundles, self.bundle_nodes = None, [], {}
+        self.started = time.monotonic()
+        self.training_since: float | None = None  # when every initial peer was training
+        self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
+        self.here = ray.get_runtime_context().get_node_id()
+        self.peer_actor = ray.remote(Peer)
+
+    # -- start ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Peer 0 first, the others off its addresses; training starts once every peer has joined the DHT."""
+        self.placement_group, self.bundles, self.bundle_nodes = reserve(self.cfg, self.run_id)
+        self.cfg = cfg = resolve_network(self.cfg, nodes=len(set(self.bundle_nodes.values())))
+        timeout = cfg.faults.start_timeout_s
+        self.peers = {i: self._create(i, restarts=0) for i in range(cfg.peers)}
+        self.standby = {i: self._create(i, restarts=0) for i in range(cfg.peers, cfg.peers + cfg.joins)}
+        bootstrap = ray.get(self.peers[0].actor.start_dht.remote([]), timeout=timeout)
+        logger.info("peer 0 is up at %s", bootstrap)
+        others = ray.get(
+            [self.peers[i].actor.start_dht.remote(bootstrap) for i in range(1, cfg.peers)], timeout=timeout
+        )
+        for incarnation, maddrs in zip(self.peers.values(), [bootstrap, *others], strict=True):
+            incarnation.maddrs = maddrs
+        if cfg.gossip.method == "allreduce":
+            address = ray.get(self.peers[0].actor.rendezvous_address.remote())
+            ray.get([p.actor.join_allreduce.remote(address) for p in self.peers.values()], timeout=timeout)
+        pids = ray.get([p.actor.process_ids.remote() for p in self.peers.values()], timeout=timeout)
+        ray.get([p.actor.start_training.remote() for p in self.peers.values()], timeout=timeout)
+        self.training_since = time.monotonic()
+        for incarnation, processes in zip(self.peers.values(), pids, strict=True):
+            incarnation.processes = processes
+            incarnation.enter("running")
+            self._event(incarnation, "started")
+        logger.info("all %d peers joined the DHT and started training", cfg.peers)
+
+    def _create(self, peer: int, restarts: int) -> Incarnation:
+        """A new actor for `peer` in the peer's own bundle (its predecessor's resources are freed when it dies)."""
+        bundle = self.bundles[peer]
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        actor = self.peer_actor.options(
+            name=actor_name(self.run_id, peer, restarts),
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            resources=custom,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=peer
+            ),
+        ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts)
+        return Incarnation(peer, restarts, actor, self.bundle_nodes[peer])
+
+    # -- watching --------------------------------------------------------------------------------------------------
+
+    def tick(self, wait_s: float) -> list[list[MetricsRow]]:
+        """Send a status poll to every live peer that has none in flight, wait up to `wait_s` for answers, and
+        return the epochs that became complete. A peer that does not answer is not waited for."""
+        for incarnation in self.live():
+            if incarnation.phase == "running" and incarnation.poll is None:
+                incarnation.poll, incarnation.poll_sent = incarnation.actor.poll.remote(), time.monotonic()
+        calls = {inc.poll: inc for inc in self.live() if inc.poll} | {i.launch: i for i in self.live() if i.launch}
+        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=wait_s) if calls else ([], [])
+        if not calls:
+            time.sleep(wait_s)
+        epochs = []
+        for ref in ready:
+            incarnation = calls[ref]
+            if ref is incarnation.launch:
+                epochs += self._joined(incarnation, ref)
+            else:
+                incarnation.poll = None
+                epochs += self._answered(incarnation, ref)
+        return epochs
+
+    def _answered(self, incarnation: Incarnation, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
+        try:
+            status: PeerStatus = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            return self._died(incarnation, f"its actor died ({type(err).__name__})")
+        incarnation.status, epochs = status, []
+        for report in status.reports:
+            now = time.monotonic()
+            if incarnation.last_report is not None:
+                incarnation.epoch_s = max(incarnation.epoch_s or 0.0, now - incarnation.last_report)
+            incarnation.last_report, incarnation.epoch = now, report.row.epoch
+            epochs += self.collector.add(report)
+        if status.state == "failed":
+            return epochs + self._died(incarnation, "training failed: " + (status.error or "").strip().splitlines()[-1])
+        if status.state in ("done", "left", "stopped"):
+            incarnation.enter("left" if status.state == "left" else "done")
+            self._event(incarnation, incarnation.phase)
+            if incarnation.phase == "left":  # gone from the swarm: its DHT and averager too
+                incarnation.actor.stop.remote(STOP_TIMEOUT_S - 5)
+            epochs += self.collector.drop_peer(incarnation.peer)
+        return epochs
+
+    def _joined(self, incarnation: Incarnation, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
+        incarnation.launch = None
+        try:
+            joined: Joined = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            return self._died(incarnation, f"could not join the swarm: {str(err).strip().splitlines()[-1]}")
+        incarnation.maddrs, incarnation.processes = joined.maddrs, joined.processes
+        incarnation.enter("running")
+        incarnation.last_report, incarnation.epoch = time.monotonic(), joined.first_epoch - 1
+        self.collector.expect(incarnation.peer, joined.first_epoch)
+        if joined.source.startswith("peer"):
+            self._event(incarnation, "state_downloaded", f"from {joined.source}", joined.seconds)
+        waited = time.monotonic() - incarnation.waiting_since
+        kind = "restarted" if incarnation.restarts else "joined"
+        self._event(incarnation, kind, f"state from {joined.source}, first epoch {joined.first_epoch}", waited)
+        logger.info("peer %d %s (state from %s), training from epoch %d", incarnation.peer, kind, joined.source,
+                    joined.first_epoch)  # fmt: skip
+        return []
+
+    def _died(self, incarnation: Incarnation, reason: str, event: str = "died") -> list[list[MetricsRow]]:
+        incarnation.enter("dead", reason)
+        incarnation.poll = incarnation.launch = None
+        killed_at = self.killed_at.pop(incarnation.peer, None)
+        detected = time.monotonic() - killed_at if killed_at is not None and event == "died" else float("nan")
+        self._event(incarnation, event, reason, detected)
+        logger.error("peer %d (restart %d) %s: %s", incarnation.peer, incarnation.restarts, event, reason)
+        self._reap(incarnation)
+        return self.collector.drop_peer(incarnation.peer)
+
+    def views(self) -> list[PeerView]:
+        now = time.monotonic()
+        return [
+            PeerView(
+                peer=inc.peer,
+                phase=inc.phase,
+                restarts=inc.restarts,
+                reason=inc.reason,
+                phase_s=now - inc.since,
+                progress_age_s=inc.status.progress_age_s if inc.status else 0.0,
+                poll_age_s=now - inc.poll_sent if inc.poll else 0.0,
+                epoch_s=inc.epoch_s,
+                hivemind_error=inc.status.hivemind_error if inc.status else None,
+            )
+            for inc in self.peers.values()
+        ]
+
+    def live(self) -> list[Incarnation]:
+        return [inc for inc in self.peers.values() if inc.phase in ("starting", "running")]
+
+    def active(self) -> bool:
+        """Anything still to train or to decide."""
+        return any(inc.phase not in FINISHED for inc in self.peers.values())
+
+    # -- acting ------------------------------------------------------------------------------------------------------
+
+    def carry_out(self, decision: Decision) -> list[list[MetricsRow]]:
+        incarnation = self.peers[decision.peer]
+        if decision.action == "kill":  # wedged: alive as a process, dead as a peer
+            self._kill(incarnation)
+            return self._died(incarnation, decision.reason, event="wedged")
+        if decision.action == "give_up":
+            incarnation.enter("given_up", decision.reason)
+            self._event(incarnation, "gave_up", decision.reason)
+            logger.error("peer %d given up: %s", decision.peer, decision.reason)
+            return []
+        self._launch(decision.peer, incarnation.restarts + 1, waiting_since=incarnation.since)
+        return []
+
+    def join(self, peer: int) -> None:
+        """A new peer (a scripted join) in its reserved bundle."""
+        self._launch(peer, restarts=0)
+
+    def _launch(self, peer: int, restarts: int, waiting_since: float | None = None) -> None:
+        """A newcomer: bootstraps off every live peer, takes the state, trains the rest of the run."""
+        if peer in self.peers:
+            self.retired.append(self.peers[peer])
+            ray.kill(self.peers[peer].actor, no_restart=True)  # frees its bundle, whatever state it was in
+        incarnation = self.standby.pop(peer, None) or self._create(peer, restarts)
+        incarnation.waiting_since = waiting_since or time.monotonic()
+        initial_peers = [maddr for inc in self.live() if inc.phase == "running" for maddr in inc.maddrs]
+        incarnation.launch = incarnation.actor.join.remote(initial_peers, STATE_TIMEOUT_S)
+        self.peers[peer] = incarnation
+
+    def kill(self, peer: int) -> None:
+        """A scripted fault: SIGKILL of the peer's process, found dead by the next poll like any other death."""
+        incarnation = self.peers[peer]
+        self._event(incarnation, "killed", "scenario: SIGKILL of its process")
+        self.killed_at[peer] = time.monotonic()
+        self._kill(incarnation)
+
+    def leave(self, peer: int, after_epoch: int | None) -> None:
+        self.peers[peer].actor.leave_after.remote(after_epoch)
+        detail = f"after epoch {after_epoch}" if after_epoch else "after its current epoch"
+        self._event(self.peers[peer], "leave_requested", detail)
+
+    def slow(self, peer: int, factor: float) -> None:
+        self.peers[peer].actor.set_slowdown.remote(factor)
+        self._event(self.peers[peer], "slow", f"steps take {factor:g}x as long")
+
+    def _kill(self, incarnation: Incarnation) -> None:
+        actor_process = incarnation.processes[:1]
+        if actor_process:
+            signal_on_node(incarnation.node_id, actor_process, self.here, signal.SIGKILL)
+        else:  # not started far enough to know its process
+            ray.kill(incarnation.actor, no_restart=True)
+
+    def _reap(self, incarnation: Incarnation) -> None:
+        """hivemind's processes outlive a killed peer (p2pd has no parent-death signal): kill them on its node."""
+        signal_on_node(incarnation.node_id, incarnation.processes[1:], self.here, signal.SIGKILL)
+
+    def _event(self, incarnation: Incarnation, event: str, detail: str = "", seconds: float = float("nan")) -> None:
+        elapsed = time.monotonic() - self.started
+        self.events.append(Event(round(elapsed, 3), incarnation.peer, incarnation.restarts, event, detail, seconds))
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    # -- the end ---------------------------------------------------------------------------------------------------
+
+    def stop(self) -> list[list[MetricsRow]]:
+        """Stop every peer whose actor is up (each finishes its step or round and shuts hivemind down; finished
+        peers kept theirs up to serve their state), then collect what they reported up to there; a peer that does
+        not stop in time is killed later all the same."""
+        live = self.live()
+        up = live + [inc for inc in self.peers.values() if inc.phase == "done"]
+        stops = [inc.actor.stop.remote(STOP_TIMEOUT_S - 5) for inc in up]
+        if stops:
+            ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
+        polls = {inc.actor.poll.remote(): inc for inc in live if inc.phase == "running"}
+        ready, _ = ray.wait(list(polls), num_returns=len(polls), timeout=DRAIN_TIMEOUT_S) if polls else ([], [])
+        epochs = []
+        for ref in ready:
+            try:
+                epochs += [rows for report in ray.get(ref).reports for rows in self.collector.add(report)]
+            except ray.exceptions.RayError:
+                pass
+        return epochs + self.collector.flush()
+
+    def fetch_final_models(self) -> None:
+        """Copy peer-<i>_final.pt of the peers on other nodes into this machine's checkpoint folder (the run folder
+        unless checkpoint_dir is set), one at a time: no shared filesystem needed."""
+        remote = [inc for inc in self.peers.values() if inc.node_id != self.here and inc.phase != "starting"]
+        deadline, fetched = time.monotonic() + FETCH_TIMEOUT_S, []
+        for inc in remote:
+            try:
+                data = ray.get(
+                    inc.actor.checkpoint_bytes.remote("final"), timeout=max(0.1, deadline - time.monotonic())
+                )
+                if data is not None:
+                    atomic_write_bytes(checkpoint_path(self.checkpoint_dir, inc.peer, "final"), data)
+                    fetched.append(inc.peer)
+            except (ray.exceptions.RayError, OSError) as err:
+                logger.warning("peer %d's final model could not be fetched: %s", inc.peer, err)
+        if fetched:
+            logger.info("fetched the final models of peers %s from their nodes into %s", fetched, self.checkpoint_dir)
+
+    def shutdown(self) -> None:
+        """Kill every actor, reap every incarnation's hivemind processes on its own node, free the placement."""
+        everyone = list(self.peers.values()) + self.retired + list(self.standby.values())
+        for incarnation in everyone:
+            ray.kill(incarnation.actor, no_restart=True)
+        for incarnation in everyone:
+            self._reap(incarnation)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+
+
+def actor_name(run_id: str, peer: int, restarts: int = 0) -> str:
+    return f"{run_id}/peer-{peer}" + (f"/restart-{restarts}" if restarts else "")
+
+
+def signal_on_node(node_id: str, processes: list[tuple[int, float]], here: str, sig: int) -> None:
+    """Send `sig` to `processes` ((pid, create time) pairs) on the Ray node where they live: directly when that is
+    this node, else through a task pinned to that node. Never to a pid that was since reused."""
+    if not processes:
+        return
+    if node_id == here:
+        signal_processes(processes, sig)
+    else:
+        pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ray.remote(num_cpus=0)(signal_processes).options(scheduling_strategy=pinned).remote(processes, sig)
+
+
+def signal_processes(processes: list[tuple[int, float]], sig: int) -> list[str]:
+    """The names of the processes that got `sig` (those still alive with their original create time)."""
+    hit = []
+    for pid, create_time in processes:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE:
+                hit.append(proc.name())
+                os.kill(pid, sig)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    if hit:
+        logger.info("sent signal %d to %s", sig, ", ".join(hit))
+    return hit

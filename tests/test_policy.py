@@ -1,0 +1,165 @@
+"""The churn decisions as pure functions over plain data: policy (restart, give up, kill a wedged peer), the
+scenario's timing, and the collector's bookkeeping when peers die, restart and join. No Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from launcher.collect import EpochCollector
+from launcher.policy import Decision, PeerView, decide, exit_code, restart_support, stall_deadline
+from launcher.scenario import Clock, Scenario
+from tests.test_collect import make_row
+from workers.config import ConfigError, FaultsConfig, ScenarioEvent
+from workers.train import Report
+
+FAULTS = FaultsConfig(max_restarts=2, stall_factor=3, stall_min_s=20, poll_timeout_s=10, start_timeout_s=100)
+
+
+def test_a_dead_peer_is_restarted_until_its_budget_is_used_then_given_up():
+    dead = [PeerView(0, "dead", restarts=0, reason="killed"), PeerView(1, "dead", restarts=2, reason="oom")]
+    assert decide(dead, FAULTS) == [
+        Decision("restart", 0, "killed"),
+        Decision("give_up", 1, "oom; faults.max_restarts=2 used up"),
+    ]
+
+
+def test_a_method_that_cannot_replace_peers_gives_up_at_once():
+    why = restart_support("allreduce")
+    assert why and restart_support("gossip") is None and restart_support("none") is None
+    (decision,) = decide([PeerView(3, "dead", reason="killed")], FAULTS, can_restart=why)
+    assert decision.action == "give_up" and why in decision.reason
+
+
+@pytest.mark.parametrize(
+    "view, expected",
+    [
+        (PeerView(0, "running", hivemind_error="its hivemind process p2pd (pid 7) died"), "p2pd (pid 7) died"),
+        (PeerView(0, "running", poll_age_s=10.5), "did not answer a status poll for 10 s"),
+        (PeerView(0, "running", progress_age_s=21), "no training progress for 21 s (deadline 20 s)"),
+        (PeerView(0, "running", progress_age_s=31, epoch_s=10), "no training progress for 31 s (deadline 30 s)"),
+        (PeerView(0, "starting", phase_s=101), "did not start within faults.start_timeout_s=100 s"),
+    ],
+)
+def test_a_wedged_peer_is_killed_with_the_reason(view, expected):
+    (decision,) = decide([view], FAULTS)
+    assert decision.action == "kill" and expected in decision.reason
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        PeerView(0, "running", progress_age_s=29, epoch_s=10, poll_age_s=9.9),  # a slow epoch, not a stall
+        PeerView(0, "starting", phase_s=99, poll_age_s=50),  # a starting peer answers no polls yet
+        PeerView(0, "done", progress_age_s=1000),
+        PeerView(0, "left"),
+        PeerView(0, "given_up"),
+    ],
+)
+def test_a_healthy_or_finished_peer_is_left_alone(view):
+    assert decide([view], FAULTS) == []
+
+
+def test_the_stall_deadline_follows_the_peers_own_epoch_time():
+    assert stall_deadline(None, FAULTS) == 20
+    assert stall_deadline(5, FAULTS) == 20
+    assert stall_deadline(50, FAULTS) == 150
+
+
+def test_exit_code():
+    done = [PeerView(0, "done"), PeerView(1, "left")]
+    assert exit_code(done, interrupted=False) == 0
+    assert exit_code([*done, PeerView(2, "given_up")], interrupted=False) == 1
+    assert exit_code(done, interrupted=True) == 130
+
+
+def events(*raw: dict) -> list[ScenarioEvent]:
+    return [ScenarioEvent(**e) for e in raw]
+
+
+def test_scenario_events_fire_once_at_their_moment():
+    scenario = Scenario(
+        events(
+            {"at_epoch": 3, "peer": 1, "event": "kill"},
+            {"at_s": 40, "event": "join"},
+            {"at_epoch": 5, "peer": 2, "event": "leave"},
+            {"peer": 3, "event": "slow", "factor": 3},
+            {"at_s": 10, "event": "join"},
+        ),  # fmt: skip
+        peers=4,
+    )
+    start = scenario.due(Clock(0, 0, {0: 0, 1: 0, 2: 0, 3: 0}))
+    assert [(a.event.event, a.peer, a.leave_after) for a in start] == [("leave", 2, 5), ("slow", 3, None)]
+    assert scenario.due(Clock(5, 2, {0: 2, 1: 2, 2: 2, 3: 2})) == []
+    (kill,) = scenario.due(Clock(9, 2, {0: 3, 1: 3, 2: 2, 3: 2}))
+    assert (kill.event.event, kill.peer) == ("kill", 1)
+    (first_join,) = scenario.due(Clock(10.5, 3, {0: 3}))
+    (second_join,) = scenario.due(Clock(41, 5, {0: 5}))
+    assert (first_join.peer, second_join.peer) == (4, 5), "joiners get the next free indices"
+    assert scenario.due(Clock(100, 9, {0: 9})) == [] and scenario.pending == []
+
+
+def test_an_event_for_a_peer_that_is_not_running_waits_for_it():
+    scenario = Scenario(events({"at_epoch": 2, "peer": 1, "event": "kill"}), peers=2)
+    assert scenario.due(Clock(30, 4, {0: 4})) == []  # peer 1 is restarting
+    assert [a.peer for a in scenario.due(Clock(31, 4, {0: 4, 1: 4}))] == [1]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"event": "kill", "peer": 1}, "kill needs at_epoch or at_s"),
+        ({"event": "join", "peer": 1, "at_s": 3}, "a join takes no peer"),
+        ({"event": "leave", "at_epoch": 3}, "leave: needs peer: N"),
+        ({"event": "slow", "peer": 1}, "slow needs factor"),
+        ({"event": "kill", "peer": 1, "at_s": 3, "at_epoch": 2}, "not both"),
+        ({"event": "kill", "peer": 9, "at_s": 3}, "scenario.0.peer=9: the swarm has peers 0..3"),
+        ({"event": "kill", "peer": 1, "at_epoch": 10}, "scenario.0.at_epoch=10: the run ends after epoch 10"),
+        ({"event": "explode", "peer": 1}, "scenario.0.event='explode'"),
+    ],
+)
+def test_a_bad_scenario_is_refused_at_load_time_naming_the_field(raw, message):
+    from tests.conftest import quick_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        quick_config("optim.epochs=10", f"scenario=[{raw}]")
+
+
+def test_churn_with_allreduce_is_refused():
+    from tests.conftest import quick_config
+
+    with pytest.raises(ConfigError, match="allreduce baseline's process group is fixed"):
+        quick_config("gossip.method=allreduce", "scenario=[{event: kill, peer: 1, at_epoch: 2}]")
+    assert quick_config("gossip.method=allreduce", "scenario=[{event: slow, peer: 1, factor: 2}]").scenario
+
+
+def report(peer: int, epoch: int, position: float) -> Report:
+    return Report(make_row(peer, epoch), np.array([position, 0.0]))
+
+
+def test_the_collector_waits_for_a_restarted_peer_only_from_its_first_epoch():
+    collector = EpochCollector(range(3))
+    collector.add(report(0, 1, 0.0))
+    collector.add(report(1, 1, 0.0))
+    (epoch1,) = collector.drop_peer(2)  # peer 2 died during epoch 1
+    assert [r.peer for r in epoch1] == [0, 1] and epoch1[0].consensus_peers == 2
+    collector.add(report(0, 2, 0.0))
+    collector.expect(2, first_epoch=3)  # restarted with the state of the end of epoch 2
+    (epoch2,) = collector.add(report(1, 2, 2.0))
+    assert [r.peer for r in epoch2] == [0, 1], "epoch 2 does not wait for the newcomer"
+    collector.add(report(0, 3, 0.0))
+    assert collector.add(report(1, 3, 0.0)) == [], "epoch 3 does"
+    (epoch3,) = collector.add(report(2, 3, 3.0))
+    assert [r.peer for r in epoch3] == [0, 1, 2] and epoch3[0].consensus_peers == 3
+    assert collector.swarm_epoch == 3
+
+
+def test_a_late_report_for_a_finished_epoch_is_measured_against_that_epochs_rows():
+    collector = EpochCollector(range(2))
+    collector.add(report(0, 4, 0.0))
+    collector.add(report(1, 4, 0.0))
+    collector.expect(2, first_epoch=4)  # a joiner that took a state from before epoch 4 ended
+    (late,) = collector.add(report(2, 4, 3.0))
+    (row,) = late
+    assert row.peer == 2 and row.consensus_peers == 3
+    assert row.consensus_dist == pytest.approx(np.sqrt((1 + 1 + 4) / 3))

@@ -1,0 +1,73 @@
+"""A peer's training state as hivemind ships it between peers: a small metadata dict plus a list of tensors.
+
+A peer that restarts or joins a running swarm builds itself fresh, then takes its state from one source: a live
+peer (the swarm's current parameters, optimizer state and position in the run), else its own last checkpoint,
+else its fresh initialisation. `snapshot` is what a live peer serves; `apply_snapshot` is what the newcomer does
+with it. The position includes how many steps into the current epoch the donor is, so the newcomer's epochs end
+(and their averaging rounds start) together with the swarm's. Between an epoch's last step and its report the
+donor answers "busy": a newcomer taking that state would miss the round under way and stay one round behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workers.averaging import averaged_tensors
+
+if TYPE_CHECKING:
+    from workers.train import TrainSetup
+
+
+def snapshot(setup: TrainSetup) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """(metadata, tensors) of this peer now: parameters and float buffers, then every tensor of the optimizer's
+    per-parameter state (e.g. SGD's momentum buffers). Taken under the setup's lock, so never half a step."""
+    optimizer = setup.scheduler.optimizer  # the torch optimizer, even when a hivemind wrapper steps it
+    with setup.lock:
+        if setup.epoch_ending:  # a newcomer could not join the round under way: it asks again a moment later
+            return {"peer": setup.peer, "busy": True}, [torch.zeros(1)]  # hivemind sends metadata with a tensor
+        tensors = [t.detach().to("cpu", copy=True) for t in averaged_tensors(setup.model)]
+        optimizer_keys = []
+        for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+            for key, value in sorted(optimizer.state.get(param, {}).items()):
+                if isinstance(value, torch.Tensor):
+                    optimizer_keys.append([index, key])
+                    tensors.append(value.detach().to("cpu", copy=True))
+        metadata = {
+            "peer": setup.peer,
+            "progress": {k: v for k, v in dataclasses.asdict(setup.progress).items() if k != "best_acc"},
+            "scheduler": _plain(setup.scheduler.state_dict()),
+            "optimizer_keys": optimizer_keys,
+        }
+    return metadata, tensors
+
+
+def apply_snapshot(setup: TrainSetup, metadata: dict[str, Any], tensors: list[torch.Tensor], optim_cfg) -> None:
+    """Make this (freshly built, not yet training) peer continue where the donor is."""
+    from workers.schedule import resume_schedule
+
+    own = averaged_tensors(setup.model)
+    if len(tensors) != len(own) + len(metadata["optimizer_keys"]):
+        raise ValueError(f"peer {metadata['peer']} sent {len(tensors)} tensors for a model of {len(own)}")
+    optimizer = setup.scheduler.optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for dst, src in zip(own, tensors, strict=False):
+            dst.copy_(src.to(dst.device).view_as(dst))
+        for (index, key), value in zip(metadata["optimizer_keys"], tensors[len(own) :], strict=True):
+            optimizer.state[params[index]][key] = value.to(params[index].device)
+    resume_schedule(optimizer, setup.scheduler, metadata["scheduler"], optim_cfg)
+    setup.progress = dataclasses.replace(setup.progress, **metadata["progress"])
+
+
+def _plain(value: Any) -> Any:
+    """A scheduler's state dict as msgpack-able data (hivemind serializes the metadata with msgpack)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
