@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from launcher.analyze import epoch_curve, split_runs
+from launcher.results import read_events
 
 METRICS = (("test_acc", "acc", "test accuracy (fraction)"), ("test_loss", "loss", "test loss (cross-entropy)"))
 LEGEND_MAX = 12  # beyond this many lines a legend hides the plot
@@ -40,8 +41,9 @@ def _legend(ax: Axes, lines: int) -> None:
         ax.legend(fontsize="small", ncol=1 if lines <= 6 else 2)
 
 
-def plot_peers(run: pd.DataFrame) -> Figure:
-    """One run: test accuracy and loss of every peer against its wall time and against epoch."""
+def plot_peers(run: pd.DataFrame, events: pd.DataFrame | None = None) -> Figure:
+    """One run: test accuracy and loss of every peer against its wall time and against epoch, with the run's churn
+    events (deaths, restarts, joins, leaves) marked where they happened."""
     peers = sorted(run["peer"].unique())
     fig, axes = _grid(f"{run['run_id'].iloc[0]}: per peer ({len(peers)} peers)")
     for peer in peers:
@@ -50,7 +52,27 @@ def plot_peers(run: pd.DataFrame) -> Figure:
             axes[row, 0].plot(rows["wall_time_s"], rows[column], marker=".", label=f"peer {peer}")
             axes[row, 1].plot(rows["epoch"], rows[column], marker=".", label=f"peer {peer}")
     _legend(axes[0, 0], len(peers))
+    if events is not None:
+        _mark_events(axes, events)
     return fig
+
+
+EVENT_STYLE = {"died": "red", "wedged": "darkred", "gave_up": "black", "restarted": "green", "joined": "blue",
+               "left": "gray"}  # fmt: skip
+
+
+def _mark_events(axes: np.ndarray, events: pd.DataFrame) -> None:
+    """A dashed line per event, at its time since training started and between the epochs it fell between."""
+    started = events.loc[events["event"] == "started", "time_s"]
+    offset = started.min() if len(started) else 0.0
+    for event in events[events["event"].isin(list(EVENT_STYLE))].itertuples():
+        color, label = EVENT_STYLE[event.event], f"peer {event.peer} {event.event}"
+        for ax_row in axes:
+            ax_row[0].axvline(event.time_s - offset, color=color, linestyle="--", linewidth=1)
+            ax_row[1].axvline(event.epoch + 0.5, color=color, linestyle="--", linewidth=1)
+        top = axes[0, 1].get_ylim()[1]
+        axes[0, 1].annotate(label, (event.epoch + 0.5, top), rotation=90, va="top", ha="right", fontsize="x-small",
+                            color=color)  # fmt: skip
 
 
 def plot_runs(df: pd.DataFrame) -> Figure:
@@ -95,7 +117,11 @@ def plot_consensus(df: pd.DataFrame) -> Figure | None:
 def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per-peer curves for a single run or mean curves for several, plus consensus distance; the paths written."""
     several = len(split_runs(df)) > 1
-    curves = ("curves_runs.png", plot_runs(df)) if several else ("curves_peers.png", plot_peers(df))
+    if several:
+        curves = ("curves_runs.png", plot_runs(df))
+    else:
+        events = read_events(Path(df["run_dir"].iloc[0])) if "run_dir" in df.columns else None
+        curves = ("curves_peers.png", plot_peers(df, events))
     figures = dict([curves, ("consensus.png", plot_consensus(df))])
     written = []
     for name, fig in figures.items():

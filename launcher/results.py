@@ -25,6 +25,7 @@ class Event:
     event: str  # started, killed, died, wedged, state_downloaded, restarted, joined, left, slow, gave_up
     detail: str = ""
     seconds: float = math.nan  # how long it took: detection after a scripted kill, time to rejoin after a death
+    epoch: int = 0  # the swarm's last finished epoch when it happened
 
 
 EVENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Event))

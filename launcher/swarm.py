@@ -30,7 +30,7 @@ logger = logging.getLogger("launcher")
 STOP_TIMEOUT_S = 15.0  # a peer's graceful stop at the end (a blocking round may be under way)
 DRAIN_TIMEOUT_S = 5.0
 FETCH_TIMEOUT_S = 20.0  # all final models from other nodes together
-STATE_TIMEOUT_S = 30.0  # a newcomer's state download
+STATE_TIMEOUT_S = 120.0  # a newcomer's state download (the donor answers once its epoch has ended)
 
 
 @dataclass
@@ -270,8 +270,8 @@ class Swarm:
         signal_on_node(incarnation.node_id, incarnation.processes[1:], self.here, signal.SIGKILL)
 
     def _event(self, incarnation: Incarnation, event: str, detail: str = "", seconds: float = float("nan")) -> None:
-        elapsed = time.monotonic() - self.started
-        self.events.append(Event(round(elapsed, 3), incarnation.peer, incarnation.restarts, event, detail, seconds))
+        elapsed, epoch = round(time.monotonic() - self.started, 3), self.collector.swarm_epoch
+        self.events.append(Event(elapsed, incarnation.peer, incarnation.restarts, event, detail, seconds, epoch))
 
     def take_events(self) -> list[Event]:
         events, self.events = self.events, []

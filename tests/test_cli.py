@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from tests.conftest import QUICKSTART, ROOT, run_processes
@@ -48,6 +49,35 @@ def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path):
     assert proc.wait(timeout=90) == 130
     (metrics,) = (tmp_path / "out").glob("*/metrics.csv")
     assert len(metrics.read_text().splitlines()) - 1 >= rows_seen
+    time.sleep(2)
+    assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path):
+    """One peer's hivemind DHT process killed (its rounds hang), another peer's process frozen (SIGSTOP: it answers
+    nothing, not even the stop), then Ctrl-C: the run still ends within 60 s and leaves no process behind."""
+    before = {int(line.split(":")[0]) for line in run_processes()}
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen([*LAUNCH, "--set", "optim.epochs=40", "--address", "local", "--out", str(tmp_path / "out")],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
+        processes = psutil.Process(proc.pid).children(recursive=True)
+        actors = sorted((p for p in processes if p.name().startswith("ray::Peer") and  # not hivemind's forks of one
+                         not p.parent().name().startswith("ray::")), key=lambda p: p.pid)  # fmt: skip
+        assert len(actors) == 4
+        (p2pd,) = [p for p in actors[1].children(recursive=True) if p.name() == "p2pd"]
+        os.kill(p2pd.ppid(), signal.SIGKILL)  # peer's DHT process
+        os.kill(actors[2].pid, signal.SIGSTOP)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 130
+        assert time.monotonic() - started < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(2)
     assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
 

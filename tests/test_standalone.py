@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from workers.config import ConfigError
@@ -155,6 +156,14 @@ class PeerProcesses:
             self.procs.append(subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=log, start_new_session=True))
         return self.procs[-1]
 
+    def start_plain(self, name: str, *extra: str) -> subprocess.Popen:
+        """A peer with only the given flags, in the folder as its working directory (its default --out)."""
+        args = [*PEER, *self.swarm, *extra]
+        with open(self.folder / f"peer-{name}.out", "w") as out, open(self.folder / f"peer-{name}.log", "w") as log:
+            self.procs.append(subprocess.Popen(args, cwd=self.folder, stdout=out, stderr=log, start_new_session=True,
+                                               env={**os.environ, "PYTHONPATH": str(ROOT)}))  # fmt: skip
+        return self.procs[-1]
+
     def kill(self) -> None:
         for proc in self.procs:
             try:
@@ -193,6 +202,36 @@ def test_three_standalone_peers_average_with_each_other(launch, tmp_path):
         assert final.test_acc.nunique() == 1
     assert (tmp_path / "peer-0.out").read_text().count("VISIBLE_MADDRS") == 1
     assert (tmp_path / "peer-1.out").read_text() == "", "only the first peer prints; the others log"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_three_peers_with_only_the_original_flags_train_at_once_and_agree(tmp_path):
+    """The original scripts' three terminals, flags unchanged: no --peers, no --peer. Each peer trains at once on the
+    whole training set; the later ones take the swarm's state first; all end at (nearly) the same model."""
+    peers = PeerProcesses(tmp_path, ["--epochs", "4"])
+    try:
+        any_port = ["--host_maddr", "/ip4/127.0.0.1/tcp/0"]
+        first = peers.start_plain("a", *any_port)
+        maddrs = read_visible_maddrs(tmp_path / "peer-a.out", timeout=120)
+        procs = [first] + [peers.start_plain(name, "--initial_peer", maddrs[0], *any_port) for name in "bc"]
+        assert [proc.wait(timeout=200) for proc in procs] == [0, 0, 0], logs(tmp_path)
+        assert leftovers(procs) == []
+    finally:
+        peers.kill()
+    folders = sorted((tmp_path / "results" / "standalone-experiment").glob("peer-*"))
+    assert len(folders) == 3, "each peer has its own folder (named by its process id)"
+    for name in "bc":
+        assert re.search(r"state from peer 0: training from epoch \d", (tmp_path / f"peer-{name}.log").read_text())
+    metrics = pd.concat(pd.read_csv(folder / "metrics.csv") for folder in folders)
+    assert (metrics.groupby("run_id").size() > 0).all() and metrics.epoch.max() == 4
+    assert (metrics.avg_group_size.dropna() >= 2).all() and metrics.avg_rounds_ok.max() >= 2
+    models = [torch.load(folder / "peer-0_final.pt", weights_only=True)["model"] for folder in folders]
+    flat = torch.stack([torch.cat([t.flatten().double() for t in m.values()]) for m in models])
+    mean = flat.mean(0)
+    relative = ((flat - mean).pow(2).sum(1).mean().sqrt() / mean.norm()).item()
+    print(f"relative consensus of the final models: {relative:.2e}")
+    assert relative < 0.05
 
 
 @pytest.mark.integration

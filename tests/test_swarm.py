@@ -8,7 +8,7 @@ import time
 import pytest
 
 from launcher.driver import actor_name, run_experiment
-from launcher.results import read_metrics
+from launcher.results import read_events, read_metrics
 from tests.conftest import quick_config, run_processes
 from workers.config import load_config
 
@@ -66,19 +66,22 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     assert final.consensus_dist.iloc[0] < none[none.epoch == 3].consensus_dist.iloc[0] / 2
 
 
-def test_a_killed_peer_loses_no_rows_and_leaves_no_processes(ray_local, tmp_path):
+def test_a_peer_past_its_restart_budget_is_given_up_and_the_others_go_on(ray_local, tmp_path, caplog):
     before = {int(line.split(":")[0]) for line in run_processes()}
-    cfg = quick_config("optim.epochs=5")
+    cfg = quick_config("optim.epochs=5", "faults.max_restarts=0")
     killer = threading.Thread(target=kill_peer_after_first_epoch, args=(ray_local, tmp_path, 3), daemon=True)
     killer.start()
     result = run_experiment(cfg, tmp_path)
     killer.join(5)
-    metrics = read_metrics(result.run_dir)
+    metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     assert result.exit_code == 1
     epochs = metrics.groupby("peer")["epoch"].max()
     assert (epochs.loc[[0, 1, 2]] == 5).all(), "the others go on without the dead peer"
     assert 1 <= epochs.loc[3] < 5, "the dead peer's rows up to its death are kept"
     assert (metrics[metrics.epoch == 5].consensus_peers == 3).all()
+    (gave_up,) = events[events.event == "gave_up"].itertuples()
+    assert gave_up.peer == 3 and "faults.max_restarts=0 used up" in gave_up.detail
+    assert any("peer 3 was given up" in r.getMessage() for r in caplog.records), "the run names the peer and why"
     leftover = [line for line in run_processes() if "p2pd" in line and int(line.split(":")[0]) not in before]
     assert leftover == []
 

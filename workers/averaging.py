@@ -53,6 +53,9 @@ def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [p.data for p in model.parameters()] + [b.data for b in buffers]
 
 
+STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
+
+
 class NoAveraging:
     """The baseline: the same harness with no communication."""
 
@@ -104,6 +107,9 @@ class GossipAveraging(NoAveraging):
             request_timeout=min(3.0, cfg.matchmaking_time / 2),  # hivemind: must be below matchmaking time
             allreduce_timeout=cfg.round_timeout,
             allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
+            # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
+            next_chunk_timeout=STATE_WAIT_S,
+            sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
             start=True,
         )
 

@@ -137,6 +137,7 @@ class Peer:
         """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs."""
         import hivemind
 
+        quiet_hivemind()  # again: hivemind sets its loggers' levels when its modules are first imported
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, self.peer if self.port_offset else 0)
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
@@ -168,7 +169,7 @@ class Peer:
         """Join the all-reduce baseline's process group; blocks until every peer has joined."""
         self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
 
-    def join(self, initial_peers: list[str], state_timeout: float = 30.0) -> Joined:
+    def join(self, initial_peers: list[str], state_timeout: float = 120.0) -> Joined:
         """Join a running swarm: start the DHT off `initial_peers` (any live peers), take the state (see
         `restore_state`), then train the rest of the run."""
         started = time.monotonic()
@@ -181,12 +182,8 @@ class Peer:
     def restore_state(self, timeout: float) -> str:
         """One of three sources, the first that has it: a live peer (the swarm's current parameters, optimizer
         state and position in the run), this peer's own last checkpoint, or its fresh initialisation."""
-        deadline = time.monotonic() + timeout
         downloaded = self.averaging.download_state(timeout)
-        while downloaded is not None and downloaded[0].get("busy") and time.monotonic() < deadline:
-            time.sleep(0.2)  # the donor is ending its epoch: its next state starts the next one with the swarm
-            downloaded = self.averaging.download_state(max(1.0, deadline - time.monotonic()))
-        if downloaded is not None and not downloaded[0].get("busy"):
+        if downloaded is not None:
             metadata, tensors = downloaded
             apply_snapshot(self.setup, metadata, tensors, self.cfg.optim)
             return f"peer {metadata['peer']}"

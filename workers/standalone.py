@@ -228,7 +228,7 @@ def run_peer(
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join
             logger.info("peer %d of %d is up at %s; metrics -> %s", peer_index, cfg.peers, maddrs, metrics.path)
             if whole_set and initial_peers:
-                source = peer.restore_state(timeout=30.0)
+                source = peer.restore_state(timeout=120.0)
                 logger.info("state from %s: training from epoch %d", source, peer.setup.progress.epoch + 1)
             elif cfg.gossip.method != "none":  # peers that never communicate need not wait for each other
                 wait_for_swarm(peer.dht, f"{run_id}/joined", peer_index, cfg.peers, join_timeout)

@@ -4,13 +4,16 @@ A peer that restarts or joins a running swarm builds itself fresh, then takes it
 peer (the swarm's current parameters, optimizer state and position in the run), else its own last checkpoint,
 else its fresh initialisation. `snapshot` is what a live peer serves; `apply_snapshot` is what the newcomer does
 with it. The position includes how many steps into the current epoch the donor is, so the newcomer's epochs end
-(and their averaging rounds start) together with the swarm's. Between an epoch's last step and its report the
-donor answers "busy": a newcomer taking that state would miss the round under way and stay one round behind.
+(and their averaging rounds start) together with the swarm's. A donor caught between an epoch's last step and its
+report (its round, its evaluation) waits for the report before it answers: the newcomer would be too late for that
+round, and its rounds would then be matched with the swarm's rounds of the next epoch. Rounds are matched by time,
+not by epoch. (Past `wait_s` it answers anyway, and the newcomer skips to the start of the next epoch.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,13 +24,14 @@ if TYPE_CHECKING:
     from workers.train import TrainSetup
 
 
-def snapshot(setup: TrainSetup) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def snapshot(setup: TrainSetup, wait_s: float = 60.0) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """(metadata, tensors) of this peer now: parameters and float buffers, then every tensor of the optimizer's
     per-parameter state (e.g. SGD's momentum buffers). Taken under the setup's lock, so never half a step."""
     optimizer = setup.scheduler.optimizer  # the torch optimizer, even when a hivemind wrapper steps it
+    deadline = time.monotonic() + wait_s
+    while setup.epoch_ending and time.monotonic() < deadline:
+        time.sleep(0.05)
     with setup.lock:
-        if setup.epoch_ending:  # a newcomer could not join the round under way: it asks again a moment later
-            return {"peer": setup.peer, "busy": True}, [torch.zeros(1)]  # hivemind sends metadata with a tensor
         tensors = [t.detach().to("cpu", copy=True) for t in averaged_tensors(setup.model)]
         optimizer_keys = []
         for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
@@ -40,6 +44,7 @@ def snapshot(setup: TrainSetup) -> tuple[dict[str, Any], list[torch.Tensor]]:
             "progress": {k: v for k, v in dataclasses.asdict(setup.progress).items() if k != "best_acc"},
             "scheduler": _plain(setup.scheduler.state_dict()),
             "optimizer_keys": optimizer_keys,
+            "epoch_ending": setup.epoch_ending,
         }
     return metadata, tensors
 
@@ -60,6 +65,9 @@ def apply_snapshot(setup: TrainSetup, metadata: dict[str, Any], tensors: list[to
             optimizer.state[params[index]][key] = value.to(params[index].device)
     resume_schedule(optimizer, setup.scheduler, metadata["scheduler"], optim_cfg)
     setup.progress = dataclasses.replace(setup.progress, **metadata["progress"])
+    if metadata["epoch_ending"]:  # the donor's epoch ends without us: start the next one with the swarm
+        setup.progress.epoch, setup.progress.epoch_step = setup.progress.epoch + 1, 0
+        setup.scheduler.step()
 
 
 def _plain(value: Any) -> Any:
