@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+RESUME_KEYS = ("progress", "model", "optimizer", "scheduler", "rng")  # what `resume` reads
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: truncated, corrupt, not plain data, or missing what a resume needs.
+    A ConfigError: the CLI reports it (exit 2) before Ray starts."""
 
 
 def checkpoint_path(folder: str | Path, peer: int, kind: str) -> Path:
@@ -48,6 +54,16 @@ def check_resume(cfg: ExperimentConfig) -> None:
             f"(missing: {', '.join(missing)}); expected a previous run's folder (or its checkpoint_dir) "
             f"holding peer-<i>_final.pt for each peer"
         )
+    for path in paths:  # one at a time: a run's checkpoints together may not fit in memory
+        check_checkpoint(path)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming `path` unless it loads as plain data and holds what a resume reads."""
+    state = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(f"{path.resolve()}: not a gossip-launch checkpoint: it lacks {', '.join(missing)}")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -88,12 +104,19 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors come back on the CPU; `weights_only` refuses anything but plain data (a checkpoint runs no code)."""
+    """Tensors come back on the CPU; `weights_only` refuses anything but plain data (a checkpoint runs no code).
+    A file that cannot be loaded raises CheckpointError naming it."""
     import torch
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for a cut or damaged file
+        reason = f"{type(err).__name__}: {str(err).split('. ')[0]}".rstrip(": ")
+        raise CheckpointError(
+            f"{path.resolve()}: cannot be loaded, the file is truncated or corrupt ({reason})"
+        ) from err
 
 
 def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:

@@ -175,11 +175,15 @@ def check_announce_maddr(maddr: str, listen_port: int) -> None:
 
 def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
     """Only this peer's checkpoint must be in `resume_from`: standalone peers may each have their own folder."""
-    from workers.checkpoint import checkpoint_path
+    from workers.checkpoint import check_checkpoint, checkpoint_path
 
-    if cfg.resume_from is not None and not checkpoint_path(cfg.resume_from, peer_index, "final").is_file():
-        path = checkpoint_path(cfg.resume_from, peer_index, "final").resolve()
-        raise ConfigError(f"resume_from={str(cfg.resume_from)!r}: no checkpoint for --peer={peer_index} ({path})")
+    if cfg.resume_from is None:
+        return
+    path = checkpoint_path(cfg.resume_from, peer_index, "final")
+    if not path.is_file():
+        folder = str(cfg.resume_from)
+        raise ConfigError(f"resume_from={folder!r}: no checkpoint for --peer={peer_index} ({path.resolve()})")
+    check_checkpoint(path)  # loaded now, so that a damaged file is named before the peer starts
 
 
 def main(argv: list[str] | None = None) -> int:
