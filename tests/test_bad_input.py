@@ -4,6 +4,7 @@ the CLI is the one that must catch it."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,50 @@ def test_a_standalone_peer_names_its_truncated_checkpoint(finished_run, tmp_path
     args = build_parser().parse_args(["--peers", "2", "--peer", "1", "--resume_from", str(damaged)])
     with pytest.raises(CheckpointError, match=f"{checkpoint_path(damaged, 1, 'final')}: cannot be loaded"):
         standalone_config(args)
+
+
+class RunsCode:
+    """Unpickled, it calls `open(marker, "w")`: a stand-in for any code a malicious checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def code_checkpoint(folder, marker):
+    """peer-0_final.pt with the keys of a real checkpoint, whose model entry runs code when unpickled."""
+    path = checkpoint_path(folder, 0, "final")
+    torch.save({"progress": {}, "model": RunsCode(marker), "optimizer": {}, "scheduler": {}, "rng": {}}, path)
+    return path
+
+
+def test_the_code_checkpoint_really_runs_code_when_unpickled(tmp_path):
+    """The fault is real: loaded without weights_only, the file creates the marker."""
+    path = code_checkpoint(tmp_path, tmp_path / "marker")
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("write", [torch.save, lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2))])
+def test_a_checkpoint_with_code_is_refused_without_running_it(write, tmp_path):
+    """A torch zip file and a bare pickle alike."""
+    path, marker = checkpoint_path(tmp_path, 0, "final"), tmp_path / "ran"
+    write({"progress": {}, "model": RunsCode(marker), "optimizer": {}, "scheduler": {}, "rng": {}}, path)
+    with pytest.raises(CheckpointError, match="refused without running anything: not a plain-data checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_checkpoint_with_code_without_running_it(tmp_path):
+    marker, path = tmp_path / "ran", code_checkpoint(tmp_path, tmp_path / "ran")
+    before = pids_now()
+    proc = launch("--peers", "1", "--set", "gossip.method=none", "--resume-from", str(tmp_path),
+                  "--out", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{path}: refused without running anything: not a plain-data checkpoint" in proc.stderr
+    assert "(it would call or build io.open)" in proc.stderr, "the message says what was refused"
+    assert "weights_only` set to `False" not in proc.stderr, "torch's advice to load it anyway is not passed on"
+    assert not marker.exists(), "the checkpoint's code never ran"
+    assert not (tmp_path / "out").exists() and new_run_processes(before) == []

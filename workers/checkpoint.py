@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,11 +114,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only's refusal, made before anything in the file runs
+        raise CheckpointError(
+            f"{path.resolve()}: refused without running anything: not a plain-data checkpoint "
+            f"({_unpickler_reason(err)}); a file that holds code, or a damaged one, cannot be resumed from"
+        ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for a cut or damaged file
         reason = f"{type(err).__name__}: {str(err).split('. ')[0]}".rstrip(": ")
         raise CheckpointError(
             f"{path.resolve()}: cannot be loaded, the file is truncated or corrupt ({reason})"
         ) from err
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """What torch refused, without its advice on how to load the file anyway (weights_only=False, allowlists)."""
+    text = str(err)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"it would call or build {found[1]}"
+    if found := re.search(r"WeightsUnpickler error:\s*([^\n]+)", text):
+        return found[1].strip().rstrip(".")
+    return "torch.load(weights_only=True) refused it"
 
 
 def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:
