@@ -4,8 +4,10 @@ the CLI is the one that must catch it."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -14,16 +16,19 @@ import time
 import pytest
 import torch
 
+from tests.cluster import free_port_range
 from tests.conftest import QUICKSTART, ROOT, quick_config, run_processes
 from workers.averaging import NoAveraging
 from workers.checkpoint import CheckpointError, check_resume, checkpoint_path, load_checkpoint
+from workers.config import NetworkConfig
+from workers.network import LOOPBACK, PortInUseError, check_ports_free, dht_maddrs, naming_taken_port
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 
 
-def launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, as a user runs it."""
-    return subprocess.run([*LAUNCH, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def new_run_processes(before: set[int]) -> list[str]:
@@ -149,3 +154,74 @@ def test_cli_refuses_a_checkpoint_with_code_without_running_it(tmp_path):
     assert "weights_only` set to `False" not in proc.stderr, "torch's advice to load it anyway is not passed on"
     assert not marker.exists(), "the checkpoint's code never ran"
     assert not (tmp_path / "out").exists() and new_run_processes(before) == []
+
+
+# --- a port of network.port's range already in use -------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """(base, taken): `base` .. `base + 2` were free, and `taken` = base + 1 is now held by a listening socket."""
+    base = free_port_range(3, taken=[])
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, base + 1))
+        holder.listen()
+        yield base, base + 1
+
+
+def test_check_ports_free_names_the_taken_port_and_what_needed_it(taken_port):
+    base, taken = taken_port
+    network = NetworkConfig(port=base)
+    check_ports_free(network, LOOPBACK, peers=1, rendezvous=False)  # only base: free
+    with pytest.raises(PortInUseError, match=f"network.port={base}: port {taken} for peer 1 is in use on 127.0.0.1"):
+        check_ports_free(network, LOOPBACK, peers=3, rendezvous=False)
+    with pytest.raises(PortInUseError, match=f"port {taken} for the allreduce rendezvous"):
+        check_ports_free(network, LOOPBACK, peers=1, rendezvous=True)  # peer 0 on base, the rendezvous on base + 1
+    with pytest.raises(PortInUseError, match=f"port {taken} for peer 1 is in use"):
+        check_ports_free(network, LOOPBACK, peers=1, rendezvous=False, joins=1)  # a scripted joiner is peer 1
+    check_ports_free(NetworkConfig(port=0), LOOPBACK, peers=3, rendezvous=True)  # any free ports: nothing fixed
+
+
+def test_a_peer_names_its_taken_port_where_it_runs(taken_port):
+    base, taken = taken_port
+    network = NetworkConfig(port=base)
+    assert dht_maddrs(network, 0)[0] == [f"/ip4/127.0.0.1/tcp/{base}"]
+    with pytest.raises(PortInUseError, match=f"network.port={base}: port {taken} for peer 1 is in use"):
+        dht_maddrs(network, 1)
+
+
+@pytest.mark.integration
+def test_a_port_taken_after_the_check_is_named_from_hiveminds_error(taken_port):
+    """The race: hivemind's p2pd finds the port taken; its error ("Daemon failed to start ... address already in
+    use") becomes one that names network.port."""
+    import hivemind
+
+    base, taken = taken_port
+    with pytest.raises(PortInUseError, match=f"network.port={base}: port {taken} for peer 1 is in use") as err:
+        with naming_taken_port(NetworkConfig(port=base), 1):
+            hivemind.DHT(host_maddrs=[f"/ip4/127.0.0.1/tcp/{taken}"], start=True).shutdown()
+    assert "address already in use" in str(err.value), "hivemind's own words are kept"
+
+
+def test_cli_names_a_taken_port_before_ray_starts(taken_port, private_ray_env, tmp_path):
+    base, taken = taken_port
+    before = pids_now()
+    proc = launch("--peers", "3", "--set", f"network.port={base}", "--out", str(tmp_path), env=private_ray_env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"network.port={base}: port {taken} for peer 1 is in use on 127.0.0.1" in proc.stderr
+    assert list(tmp_path.iterdir()) == [] and new_run_processes(before) == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_run_whose_peer_finds_its_port_taken_fails_naming_it(ray_local, taken_port, tmp_path, caplog):
+    """Where the CLI cannot check (the peers on other nodes; here: run_experiment called directly), peer 1's own
+    check fails its start, and the driver's error names the port."""
+    from launcher.driver import run_experiment
+
+    base, taken = taken_port
+    cfg = quick_config("peers=2", "optim.epochs=1", f"network.port={base}")
+    with caplog.at_level(logging.ERROR, logger="launcher"):
+        result = run_experiment(cfg, tmp_path)
+    assert result.exit_code == 1
+    assert f"network.port={base}: port {taken} for peer 1 is in use" in caplog.text
