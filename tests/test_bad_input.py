@@ -4,7 +4,9 @@ the CLI is the one that must catch it."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import pickle
 import shutil
 import socket
@@ -13,14 +15,18 @@ import sys
 import threading
 import time
 
+import pandas as pd
 import pytest
 import torch
 
+from launcher.results import MetricsWriter
 from tests.cluster import free_port_range
 from tests.conftest import QUICKSTART, ROOT, quick_config, run_processes
 from workers.averaging import NoAveraging
-from workers.checkpoint import CheckpointError, check_resume, checkpoint_path, load_checkpoint
+from workers.checkpoint import CheckpointError, CheckpointWriteError, check_resume, checkpoint_path, load_checkpoint
 from workers.config import NetworkConfig
+from workers.csvfile import MetricsWriteError
+from workers.metrics import MetricsRow
 from workers.network import LOOPBACK, PortInUseError, check_ports_free, dht_maddrs, naming_taken_port
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
@@ -225,3 +231,104 @@ def test_a_run_whose_peer_finds_its_port_taken_fails_naming_it(ray_local, taken_
         result = run_experiment(cfg, tmp_path)
     assert result.exit_code == 1
     assert f"network.port={base}: port {taken} for peer 1 is in use" in caplog.text
+
+
+# --- a full disk while writing a checkpoint or metrics.csv -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs) that a test can fill: writes past it fail with ENOSPC, as on a full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk) -> None:
+    """Take every free block of `disk` (the test's own filler file)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def free_bytes(disk) -> int:
+    stat = os.statvfs(disk)
+    return stat.f_bfree * stat.f_frsize
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_peer_naming_the_path(small_disk):
+    """A real peer trains on the tmpfs: epoch 1 is saved, then the disk is full and epoch 2's save fails."""
+    from workers.peer import Peer
+    from workers.train import train
+
+    threads = torch.get_num_threads()
+    cfg = quick_config("peers=2", "gossip.method=none", "optim.epochs=2")
+    peer = Peer(cfg, 0, "full-disk", checkpoint_dir=small_disk)
+    epochs = train(peer.setup, NoAveraging(), threading.Event())
+    next(epochs)
+    final = checkpoint_path(small_disk, 0, "final")
+    saved = final.read_bytes()
+    fill(small_disk)
+    free = free_bytes(small_disk)
+    with pytest.raises(CheckpointWriteError, match=f"could not write {final}: .*No space left on device"):
+        next(epochs)
+    torch.set_num_threads(threads)
+    assert final.read_bytes() == saved, "the previous checkpoint is untouched"
+    assert load_checkpoint(final)["progress"]["epoch"] == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "peer-0_best.pt", "peer-0_final.pt"]
+    assert free_bytes(small_disk) == free, "the temporary file's blocks were given back"
+
+
+def metrics_row(epoch: int) -> MetricsRow:
+    return MetricsRow(run_id="full-disk", peer=0, epoch=epoch, step=10 * epoch, samples_seen=320 * epoch,
+                      wall_time_s=1.5 * epoch, train_loss=0.5, train_acc=0.8, test_loss=0.6, test_acc=0.75,
+                      samples_per_s=213.3, avg_rounds_ok=epoch, avg_rounds_failed=0, avg_group_size=2.0,
+                      avg_seconds=0.25, node="host", node_id="n1")  # fmt: skip
+
+
+def write_until_full(write, disk) -> int:
+    """Fill `disk`, then write rows until one fails (the file's last page fills up); returns the rows written."""
+    fill(disk)
+    for epoch in range(1, 1000):
+        try:
+            write(metrics_row(epoch))
+        except MetricsWriteError as err:
+            assert f"could not write {disk / 'metrics.csv'}" in str(err) and "No space left on device" in str(err)
+            return epoch - 1
+    raise AssertionError("the disk never filled up")
+
+
+def assert_whole_rows(path, rows: int) -> None:
+    assert path.read_bytes().endswith(b"\r\n"), "no half row at the end"
+    table = pd.read_csv(path)
+    assert list(table.epoch) == list(range(1, rows + 1))
+    assert table.notna().drop(columns=["consensus_dist"]).all().all()
+
+
+def test_a_full_disk_keeps_the_driver_s_rows_and_names_metrics_csv(small_disk):
+    writer = MetricsWriter(small_disk / "metrics.csv")
+    rows = write_until_full(lambda row: writer.write([row]), small_disk)
+    writer.close()
+    assert rows >= 1 and writer.rows_written == rows
+    assert_whole_rows(small_disk / "metrics.csv", rows)
+
+
+def test_a_full_disk_keeps_a_standalone_peer_s_rows_and_names_metrics_csv(small_disk):
+    from workers.standalone import MetricsFile
+    from workers.train import Report
+
+    with MetricsFile(small_disk / "metrics.csv", append=False) as metrics:
+        rows = write_until_full(lambda row: metrics.write_reports([Report(row, None)], epochs=99), small_disk)
+    assert rows >= 1 and metrics.rows_written == rows
+    assert_whole_rows(small_disk / "metrics.csv", rows)

@@ -39,6 +39,10 @@ class CheckpointError(ConfigError):
     A ConfigError: the CLI reports it (exit 2) before Ray starts."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous file at that path is left as it was."""
+
+
 def checkpoint_path(folder: str | Path, peer: int, kind: str) -> Path:
     """`kind` is "best" or "final"."""
     return Path(folder).expanduser() / f"peer-{peer}_{kind}.pt"
@@ -82,19 +86,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """On any failure the temporary file is removed and `path` keeps its previous content; an OSError (a full disk,
+    a read-only or vanished folder) becomes a CheckpointWriteError naming `path`."""
+    temp, sink = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as file:
-            write(file)
+            sink = _KeepsWriteError(file)
+            write(sink)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        temp = None
+        _fsync_folder(path.parent)  # makes the rename itself durable
+    except BaseException as err:
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        cause = (sink.error if sink else None) or err
+        if isinstance(cause, OSError):
+            raise CheckpointWriteError(f"could not write {path}: {cause}") from cause
         raise
-    _fsync_folder(path.parent)  # makes the rename itself durable
+
+
+class _KeepsWriteError:
+    """A file whose failed write is remembered: torch.save reports an OSError of the file (ENOSPC) only as a
+    RuntimeError("unexpected pos ..."), which would hide that the disk is full."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _fsync_folder(folder: Path) -> None:
