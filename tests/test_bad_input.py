@@ -21,7 +21,7 @@ import torch
 
 from launcher.results import MetricsWriter
 from tests.cluster import free_port_range
-from tests.conftest import QUICKSTART, ROOT, quick_config, run_processes
+from tests.conftest import QUICKSTART, ROOT, quick_config, ray_started
 from workers.averaging import NoAveraging
 from workers.checkpoint import CheckpointError, CheckpointWriteError, check_resume, checkpoint_path, load_checkpoint
 from workers.config import NetworkConfig
@@ -32,17 +32,10 @@ from workers.network import LOOPBACK, PortInUseError, check_ports_free, dht_madd
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 
 
-def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess, as a user runs it."""
+def launch(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, as a user runs it; `env`: `private_ray_env`, so a run that gets past the check
+    (a regression) starts a Ray of its own instead of joining one of this machine's."""
     return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def new_run_processes(before: set[int]) -> list[str]:
-    return [p for p in run_processes() if int(p.split(":")[0]) not in before]
-
-
-def pids_now() -> set[int]:
-    return {int(line.split(":")[0]) for line in run_processes()}
 
 
 # --- checkpoints given to --resume-from ------------------------------------------------------------------------------
@@ -91,17 +84,18 @@ def test_a_checkpoint_without_the_training_state_is_refused(tmp_path):
         check_resume(cfg)
 
 
-def test_cli_names_a_truncated_checkpoint_before_ray_starts(finished_run, tmp_path):
+def test_cli_names_a_truncated_checkpoint_before_ray_starts(finished_run, tmp_path, private_ray_env):
     damaged = copy_run(finished_run, tmp_path / "damaged")
     truncate(checkpoint_path(damaged, 1, "final"))
-    before, started = pids_now(), time.perf_counter()
-    proc = launch("--peers", "2", "--set", "optim.epochs=3", "--resume-from", str(damaged), "--out", str(tmp_path))
+    started = time.perf_counter()
+    proc = launch("--peers", "2", "--set", "optim.epochs=3", "--resume-from", str(damaged), "--out", str(tmp_path),
+                  env=private_ray_env)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{checkpoint_path(damaged, 1, 'final')}: cannot be loaded, the file is truncated or corrupt" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - started < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"], "no run folder: the run never started"
-    assert new_run_processes(before) == []
+    assert ray_started(private_ray_env) == []
     assert load_checkpoint(checkpoint_path(damaged, 0, "final"))["progress"]["epoch"] == 1, "the intact one is fine"
 
 
@@ -149,17 +143,16 @@ def test_a_checkpoint_with_code_is_refused_without_running_it(write, tmp_path):
     assert not marker.exists()
 
 
-def test_cli_refuses_a_checkpoint_with_code_without_running_it(tmp_path):
+def test_cli_refuses_a_checkpoint_with_code_without_running_it(tmp_path, private_ray_env):
     marker, path = tmp_path / "ran", code_checkpoint(tmp_path, tmp_path / "ran")
-    before = pids_now()
     proc = launch("--peers", "1", "--set", "gossip.method=none", "--resume-from", str(tmp_path),
-                  "--out", str(tmp_path / "out"))  # fmt: skip
+                  "--out", str(tmp_path / "out"), env=private_ray_env)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{path}: refused without running anything: not a plain-data checkpoint" in proc.stderr
     assert "(it would call or build io.open)" in proc.stderr, "the message says what was refused"
     assert "weights_only` set to `False" not in proc.stderr, "torch's advice to load it anyway is not passed on"
     assert not marker.exists(), "the checkpoint's code never ran"
-    assert not (tmp_path / "out").exists() and new_run_processes(before) == []
+    assert not (tmp_path / "out").exists() and ray_started(private_ray_env) == []
 
 
 # --- a port of network.port's range already in use -------------------------------------------------------------------
@@ -211,11 +204,10 @@ def test_a_port_taken_after_the_check_is_named_from_hiveminds_error(taken_port):
 
 def test_cli_names_a_taken_port_before_ray_starts(taken_port, private_ray_env, tmp_path):
     base, taken = taken_port
-    before = pids_now()
     proc = launch("--peers", "3", "--set", f"network.port={base}", "--out", str(tmp_path), env=private_ray_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"network.port={base}: port {taken} for peer 1 is in use on 127.0.0.1" in proc.stderr
-    assert list(tmp_path.iterdir()) == [] and new_run_processes(before) == []
+    assert list(tmp_path.iterdir()) == [] and ray_started(private_ray_env) == []
 
 
 @pytest.mark.integration
