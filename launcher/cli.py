@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from workers.checkpoint import check_resume
-from workers.config import ConfigError, Sweep, load_experiment
+from workers.config import ConfigError, ExperimentConfig, Sweep, load_experiment
 from workers.datacheck import check_data
+from workers.network import check_ports_free, listen_host
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         for point_cfg in [p.config for p in cfg.points] if isinstance(cfg, Sweep) else [cfg]:
             check_data(point_cfg.data)
             check_resume(point_cfg)
+            check_local_ports(point_cfg, args.address)
         check_address(args.address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
@@ -75,6 +77,28 @@ def check_address(address: str | None) -> None:
     if address and address.startswith("ray://"):
         raise ConfigError(f"address {address}: Ray Client (ray://) is not supported; run the driver on the cluster "
                           "with `ray job submit` or `ray submit` (README: Run on a Ray cluster)")  # fmt: skip
+
+
+def check_local_ports(cfg: ExperimentConfig, address: str | None) -> None:
+    """A fixed `network.port` range taken on this machine is an error before Ray starts when the run gets a private
+    local Ray, which puts every peer here: address "local", or none at all (no --address, no RAY_ADDRESS) and no live
+    `ray start` cluster to join (see connect_ray). On a cluster each peer checks its own port (`dht_maddrs`)."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not cfg.network.port or given not in (None, "", "local"):
+        return
+    if not given and _started_cluster_is_up():
+        return
+    rendezvous = cfg.gossip.method == "allreduce"
+    check_ports_free(cfg.network, listen_host(cfg.network), cfg.peers, rendezvous, joins=cfg.joins)
+
+
+def _started_cluster_is_up() -> bool:
+    """Whether the cluster the last `ray start` on this machine joined is still up (the driver would join it)."""
+    from ray._private.services import find_gcs_addresses  # Ray's own record, read only: no Ray process is started
+    from ray._private.utils import read_ray_address
+
+    started = read_ray_address()
+    return bool(started) and started in find_gcs_addresses()
 
 
 def _run_sweep(sweep: Sweep, out: Path, address: str | None) -> int:

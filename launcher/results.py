@@ -3,15 +3,14 @@ table."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from workers.csvfile import DurableCsv
 from workers.metrics import CSV_COLUMNS, MetricsRow
 
 
@@ -32,26 +31,21 @@ EVENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Event)
 
 
 class MetricsWriter:
-    """Appends rows to a CSV and flushes after every batch, so an interrupted run keeps what it reported."""
+    """Appends rows to a CSV, each on disk before the next, so an interrupted run keeps what it reported. A row
+    that cannot be written (a full disk) raises MetricsWriteError naming the file; the rows before it stay."""
 
     def __init__(self, path: Path, columns: tuple[str, ...] = CSV_COLUMNS):
         self.path = path
-        new = not path.exists() or path.stat().st_size == 0
-        self._file = path.open("a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=columns)
-        if new:
-            self._csv.writeheader()
+        self._csv = DurableCsv(path, columns)
         self.rows_written = 0
 
     def write(self, rows: list[MetricsRow] | list[Event]) -> None:
         for row in rows:
-            self._csv.writerow(dataclasses.asdict(row))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.rows_written += len(rows)
+            self._csv.write(dataclasses.asdict(row))
+            self.rows_written += 1
 
     def close(self) -> None:
-        self._file.close()
+        self._csv.close()
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """A private multi-node Ray cluster on this one machine, for integration tests.
 
 Each node is a `ray start --block` child process (a head and workers that each advertise their own custom resource),
-with token authentication on (a random token per cluster, passed as RAY_AUTH_MODE=token + RAY_AUTH_TOKEN), ports
+with token authentication on (a random token per cluster, passed as RAY_AUTH_MODE=token + RAY_AUTH_TOKEN) unless
+asked otherwise, ports
 picked free at runtime, and a short private temp dir. Other Ray clusters may run on the same machine at the same
 time: teardown stops only this cluster's processes (never `ray stop`, which stops every Ray on the machine). Every
 process of the cluster (raylets, workers, hivemind's p2pd, a driver started with `client_env()`) inherits the
@@ -54,7 +55,7 @@ class RayNode:
 class LocalCluster:
     name: str  # also the temp dir's name and the value of CLUSTER_MARKER
     temp_dir: Path
-    token: str
+    token: str  # "": token authentication off (RAY_AUTH_MODE=disabled)
     gcs_address: str  # host:port, what `ray start --address` and `ray.init(address=...)` take
     dashboard_url: str | None  # http://127.0.0.1:port, what `ray job submit --address` takes
     nodes: list[RayNode] = field(default_factory=list)
@@ -63,7 +64,8 @@ class LocalCluster:
 
     def client_env(self) -> dict[str, str]:
         """The environment of a client of this cluster (a node, a driver, `ray job ...`): it holds the token."""
-        return {**ray_free_environ(self.name), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token} if self.token else {"RAY_AUTH_MODE": "disabled"}
+        return {**ray_free_environ(self.name), **auth}
 
     def outsider_env(self, home: Path, token: str | None = None) -> dict[str, str]:
         """The environment of a client without the cluster's token: none at all (no RAY_AUTH_MODE, and `home` is an
@@ -93,13 +95,16 @@ def local_cluster(
     worker_cpus: int = 2,
     dashboard: bool = False,
     start_timeout: float = 60.0,
+    token_auth: bool = True,
 ) -> Iterator[LocalCluster]:
     """A head node plus one worker node per entry of `workers` (name -> its custom resources), all running; on exit
-    every process of the cluster is stopped and the temp dir removed. Raises `LeftoverProcesses` if any survive."""
+    every process of the cluster is stopped and the temp dir removed. Raises `LeftoverProcesses` if any survive.
+    `token_auth=False`: a cluster that lets any client in, as `ray start` makes one when no token is at hand."""
     name = f"glc_{secrets.token_hex(3)}"
     temp_dir = Path("/tmp") / name  # short: Unix socket paths below it must stay under ~107 characters
     temp_dir.mkdir()
-    cluster = LocalCluster(name, temp_dir, token=secrets.token_hex(32), gcs_address="", dashboard_url=None)
+    token = secrets.token_hex(32) if token_auth else ""
+    cluster = LocalCluster(name, temp_dir, token=token, gcs_address="", dashboard_url=None)
     with ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, temp_dir, ignore_errors=True)
         cleanup.callback(stop_cluster, cluster)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -23,11 +26,58 @@ def quick_config(*overrides: str) -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def ray_local():
+    mode = os.environ.get("RAY_AUTH_MODE")
+    with pytest.MonkeyPatch.context() as patch:  # the environment as it was for whatever runs after this Ray
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        ray = start_private_ray(num_cpus=4)
+        yield ray
+        ray.shutdown()
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)  # Ray set it to "token" for the cluster it started
+
+
+def start_private_ray(num_cpus: int):
+    """A new local Ray for this process alone, whatever this machine's Ray state: address "local" joins no cluster
+    (not RAY_ADDRESS's, not the one an earlier `ray start` recorded in ray_current_cluster, live or stale).
+    With RAY_AUTH_MODE unset Ray 2.60 turns token auth on for it, with the token in RAY_AUTH_TOKEN if there is one,
+    else with one it writes to ~/.ray/auth_token (which later `ray start`s on this machine would pick up)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+def private_token() -> dict[str, str]:
+    """Token auth with a token of its own, for the environment of a subprocess that starts a new Ray (see
+    `start_private_ray`; set before the process starts, RAY_AUTH_MODE=token also spares Ray's warning about it)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+@pytest.fixture
+def private_ray_env():
+    """The environment for a CLI run in a subprocess that must get a Ray of its own, whatever this machine's Ray state:
+    no RAY_* setting from outside (a RAY_ADDRESS of another cluster), a private Ray temp folder (so no
+    `ray_current_cluster` file of an earlier `ray start` is found, and the run's session files stay apart), and a
+    token of its own (Ray turns token auth on for a new local cluster and would otherwise write ~/.ray/auth_token)."""
+    temp_dir = tempfile.mkdtemp(prefix="glr_", dir="/tmp")  # short: Ray's socket paths below it have a length limit
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(RAY_TMPDIR=temp_dir, RAY_USAGE_STATS_ENABLED="0", **private_token())
+    yield env
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_started(env: dict[str, str]) -> list[str]:
+    """What a CLI run under `env` (a `private_ray_env`) started of Ray: its session folders, and the live processes
+    that inherited its private temp folder. Unlike a census of the machine, blind to other users' Ray runs."""
+    temp_dir = env["RAY_TMPDIR"]
+    found = [str(path) for path in Path(temp_dir).glob("ray/session_*")]
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("RAY_TMPDIR") == temp_dir or temp_dir in " ".join(proc.info["cmdline"] or []):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
 
 def run_processes(exclude: set[int] = frozenset()) -> list[str]:

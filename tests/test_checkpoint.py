@@ -12,7 +12,7 @@ import torch
 from launcher.cli import main as cli_main
 from tests.conftest import QUICKSTART, quick_config
 from workers.averaging import NoAveraging
-from workers.checkpoint import atomic_save, check_resume, checkpoint_path, load_checkpoint
+from workers.checkpoint import RESUME_KEYS, atomic_save, check_resume, checkpoint_path, load_checkpoint
 from workers.config import ConfigError, OptimConfig
 from workers.peer import Peer
 from workers.schedule import build_scheduler, lr_factor, resume_schedule
@@ -49,7 +49,7 @@ def test_load_names_the_missing_file(tmp_path):
 
 
 def test_check_resume_names_every_missing_checkpoint(tmp_path):
-    atomic_save({}, checkpoint_path(tmp_path, 0, "final"))
+    atomic_save({key: {} for key in RESUME_KEYS}, checkpoint_path(tmp_path, 0, "final"))
     check_resume(quick_config("peers=1", "gossip.method=none", f"resume_from={tmp_path}"))
     check_resume(quick_config())  # no resume: nothing to check
     with pytest.raises(ConfigError) as err:

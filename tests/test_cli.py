@@ -1,4 +1,5 @@
-"""The command line as a user runs it, in a subprocess: fast rejection of bad input, and Ctrl-C."""
+"""The command line as a user runs it, in a subprocess: fast rejection of bad input, and Ctrl-C. Each run gets a Ray
+of its own (`private_ray_env`), whatever Ray this machine runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import QUICKSTART, ROOT, run_processes
+from tests.conftest import QUICKSTART, ROOT, ray_started, run_processes
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 
@@ -25,25 +26,25 @@ LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
         (["--peers", "1"], "can never be met by peers=1"),
     ],
 )
-def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path):
-    before = {int(line.split(":")[0]) for line in run_processes()}
+def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path, private_ray_env):
     started = time.perf_counter()
-    proc = subprocess.run([*LAUNCH, *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*LAUNCH, *args, "--out", str(tmp_path)], env=private_ray_env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert expected in proc.stderr
     assert time.perf_counter() - started < 10
     assert list(tmp_path.iterdir()) == [], "nothing is written for a rejected config"
-    assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
+    assert ray_started(private_ray_env) == []
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path):
+def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
     before = {int(line.split(":")[0]) for line in run_processes()}
     log = (tmp_path / "log.txt").open("w")
     # A new session, like a terminal's foreground job: SIGINT goes to the whole process group.
-    proc = subprocess.Popen([*LAUNCH, "--out", str(tmp_path / "out")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen([*LAUNCH, "--out", str(tmp_path / "out")], cwd=ROOT, env=private_ray_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     rows_seen = wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=90) == 130

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher.auth import dashboard_auth_mode, token_auth_warning
 from launcher.results import read_metrics
 from tests.cluster import BIN_DIR, LocalCluster, cluster_processes, kill_all, local_cluster, ray_free_environ
 from tests.conftest import ROOT
@@ -102,6 +103,13 @@ def test_the_cluster_has_its_nodes_and_refuses_clients_without_the_token(cluster
     assert missing.returncode != 0 and "Missing authentication token" in missing.stderr, output(missing)
     wrong, _ = run([ray, "job", "list", "--address", cluster.dashboard_url], wrong_token, timeout=60)  # HTTP 403
     assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stderr, output(wrong)
+
+
+@pytest.mark.integration
+def test_the_head_tells_a_driver_that_the_cluster_requires_a_token(cluster: LocalCluster):
+    """What a driver in token mode cannot see by itself (a cluster without token auth would let it in too)."""
+    assert dashboard_auth_mode(cluster.dashboard_url) == "token"
+    assert token_auth_warning(3, {}, False, cluster_mode=dashboard_auth_mode(cluster.dashboard_url)) is None
 
 
 @pytest.mark.integration

@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+RESUME_KEYS = ("progress", "model", "optimizer", "scheduler", "rng")  # what `resume` reads
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: truncated, corrupt, not plain data, or missing what a resume needs.
+    A ConfigError: the CLI reports it (exit 2) before Ray starts."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous file at that path is left as it was."""
 
 
 def checkpoint_path(folder: str | Path, peer: int, kind: str) -> Path:
@@ -48,6 +60,16 @@ def check_resume(cfg: ExperimentConfig) -> None:
             f"(missing: {', '.join(missing)}); expected a previous run's folder (or its checkpoint_dir) "
             f"holding peer-<i>_final.pt for each peer"
         )
+    for path in paths:  # one at a time: a run's checkpoints together may not fit in memory
+        check_checkpoint(path)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming `path` unless it loads as plain data and holds what a resume reads."""
+    state = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing:
+        raise CheckpointError(f"{path.resolve()}: not a gossip-launch checkpoint: it lacks {', '.join(missing)}")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -64,19 +86,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """On any failure the temporary file is removed and `path` keeps its previous content; an OSError (a full disk,
+    a read-only or vanished folder) becomes a CheckpointWriteError naming `path`."""
+    temp, sink = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as file:
-            write(file)
+            sink = _KeepsWriteError(file)
+            write(sink)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        temp = None
+        _fsync_folder(path.parent)  # makes the rename itself durable
+    except BaseException as err:
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        cause = (sink.error if sink else None) or err
+        if isinstance(cause, OSError):
+            raise CheckpointWriteError(f"could not write {path}: {cause}") from cause
         raise
-    _fsync_folder(path.parent)  # makes the rename itself durable
+
+
+class _KeepsWriteError:
+    """A file whose failed write is remembered: torch.save reports an OSError of the file (ENOSPC) only as a
+    RuntimeError("unexpected pos ..."), which would hide that the disk is full."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -88,12 +137,34 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors come back on the CPU; `weights_only` refuses anything but plain data (a checkpoint runs no code)."""
+    """Tensors come back on the CPU; `weights_only` refuses anything but plain data (a checkpoint runs no code).
+    A file that cannot be loaded raises CheckpointError naming it."""
     import torch
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path.resolve()}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only's refusal, made before anything in the file runs
+        raise CheckpointError(
+            f"{path.resolve()}: refused without running anything: not a plain-data checkpoint "
+            f"({_unpickler_reason(err)}); a file that holds code, or a damaged one, cannot be resumed from"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for a cut or damaged file
+        reason = f"{type(err).__name__}: {str(err).split('. ')[0]}".rstrip(": ")
+        raise CheckpointError(
+            f"{path.resolve()}: cannot be loaded, the file is truncated or corrupt ({reason})"
+        ) from err
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """What torch refused, without its advice on how to load the file anyway (weights_only=False, allowlists)."""
+    text = str(err)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"it would call or build {found[1]}"
+    if found := re.search(r"WeightsUnpickler error:\s*([^\n]+)", text):
+        return found[1].strip().rstrip(".")
+    return "torch.load(weights_only=True) refused it"
 
 
 def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:

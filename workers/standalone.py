@@ -43,6 +43,7 @@ from workers.config import (
     load_config,
     parse_config,
 )
+from workers.csvfile import DurableCsv, MetricsWriteError
 from workers.datacheck import check_data
 
 logger = logging.getLogger("workers.standalone")
@@ -175,11 +176,15 @@ def check_announce_maddr(maddr: str, listen_port: int) -> None:
 
 def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
     """Only this peer's checkpoint must be in `resume_from`: standalone peers may each have their own folder."""
-    from workers.checkpoint import checkpoint_path
+    from workers.checkpoint import check_checkpoint, checkpoint_path
 
-    if cfg.resume_from is not None and not checkpoint_path(cfg.resume_from, peer_index, "final").is_file():
-        path = checkpoint_path(cfg.resume_from, peer_index, "final").resolve()
-        raise ConfigError(f"resume_from={str(cfg.resume_from)!r}: no checkpoint for --peer={peer_index} ({path})")
+    if cfg.resume_from is None:
+        return
+    path = checkpoint_path(cfg.resume_from, peer_index, "final")
+    if not path.is_file():
+        folder = str(cfg.resume_from)
+        raise ConfigError(f"resume_from={folder!r}: no checkpoint for --peer={peer_index} ({path.resolve()})")
+    check_checkpoint(path)  # loaded now, so that a damaged file is named before the peer starts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,14 +247,27 @@ def run_peer(
         except ConfigError as err:  # found while building the peer, e.g. a checkpoint that does not fit
             logger.error("%s", err)
             exit_code = 2
+        except MetricsWriteError as err:  # e.g. a full disk: the rows before it are in the file
+            logger.error("%s; stopping this peer", err)
+            exit_code = 1
         finally:
             with _signals_ignored():
                 if peer is not None:
                     try:
                         peer.stop()
-                    finally:  # whatever the training thread reported up to its end
-                        metrics.write_reports(peer.poll().reports, cfg.optim.epochs)
+                    finally:
+                        write_last_reports(metrics, peer, cfg.optim.epochs)
     return exit_code
+
+
+def write_last_reports(metrics: MetricsFile, peer, epochs: int) -> None:
+    """Whatever the training thread reported up to its end; on a file that takes no more rows they are lost, and
+    said so (the error that stopped the peer was logged already)."""
+    reports, written_before = peer.poll().reports, metrics.rows_written
+    try:
+        metrics.write_reports(reports, epochs)
+    except MetricsWriteError as err:
+        logger.error("%s: %d last rows lost", err, len(reports) - (metrics.rows_written - written_before))
 
 
 class JoinError(RuntimeError):
@@ -306,7 +324,8 @@ def follow(peer, metrics: MetricsFile, epochs: int) -> int:
 
 
 class MetricsFile:
-    """This peer's metrics.csv in the launcher's schema, flushed after every row."""
+    """This peer's metrics.csv in the launcher's schema, each row on disk before the next; a row that cannot be
+    written (a full disk) raises MetricsWriteError naming the file, and the rows before it stay."""
 
     def __init__(self, path: Path, append: bool):
         from workers.metrics import CSV_COLUMNS
@@ -319,16 +338,12 @@ class MetricsFile:
         if exists and append:  # keep the file's own header (written by an older version, maybe with fewer columns)
             with path.open(newline="") as file:
                 columns = next(csv.reader(file))
-        self._file = path.open("a" if append else "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
-        if not (exists and append):
-            self._csv.writeheader()
+        self._csv = DurableCsv(path, columns, append=append)
 
     def write_reports(self, reports: list, epochs: int) -> None:
         for report in reports:
             row = report.row
-            self._csv.writerow(dataclasses.asdict(row))
-            self._file.flush()
+            self._csv.write(dataclasses.asdict(row))
             self.rows_written += 1
             logger.info(
                 "epoch %d/%d | test_acc %.4f | rounds ok %d failed %d | group size %.1f | %.0f s",
@@ -340,7 +355,7 @@ class MetricsFile:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file.close()
+        self._csv.close()
 
 
 def _interrupt(signum, frame):
