@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # besides ~/.ray/auth_token
 
@@ -58,3 +59,12 @@ def dashboard_auth_mode(dashboard_url: str, timeout: float = 3.0) -> str | None:
             return json.loads(response.read()).get("authentication_mode")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def enable_token_auth(env: MutableMapping[str, str]) -> None:
+    """RAY_AUTH_MODE=token when a token is at hand and no mode is set. Ray turns token mode on by itself only for
+    address "auto"; with RAY_ADDRESS (or an --address) set it does not, and an unauthenticated client retries
+    forever against a cluster that requires the token."""
+    has_token = any(env.get(name) for name in TOKEN_SOURCES) or (Path.home() / ".ray" / "auth_token").is_file()
+    if "RAY_AUTH_MODE" not in env and has_token:
+        env["RAY_AUTH_MODE"] = "token"

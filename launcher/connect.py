@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import MutableMapping
 from pathlib import Path
 
 import ray
 
+from launcher.auth import dashboard_auth_mode, enable_token_auth, token_auth_warning
 from workers.config import ExperimentConfig
 
 logger = logging.getLogger("launcher")
@@ -27,8 +27,10 @@ def connect_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
         address = None
     if address:
         enable_token_auth(os.environ)
-        ray.init(address=address, **quiet)
-        logger.info("connected to the Ray cluster at %s: %d nodes", address, len(alive_nodes()))
+        context = ray.init(address=address, **quiet)
+        nodes = len(alive_nodes())
+        logger.info("connected to the Ray cluster at %s: %d nodes", address, nodes)
+        warn_if_open(nodes, context.dashboard_url)
     else:  # "local": a new Ray just for this run, never another process's private one
         needed = math.ceil((cfg.peers + cfg.joins) * cfg.resources.num_cpus)
         ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, **quiet)
@@ -47,16 +49,12 @@ def started_cluster_address() -> str | None:
     return address
 
 
-TOKEN_SOURCES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # besides ~/.ray/auth_token
-
-
-def enable_token_auth(env: MutableMapping[str, str]) -> None:
-    """RAY_AUTH_MODE=token when a token is at hand and no mode is set. Ray turns token mode on by itself only for
-    address "auto"; with RAY_ADDRESS (or an --address) set it does not, and an unauthenticated client retries
-    forever against a cluster that requires the token."""
-    has_token = any(env.get(name) for name in TOKEN_SOURCES) or (Path.home() / ".ray" / "auth_token").is_file()
-    if "RAY_AUTH_MODE" not in env and has_token:
-        env["RAY_AUTH_MODE"] = "token"
+def warn_if_open(node_count: int, dashboard_url: str | None) -> None:
+    """A loud warning when a cluster of several nodes lets anyone in (launcher/auth.py)."""
+    head_says = dashboard_auth_mode(dashboard_url) if dashboard_url and node_count > 1 else None
+    token_file = (Path.home() / ".ray" / "auth_token").is_file()
+    if warning := token_auth_warning(node_count, os.environ, token_file, head_says):
+        logger.warning(warning)
 
 
 def alive_nodes() -> list[dict]:

@@ -26,6 +26,7 @@ from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_
 from launcher.scenario import Action, Clock, Scenario
 from launcher.swarm import Swarm, actor_name  # noqa: F401  (actor_name: tests find actors by it)
 from workers.config import ExperimentConfig, dump_config
+from workers.csvfile import MetricsWriteError
 from workers.metrics import MetricsRow
 
 logger = logging.getLogger("launcher")
@@ -95,6 +96,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
                     ray.shutdown()
     finish(run_dir, files.metrics.rows_written)
     return RunResult(run_dir, code)
+
+
+def write_last(files: RunFiles, swarm: Swarm, cfg: ExperimentConfig) -> None:
+    epochs = swarm.stop()
+    try:
+        files.write(epochs, swarm, cfg)
+    except MetricsWriteError as err:
+        logger.error("%s: the last rows are lost", err)
 
 
 def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:

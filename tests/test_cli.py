@@ -56,13 +56,14 @@ def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path):
+def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path, private_ray_env):
     """One peer's hivemind DHT process killed (its rounds hang), another peer's process frozen (SIGSTOP: it answers
     nothing, not even the stop), then Ctrl-C: the run still ends within 60 s and leaves no process behind."""
     before = {int(line.split(":")[0]) for line in run_processes()}
     log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen([*LAUNCH, "--set", "optim.epochs=40", "--address", "local", "--out", str(tmp_path / "out")],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    args = [*LAUNCH, "--set", "optim.epochs=40", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=private_ray_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
     try:
         wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
         processes = psutil.Process(proc.pid).children(recursive=True)
@@ -81,6 +82,7 @@ def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(2)
     assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
+    assert ray_started(private_ray_env) == [] or all("session_" in p for p in ray_started(private_ray_env))
 
 
 def wait_for_rows(out_dir, at_least: int, timeout: float) -> int:

@@ -30,7 +30,7 @@ from workers.checkpoint import checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
-from workers.network import announce_host, dht_maddrs, peer_port, ray_node_id
+from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
 from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
 from workers.state import apply_snapshot, snapshot
@@ -138,10 +138,12 @@ class Peer:
         import hivemind
 
         quiet_hivemind()  # again: hivemind sets its loggers' levels when its modules are first imported
-        host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, self.peer if self.port_offset else 0)
-        self.dht = hivemind.DHT(
-            initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
-        )
+        offset = self.peer if self.port_offset else 0
+        host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
+        with naming_taken_port(self.cfg.network, offset):
+            self.dht = hivemind.DHT(
+                initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
+            )
         self.averaging = self._hivemind_averaging()
         self._hivemind = [(proc, proc.name()) for proc in psutil.Process(os.getpid()).children(recursive=True)
                           if proc.name() != "torch_shm_manager"]  # fmt: skip
