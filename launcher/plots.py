@@ -46,11 +46,14 @@ def plot_peers(run: pd.DataFrame, events: pd.DataFrame | None = None) -> Figure:
     events (deaths, restarts, joins, leaves) marked where they happened."""
     peers = sorted(run["peer"].unique())
     fig, axes = _grid(f"{run['run_id'].iloc[0]}: per peer ({len(peers)} peers)")
-    for peer in peers:
-        rows = run[run["peer"] == peer].sort_values("epoch")
-        for row, (column, _, _) in enumerate(METRICS):
-            axes[row, 0].plot(rows["wall_time_s"], rows[column], marker=".", label=f"peer {peer}")
-            axes[row, 1].plot(rows["epoch"], rows[column], marker=".", label=f"peer {peer}")
+    incarnation = run["restarts"] if "restarts" in run.columns else 0
+    for number, peer in enumerate(peers):
+        color = f"C{number % 10}"
+        for lives, rows in run[run["peer"] == peer].assign(_life=incarnation).groupby("_life"):
+            rows, label = rows.sort_values("epoch"), f"peer {peer}" if lives == 0 else None  # a gap at a restart
+            for row, (column, _, _) in enumerate(METRICS):
+                axes[row, 0].plot(rows["wall_time_s"], rows[column], marker=".", color=color, label=label)
+                axes[row, 1].plot(rows["epoch"], rows[column], marker=".", color=color, label=label)
     _legend(axes[0, 0], len(peers))
     if events is not None:
         _mark_events(axes, events)

@@ -173,3 +173,26 @@ def test_settings_that_vary_between_runs_get_their_own_column(tmp_path):
     table = compare_runs(load_runs([tmp_path]))
     assert table["optim.lr"].tolist() == [0.1, 0.01]
     assert "seed" not in table.columns and "data.dataset" not in table.columns  # equal in both runs
+
+
+def test_the_per_peer_plot_marks_the_runs_churn_events(tmp_path):
+    from launcher.analyze import load_run
+    from launcher.plots import plot_peers
+    from launcher.results import EVENT_COLUMNS, Event, read_events, summarize
+
+    run_dir = make_run(tmp_path, "churn")
+    writer = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
+    started = [Event(5.0, 0, 0, "started"), Event(5.0, 1, 0, "started")]
+    churn = [Event(16.0, 1, 0, "died", "killed", 0.2, 1), Event(19.0, 1, 1, "restarted", "state from peer 0", 3.0, 1),
+             Event(25.0, 0, 0, "left", epoch=2)]  # fmt: skip
+    writer.write(started + churn)
+    writer.close()
+    events = read_events(run_dir)
+    axes = plot_peers(load_run(run_dir), events).axes
+    marks = [(line.get_xdata()[0], line.get_color()) for line in axes[1].lines if len(set(line.get_xdata())) == 1]
+    assert marks == [(1.5, "red"), (1.5, "green"), (2.5, "gray")], "between the epochs they fell between"
+    on_time = sorted(line.get_xdata()[0] for line in axes[0].lines if len(set(line.get_xdata())) == 1)
+    assert on_time == [11.0, 14.0, 20.0], "at their time since training started"
+    summary = summarize(load_run(run_dir), events).set_index("peer")
+    assert summary.loc[1, "deaths"] == 1 and summary.loc[0, "deaths"] == 0
+    assert summary.loc[1, "mean_rejoin_s"] == 3.0
