@@ -110,9 +110,10 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
     """Until no peer has anything left to train: write what the peers report, act on what the policy decides about
     dead or wedged peers, and play the scenario."""
     scenario, can_restart = Scenario(cfg.scenario, cfg.peers), restart_support(cfg.gossip.method)
+    round_s = cfg.gossip.matchmaking_time + cfg.gossip.round_timeout
     while swarm.active():
         epochs = swarm.tick(TICK_S)
-        for decision in decide(swarm.views(), cfg.faults, can_restart):
+        for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
             epochs += swarm.carry_out(decision)
         for action in scenario.due(clock(swarm)):
             play(swarm, action)
@@ -133,7 +134,7 @@ def play(swarm: Swarm, action: Action) -> None:
     event = action.event
     logger.info("scenario: %s of peer %d", event.event, action.peer)
     if event.event == "kill":
-        swarm.kill(action.peer)
+        swarm.kill(action.peer, event.process)
     elif event.event == "join":
         swarm.join(action.peer)
     elif event.event == "leave":

@@ -38,13 +38,16 @@ class Decision:
     reason: str
 
 
-def decide(views: list[PeerView], faults: FaultsConfig, can_restart: str | None = None) -> list[Decision]:
-    """`can_restart`: None when the method can replace a peer, else why it cannot (e.g. all-reduce)."""
+def decide(
+    views: list[PeerView], faults: FaultsConfig, can_restart: str | None = None, round_s: float = 0.0
+) -> list[Decision]:
+    """`can_restart`: None when the method can replace a peer, else why it cannot (e.g. all-reduce). `round_s`: the
+    longest an averaging round may block training (matchmaking plus all-reduce): that long is never a stall."""
     decisions = []
     for view in views:
         if view.phase == "dead":
             decisions.append(_after_death(view, faults, can_restart))
-        elif view.phase in ("running", "starting") and (reason := wedged(view, faults)):
+        elif view.phase in ("running", "starting") and (reason := wedged(view, faults, round_s)):
             decisions.append(Decision("kill", view.peer, reason))
     return decisions
 
@@ -57,7 +60,7 @@ def _after_death(view: PeerView, faults: FaultsConfig, can_restart: str | None) 
     return Decision("restart", view.peer, view.reason)
 
 
-def wedged(view: PeerView, faults: FaultsConfig) -> str | None:
+def wedged(view: PeerView, faults: FaultsConfig, round_s: float = 0.0) -> str | None:
     """Why a peer that is alive as a process must be treated as dead, or None."""
     if view.phase == "starting":
         if view.phase_s > faults.start_timeout_s:
@@ -67,16 +70,16 @@ def wedged(view: PeerView, faults: FaultsConfig) -> str | None:
         return view.hivemind_error
     if view.poll_age_s > faults.poll_timeout_s:
         return f"did not answer a status poll for {view.poll_age_s:.0f} s (faults.poll_timeout_s)"
-    deadline = stall_deadline(view.epoch_s, faults)
+    deadline = stall_deadline(view.epoch_s, faults, round_s)
     if view.progress_age_s > deadline:
         return f"made no training progress for {view.progress_age_s:.0f} s (deadline {deadline:.0f} s)"
     return None
 
 
-def stall_deadline(epoch_s: float | None, faults: FaultsConfig) -> float:
-    """How long a running peer may go without a step or a round: a multiple of its own longest epoch, never less
-    than faults.stall_min_s (a blocking round or a slow first epoch is not a stall)."""
-    return max(faults.stall_min_s, faults.stall_factor * (epoch_s or 0.0))
+def stall_deadline(epoch_s: float | None, faults: FaultsConfig, round_s: float = 0.0) -> float:
+    """How long a running peer may go without a step, a finished round or an evaluated batch: a multiple of its own
+    longest epoch, never less than faults.stall_min_s nor than twice the longest blocking round."""
+    return max(faults.stall_min_s, faults.stall_factor * (epoch_s or 0.0), 2 * round_s)
 
 
 def exit_code(views: list[PeerView], interrupted: bool) -> int:

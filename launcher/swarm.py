@@ -182,7 +182,7 @@ class Swarm:
         incarnation.enter("dead", reason)
         incarnation.poll = incarnation.launch = None
         killed_at = self.killed_at.pop(incarnation.peer, None)
-        detected = time.monotonic() - killed_at if killed_at is not None and event == "died" else float("nan")
+        detected = time.monotonic() - killed_at if killed_at is not None else float("nan")
         self._event(incarnation, event, reason, detected)
         logger.error("peer %d (restart %d) %s: %s", incarnation.peer, incarnation.restarts, event, reason)
         self._reap(incarnation)
@@ -242,12 +242,16 @@ class Swarm:
         incarnation.launch = incarnation.actor.join.remote(initial_peers, STATE_TIMEOUT_S)
         self.peers[peer] = incarnation
 
-    def kill(self, peer: int) -> None:
-        """A scripted fault: SIGKILL of the peer's process, found dead by the next poll like any other death."""
+    def kill(self, peer: int, process: str = "peer") -> None:
+        """A scripted fault: SIGKILL of the peer's process (found dead by the next poll like any other death) or of
+        its hivemind DHT process (the peer lives on, wedged, until the policy sees it)."""
         incarnation = self.peers[peer]
-        self._event(incarnation, "killed", "scenario: SIGKILL of its process")
+        self._event(incarnation, "killed", f"scenario: SIGKILL of its {process} process")
         self.killed_at[peer] = time.monotonic()
-        self._kill(incarnation)
+        if process == "dht":
+            signal_on_node(incarnation.node_id, incarnation.processes[1:2], self.here, signal.SIGKILL)
+        else:
+            self._kill(incarnation)
 
     def leave(self, peer: int, after_epoch: int | None) -> None:
         self.peers[peer].actor.leave_after.remote(after_epoch)

@@ -60,10 +60,12 @@ def test_a_healthy_or_finished_peer_is_left_alone(view):
     assert decide([view], FAULTS) == []
 
 
-def test_the_stall_deadline_follows_the_peers_own_epoch_time():
+def test_the_stall_deadline_follows_the_peers_own_epoch_time_and_its_longest_round():
     assert stall_deadline(None, FAULTS) == 20
     assert stall_deadline(5, FAULTS) == 20
     assert stall_deadline(50, FAULTS) == 150
+    assert stall_deadline(5, FAULTS, round_s=35) == 70, "a round that times out is not a stall"
+    assert decide([PeerView(0, "running", progress_age_s=65)], FAULTS, round_s=35) == []
 
 
 def test_exit_code():
@@ -116,6 +118,7 @@ def test_an_event_for_a_peer_that_is_not_running_waits_for_it():
         ({"event": "kill", "peer": 9, "at_s": 3}, "scenario.0.peer=9: the swarm has peers 0..3"),
         ({"event": "kill", "peer": 1, "at_epoch": 10}, "scenario.0.at_epoch=10: the run ends after epoch 10"),
         ({"event": "explode", "peer": 1}, "scenario.0.event='explode'"),
+        ({"event": "leave", "peer": 1, "at_s": 3, "process": "dht"}, "only a kill names a process"),
     ],
 )
 def test_a_bad_scenario_is_refused_at_load_time_naming_the_field(raw, message):

@@ -182,6 +182,8 @@ class ScenarioEvent(_Section):
     at_epoch: PositiveInt | None = None  # when that peer (for join: the swarm) has reported this epoch
     at_s: float | None = Field(None, ge=0)  # seconds after every peer started training
     factor: float | None = Field(None, gt=1)  # slow: step time multiplier
+    # kill: which process gets SIGKILL: the peer's own, or its hivemind DHT process (the peer lives on, wedged)
+    process: Literal["peer", "dht"] = "peer"
 
     @model_validator(mode="after")
     def _fields_fit_the_event(self) -> ScenarioEvent:
@@ -192,6 +194,8 @@ class ScenarioEvent(_Section):
                                                   if self.event == "join" else "needs peer: N"))  # fmt: skip
         if (self.factor is None) != (self.event != "slow"):
             raise ValueError("slow needs factor: F (> 1); other events take no factor")
+        if self.process != "peer" and self.event != "kill":
+            raise ValueError("process: only a kill names a process")
         if self.event in ("kill", "leave", "join") and self.at_epoch is None and self.at_s is None:
             raise ValueError(f"{self.event} needs at_epoch or at_s")
         return self

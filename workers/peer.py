@@ -252,9 +252,10 @@ class Peer:
         return path.read_bytes() if path.exists() else None
 
     def process_ids(self) -> list[tuple[int, float]]:
-        """(pid, create time) of this process and of hivemind's (DHT, averager, p2pd), to reap what a killed peer
-        leaves behind."""
-        procs = [psutil.Process(os.getpid())] + [proc for proc, _ in self._hivemind]
+        """(pid, create time) of this process, then of hivemind's: the DHT process first, then the others (averager,
+        p2pd); to reap what a killed peer leaves behind."""
+        dht_first = sorted((proc for proc, _ in self._hivemind), key=lambda proc: proc.pid != self.dht.pid)
+        procs = [psutil.Process(os.getpid())] + dht_first
         return [(proc.pid, proc.create_time()) for proc in procs]
 
     def stop(self, timeout: float = 30.0) -> None:

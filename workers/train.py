@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -95,7 +95,8 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
             return
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
         averaging.after_epoch()
-        test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last)
+        test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
+                                       heartbeat=lambda: setattr(setup, "last_progress", time.monotonic()))  # fmt: skip
         improved = test_acc > progress.best_acc
         with setup.lock:  # the epoch's end as one change: a snapshot sees it all or none of it
             progress.epoch, progress.epoch_step, progress.wall_time_s = epoch, 0, time.perf_counter() - started
@@ -167,11 +168,18 @@ def epoch_row(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, channels_last: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+    heartbeat: Callable[[], None] = lambda: None,
 ) -> tuple[float, float]:
+    """(loss, accuracy) on `loader`; `heartbeat` after every batch (a long evaluation is progress, not a stall)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for inputs, targets in loader:
+        heartbeat()
         inputs, targets = to_device(inputs, targets, device, channels_last)
         with autocast(device, amp):
             logits = model(inputs)
