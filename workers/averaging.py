@@ -53,6 +53,12 @@ def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [p.data for p in model.parameters()] + [b.data for b in buffers]
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for hivemind in the default (contiguous) layout. hivemind splits every averaged tensor with
+    `view(-1)`, which raises on channels_last strides, and `.to(copy=True)` keeps them: every round would fail."""
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
 class NoAveraging:
     """The baseline: the same harness with no communication."""
 
@@ -87,7 +93,7 @@ class GossipAveraging(NoAveraging):
         self.cfg = cfg
         self.tensors = averaged_tensors(model)
         self.averager = DecentralizedAverager(
-            [t.detach().to("cpu", copy=True) for t in self.tensors],
+            [host_copy(t) for t in self.tensors],
             dht,
             prefix=prefix,
             target_group_size=cfg.group_size,
@@ -202,14 +208,14 @@ class OptimizerAveraging(NoAveraging):
 
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
                  target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0):  # fmt: skip
-        import hivemind
+        from workers.hivemind_layout import ContiguousGradientAverager, ContiguousOptimizer
 
         super().__init__()
         self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
         self.background = cfg.background_averaging
         self._step_started, self._rounds_before = 0.0, 0
         self._counter = _RoundLogCounter(self)
-        self.optimizer = hivemind.Optimizer(
+        self.optimizer = ContiguousOptimizer(  # hivemind.Optimizer, its averagers' copies made contiguous
             dht=dht,
             run_id=prefix,
             optimizer=optimizer,
@@ -225,6 +231,7 @@ class OptimizerAveraging(NoAveraging):
                 request_timeout=min(3.0, cfg.matchmaking_time / 2),
             ),
             delay_state_averaging=cfg.background_averaging,
+            grad_averager_factory=None if cfg.local_updates else ContiguousGradientAverager,
             verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
         )
 
