@@ -78,6 +78,42 @@ def test_gossip_averages_a_channels_last_model(dhts):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_a_round_without_a_partner_fails_after_matchmaking_time_not_the_round_timeout(dhts):
+    cfg = GossipConfig(matchmaking_time=1.5, round_timeout=30.0)
+    peer = GossipAveraging(conv_model(0), dhts(1)[0], cfg, prefix="alone")
+    try:
+        assert peer.average() is None
+    finally:
+        peer.shutdown()
+    print(f"failed round: {peer.stats.seconds:.2f} s")
+    assert peer.stats.failed == 1
+    assert cfg.matchmaking_time <= peer.stats.seconds < cfg.matchmaking_time + 2.0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_a_partner_that_comes_within_matchmaking_time_is_averaged_with(dhts):
+    """The shorter deadline must not cut off a partner that starts its round late, but within matchmaking_time."""
+    models = [conv_model(seed) for seed in (1, 2)]
+    cfg = GossipConfig(group_size=2, matchmaking_time=3.0, round_timeout=10.0)
+    peers = [GossipAveraging(model, dht, cfg, prefix="late") for model, dht in zip(models, dhts(2), strict=True)]
+
+    def average_after(peer: GossipAveraging, delay: float) -> int | None:
+        time.sleep(delay)
+        return peer.average()
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            group_sizes = list(pool.map(average_after, peers, [0.0, 2.0]))
+    finally:
+        for peer in peers:
+            peer.shutdown()
+    assert group_sizes == [2, 2]
+    torch.testing.assert_close(models[0][0].weight, models[1][0].weight)
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("local_updates", [True, False])
 def test_hivemind_optimizer_averages_a_channels_last_model(dhts, local_updates):

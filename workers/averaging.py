@@ -92,6 +92,11 @@ class GossipAveraging(NoAveraging):
         super().__init__()
         self.cfg = cfg
         self.tensors = averaged_tensors(model)
+        request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
+        # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
+        # one matchmaking_time, plus request_timeout for the leader's go-ahead to reach its followers. The all-reduce
+        # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
+        self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
         self.averager = DecentralizedAverager(
             [host_copy(t) for t in self.tensors],
             dht,
@@ -100,7 +105,7 @@ class GossipAveraging(NoAveraging):
             min_group_size=cfg.min_group_size,
             averaging_alpha=cfg.alpha,
             min_matchmaking_time=cfg.matchmaking_time,
-            request_timeout=min(3.0, cfg.matchmaking_time / 2),  # hivemind: must be below matchmaking time
+            request_timeout=request_timeout,
             allreduce_timeout=cfg.round_timeout,
             start=True,
         )
@@ -120,7 +125,7 @@ class GossipAveraging(NoAveraging):
             for dst, src in zip(shared, self.tensors, strict=True):
                 dst.copy_(src)
         try:
-            gathered = self.averager.step(timeout=self.cfg.matchmaking_time + self.cfg.round_timeout)
+            gathered = self.averager.step(timeout=self.matchmaking_deadline)
         except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
             logger.warning("averaging round failed: %r", err)
             gathered = None
