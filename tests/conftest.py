@@ -30,6 +30,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def torch_threads():
+    """Peer sets torch's thread count for its process; give this process its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_processes(exclude: set[int] = frozenset()) -> list[str]:
     """Command lines of live Ray/p2pd processes not in `exclude`."""
     found = []

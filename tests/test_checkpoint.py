@@ -110,14 +110,6 @@ def test_a_resumed_schedule_follows_the_new_run_length():
 # --- resume in one process -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def torch_threads():
-    """Peer sets torch's thread count for its process; give this process its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_peer(tmp_path, name: str, *overrides: str) -> tuple[Peer, list]:
     """Peer 0 of a 2-peer digits swarm without communication, trained in this process."""
     cfg = quick_config("peers=2", "gossip.method=none", "optim.schedule=step", "optim.step_size=1",

@@ -86,11 +86,13 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         if totals is None:
             return
         averaging.after_epoch()
+        trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last)
+        seconds = (trained - epoch_started, time.perf_counter() - trained)  # throughput must not count evaluation
         improved = test_acc > progress.best_acc
         progress.epoch, progress.wall_time_s = epoch, time.perf_counter() - started
         progress.best_acc = test_acc if improved else progress.best_acc
-        row = epoch_row(setup, averaging, totals, (test_loss, test_acc), time.perf_counter() - epoch_started)
+        row = epoch_row(setup, averaging, totals, (test_loss, test_acc), seconds)
         setup.scheduler.step()
         save_epoch(setup, row, improved)
         yield Report(row, setup.sketch(flat_parameters(setup.model)))
@@ -118,10 +120,15 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
 
 
 def epoch_row(
-    setup: TrainSetup, averaging: NoAveraging, totals: EpochTotals, test: tuple[float, float], seconds: float
+    setup: TrainSetup,
+    averaging: NoAveraging,
+    totals: EpochTotals,
+    test: tuple[float, float],
+    seconds: tuple[float, float],
 ) -> MetricsRow:
+    """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
     group_size, avg_seconds = averaging.stats.take_window()
-    progress = setup.progress
+    progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
         peer=setup.peer,
@@ -133,7 +140,9 @@ def epoch_row(
         train_acc=int(totals.correct) / max(totals.seen, 1),
         test_loss=test[0],
         test_acc=test[1],
-        samples_per_s=totals.seen / seconds,
+        samples_per_s=totals.seen / trained_s,
+        train_s=max(trained_s - avg_seconds, 0.0),  # a blocking hivemind.Optimizer round counts its whole step
+        eval_s=eval_s,
         avg_rounds_ok=averaging.stats.ok,
         avg_rounds_failed=averaging.stats.failed,
         avg_group_size=group_size,
