@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
+import numpy as np
+
 from workers.metrics import MetricsRow
 from workers.sketch import consensus_distance
 from workers.train import Report
@@ -38,8 +40,16 @@ class EpochCollector:
 
     def _finish(self, epoch: int) -> list[MetricsRow]:
         reports = self.pending.pop(epoch)
-        distance = consensus_distance([r.sketch for r in reports.values()]) if len(reports) > 1 else float("nan")
+        distance = swarm_distance([r.sketch for r in reports.values()])
+        before = swarm_distance([r.sketch_before for r in reports.values()])
         return [
-            dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(reports))
+            dataclasses.replace(r.row, consensus_dist=distance, consensus_before=before, consensus_peers=len(reports))
             for _, r in sorted(reports.items())
         ]
+
+
+def swarm_distance(sketches: list[np.ndarray | None]) -> float:
+    """The consensus distance over the peers' sketches; nan for a single peer or when a peer sent none (no round)."""
+    if len(sketches) < 2 or any(sketch is None for sketch in sketches):
+        return float("nan")
+    return consensus_distance(sketches)

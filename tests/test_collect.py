@@ -19,8 +19,9 @@ def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -
     )  # fmt: skip
 
 
-def report(peer: int, epoch: int, position: float) -> Report:
-    return Report(make_row(peer, epoch), np.array([position, 0.0]))
+def report(peer: int, epoch: int, position: float, before: float | None = None) -> Report:
+    """A peer at `position` after the epoch, at `before` just before its last round (None: it had no round)."""
+    return Report(make_row(peer, epoch), np.array([position, 0.0]), None if before is None else np.array([before, 0]))
 
 
 def test_rows_wait_for_every_live_peer_then_carry_the_swarm_distance():
@@ -31,6 +32,19 @@ def test_rows_wait_for_every_live_peer_then_carry_the_swarm_distance():
     assert [r.peer for r in epoch1] == [0, 1]
     assert all(r.consensus_dist == 1.0 and r.consensus_peers == 2 for r in epoch1)
     assert collector.pending.keys() == {2}
+
+
+def test_consensus_before_the_round_comes_from_the_sketches_taken_before_it():
+    collector = EpochCollector(range(2))
+    collector.add(report(0, 1, 0.0, before=-3.0))
+    (epoch1,) = collector.add(report(1, 1, 2.0, before=3.0))
+    assert all(r.consensus_before == 3.0 and r.consensus_dist == 1.0 for r in epoch1)
+    collector.add(report(0, 2, 0.0))
+    (epoch2,) = collector.add(report(1, 2, 2.0))  # no round, no sketch before one
+    assert all(math.isnan(r.consensus_before) and r.consensus_dist == 1.0 for r in epoch2)
+    collector.add(report(0, 3, 0.0, before=1.0))
+    (epoch3,) = collector.add(report(1, 3, 2.0))  # a distance over a subset of the peers would be another swarm's
+    assert math.isnan(epoch3[0].consensus_before)
 
 
 def test_a_lost_peer_is_no_longer_waited_for():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from tests.conftest import quick_config
 from workers.averaging import NoAveraging
 from workers.peer import Peer
-from workers.train import train
+from workers.train import flat_parameters, train
 
 
 class SlowEvaluation:
@@ -48,3 +50,53 @@ def test_throughput_counts_training_and_averaging_but_not_evaluation(torch_threa
     assert row.samples_per_s == pytest.approx(row.samples_seen / (row.train_s + row.avg_seconds))
     assert row.train_s + row.avg_seconds + row.eval_s <= elapsed
     assert row.samples_seen / row.samples_per_s < elapsed - 1.5, "the evaluation is not in the throughput"
+
+
+class HalvingRounds(NoAveraging):
+    """A stand-in for averaging that halves the parameters in each round (every `every` steps, or after the epoch),
+    and keeps the parameters it found before each round."""
+
+    def __init__(self, model: torch.nn.Module, every: int | None):
+        super().__init__()
+        self.model, self.every = model, every
+        self.before: dict[int | str, torch.Tensor] = {}  # step, or "epoch <n>" -> parameters before that round
+
+    def round_after_step(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.every is None
+
+    def after_step(self, step: int) -> None:
+        if self.round_after_step(step):
+            self._round(step)
+
+    def after_epoch(self) -> None:
+        if self.round_after_epoch():
+            self._round(f"epoch {len(self.before) + 1}")
+
+    @torch.no_grad()
+    def _round(self, key: int | str) -> None:
+        self.before[key] = flat_parameters(self.model).clone()
+        for parameter in self.model.parameters():
+            parameter.mul_(0.5)
+
+
+@pytest.mark.parametrize("every", [4, None])
+def test_the_sketch_before_is_taken_right_before_the_epochs_last_round(torch_threads, every):
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=2"), 0, "before")
+    setup = peer.setup
+    averaging = HalvingRounds(setup.model, every)
+    steps = len(setup.train_loader)
+    assert steps % 4 != 0, "rounds at steps 4, 8, ...: the epochs' last rounds are not at their last steps"
+    reports = list(train(setup, averaging, threading.Event()))
+    expected = [steps // 4 * 4, (2 * steps) // 4 * 4] if every else ["epoch 1", "epoch 2"]
+    for report, key in zip(reports, expected, strict=True):
+        np.testing.assert_array_equal(report.sketch_before, setup.sketch(averaging.before[key]))
+        assert not np.array_equal(report.sketch_before, report.sketch)
+
+
+def test_no_round_no_sketch_before(torch_threads):
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "none")
+    (report,) = train(peer.setup, NoAveraging(), threading.Event())
+    assert report.sketch_before is None

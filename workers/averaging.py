@@ -69,6 +69,14 @@ class NoAveraging:
         """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
         return local_steps
 
+    def round_after_step(self, step: int) -> bool:
+        """Whether `after_step(step)` will average the parameters (False where hivemind decides, in `optimizer`)."""
+        return False
+
+    def round_after_epoch(self) -> bool:
+        """Whether `after_epoch` will average the parameters."""
+        return False
+
     def before_step(self) -> None:
         pass
 
@@ -110,12 +118,18 @@ class GossipAveraging(NoAveraging):
             start=True,
         )
 
+    def round_after_step(self, step: int) -> bool:
+        return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.every_steps == "epoch"
+
     def after_step(self, step: int) -> None:
-        if self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0:
+        if self.round_after_step(step):
             self.average()
 
     def after_epoch(self) -> None:
-        if self.cfg.every_steps == "epoch":
+        if self.round_after_epoch():
             self.average()
 
     def average(self) -> int | None:
@@ -170,13 +184,19 @@ class AllReduceAveraging(NoAveraging):
         if self.cfg.allreduce_on == "gradients":
             self._all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
 
+    def round_after_step(self, step: int) -> bool:
+        every = self.cfg.every_steps
+        return self.cfg.allreduce_on == "parameters" and every != "epoch" and step % every == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch"
+
     def after_step(self, step: int) -> None:
-        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps != "epoch":
-            if step % self.cfg.every_steps == 0:
-                self._all_reduce_mean(self.tensors)
+        if self.round_after_step(step):
+            self._all_reduce_mean(self.tensors)
 
     def after_epoch(self) -> None:
-        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch":
+        if self.round_after_epoch():
             self._all_reduce_mean(self.tensors)
 
     @torch.no_grad()

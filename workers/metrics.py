@@ -27,6 +27,7 @@ class MetricsRow:
     avg_group_size: float  # mean size of the groups of the successful rounds since the previous row
     avg_seconds: float  # seconds spent in averaging since the previous row (this epoch's rounds)
     consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
+    consensus_before: float = math.nan  # the same, just before each peer's last round of the epoch (nan: no round)
     consensus_peers: int = 0  # how many peers' parameters that figure covers
     node: str = ""  # host name of the machine the peer ran on
     node_id: str = ""  # the Ray node the peer ran on (several Ray nodes may share a machine; "" without Ray)

@@ -29,6 +29,7 @@ class Report:
 
     row: MetricsRow
     sketch: np.ndarray
+    sketch_before: np.ndarray | None = None  # the parameters just before the epoch's last round (None: no round)
 
 
 @dataclass
@@ -64,11 +65,13 @@ class TrainSetup:
 
 @dataclass
 class EpochTotals:
-    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step."""
+    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step.
+    And the parameters' sketch just before the epoch's last averaging round: consensus before it, for drift."""
 
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seen: int = 0
+    sketch_before: np.ndarray | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + loss.detach().float() * len(targets)
@@ -85,6 +88,8 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         totals = train_epoch(setup, averaging, stop)
         if totals is None:
             return
+        if averaging.round_after_epoch():
+            totals.sketch_before = setup.sketch(flat_parameters(setup.model))
         averaging.after_epoch()
         trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last)
@@ -95,14 +100,16 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         row = epoch_row(setup, averaging, totals, (test_loss, test_acc), seconds)
         setup.scheduler.step()
         save_epoch(setup, row, improved)
-        yield Report(row, setup.sketch(flat_parameters(setup.model)))
+        yield Report(row, setup.sketch(flat_parameters(setup.model)), totals.sketch_before)
 
 
 def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> EpochTotals | None:
     """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
+    steps = averaging.epoch_steps(len(setup.train_loader))
+    last_round = None if averaging.round_after_epoch() else last_round_step(averaging, progress.step, steps)
     model.train()
-    for inputs, targets in islice(setup.train_loader, averaging.epoch_steps(len(setup.train_loader))):
+    for inputs, targets in islice(setup.train_loader, steps):
         if stop.is_set():
             return None
         inputs, targets = to_device(inputs, targets, setup.device, setup.channels_last)
@@ -115,8 +122,15 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
         setup.optimizer.step()
         progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
         totals.add(loss, logits, targets)
+        if progress.step == last_round:
+            totals.sketch_before = setup.sketch(flat_parameters(model))
         averaging.after_step(progress.step)
     return totals
+
+
+def last_round_step(averaging: NoAveraging, first_step: int, steps: int) -> int | None:
+    """The step after which the last round of an epoch of `steps` steps after `first_step` runs (None: none)."""
+    return next((s for s in range(first_step + steps, first_step, -1) if averaging.round_after_step(s)), None)
 
 
 def epoch_row(
