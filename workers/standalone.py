@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--join_timeout", type=float, default=300.0, metavar="SECONDS",
         help="wait up to this long for all --peers peers to join before training, as the launcher does; "
         "0: start at once, like the original scripts (default: 300)")  # fmt: skip
-    add("--out", type=Path, help="folder for metrics.csv, config.yaml and, unless checkpoint_dir is set, the "
-        "checkpoints (default: results/standalone-NAME/peer-I)")  # fmt: skip
+    add("--out", type=Path, help="folder for metrics.csv, config.yaml and the checkpoints (default: "
+        "results/standalone-NAME/peer-I); with checkpoint_dir set, the checkpoints go to "
+        "CHECKPOINT_DIR/standalone-NAME")  # fmt: skip
     return parser
 
 
@@ -157,11 +158,15 @@ def check_announce_maddr(maddr: str, listen_port: int) -> None:
 
 def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
     """Only this peer's checkpoint must be in `resume_from`: standalone peers may each have their own folder."""
-    from workers.checkpoint import checkpoint_path
+    from workers.checkpoint import check_identity, checkpoint_path, read_identity
 
-    if cfg.resume_from is not None and not checkpoint_path(cfg.resume_from, peer_index, "final").is_file():
-        path = checkpoint_path(cfg.resume_from, peer_index, "final").resolve()
-        raise ConfigError(f"resume_from={str(cfg.resume_from)!r}: no checkpoint for --peer={peer_index} ({path})")
+    if cfg.resume_from is None:
+        return
+    path = checkpoint_path(cfg.resume_from, peer_index, "final")
+    if not path.is_file():
+        where = f"resume_from={str(cfg.resume_from)!r}"
+        raise ConfigError(f"{where}: no checkpoint for --peer={peer_index} ({path.resolve()})")
+    check_identity(read_identity(path), cfg, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_peer(
     cfg: ExperimentConfig, peer_index: int, run_id: str, initial_peers: list[str], out: Path, join_timeout: float
 ) -> int:
+    from workers.checkpoint import run_checkpoint_dir
     from workers.peer import Peer  # torch and hivemind: only once the config is known good
 
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,8 @@ def run_peer(
     with MetricsFile(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
         try:
             # exactly the port asked for: unlike Ray peers, standalone ones on one machine each pass their own
-            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out, port_offset=False)
+            checkpoints = run_checkpoint_dir(cfg, run_id, out)
+            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=checkpoints, port_offset=False)
             maddrs = start_dht(peer, initial_peers)
             if not initial_peers:
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join

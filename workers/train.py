@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ class TrainSetup:
     amp: bool = False  # bf16 autocast of forward passes (CUDA only)
     channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
+    identity: dict[str, Any] = field(default_factory=dict)  # the config's identity, recorded in the checkpoints
     node_id: str = ""  # the Ray node the peer runs on ("" outside Ray)
     progress: Progress = field(default_factory=Progress)
 
