@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
-from workers.checkpoint import checkpoint_path, resume
+from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
@@ -90,6 +90,7 @@ class Peer:
             amp=cfg.optim.amp and on_gpu,
             channels_last=cfg.model.channels_last and on_gpu,
             checkpoint_dir=self.checkpoint_dir,
+            identity=checkpoint_identity(cfg),  # recorded in its checkpoints, checked on resume
         )
         if cfg.resume_from is not None:
             resume(setup, cfg)  # parameters, optimizer, schedule, counters and RNG streams from the checkpoint
