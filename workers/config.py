@@ -37,6 +37,7 @@ class DataConfig(_Section):
     dataset: Literal["digits", "cifar10", "tinyimagenet"] = "digits"
     root: Path = Path("data")  # holds cifar-10-batches-py/ or tiny-imagenet-200/; digits ships with scikit-learn
     download: bool = False  # fetch a missing dataset into `root` (needs internet on every peer's machine)
+    download_timeout: PositiveFloat = 3600.0  # seconds the download may take (the launcher's, before the peers start)
     batch_size: PositiveInt = 32
     test_batch_size: PositiveInt = 512
     test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split (digits)
