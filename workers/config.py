@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,31 @@ class GossipConfig(_Section):
             raise ValueError(f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}")
         return self
 
+    @model_validator(mode="after")
+    def _knobs_are_used_by_the_method(self) -> GossipConfig:
+        """A knob the method ignores would still be recorded with the results, as if it had shaped them."""
+        ignored = [
+            f"gossip.{knob}={getattr(self, knob)!r}"
+            for knob, (default, methods) in _METHOD_KNOBS.items()
+            if self.method not in methods and self.method != "none" and getattr(self, knob) != default
+        ]
+        if self.method == "allreduce" and self.allreduce_on == "gradients" and self.every_steps != "epoch":
+            ignored.append(f"gossip.every_steps={self.every_steps!r} (gradients are averaged at every step)")
+        if ignored:
+            raise ValueError(f"gossip.method={self.method!r} ignores {', '.join(ignored)}: remove it")
+        return self
+
+
+# A method-specific knob: its default and the methods that use it. `none` uses none of them, so it accepts any value
+# (a sweep can compare it with any setting of the others).
+_METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "every_steps": ("epoch", ("gossip", "allreduce")),
+    "allreduce_on": ("parameters", ("allreduce",)),
+    "target_batch_size": (None, ("optimizer",)),
+    "local_updates": (True, ("optimizer",)),
+    "background_averaging": (False, ("optimizer",)),
+}
+
 
 class ResourcesConfig(_Section):
     num_cpus: PositiveFloat = 1.0  # per peer; also the peer's torch thread count (at least 1)
@@ -170,6 +199,11 @@ def train_set_size(data: DataConfig) -> int:
     return size - int(round(size * data.test_fraction)) if data.dataset == "digits" else size  # as data.py splits
 
 
+def steps_per_epoch(data: DataConfig, peers: int) -> int:
+    """A peer's optimizer steps per epoch with an even share of the training set (IID; Dirichlet shards vary)."""
+    return math.ceil(math.ceil(train_set_size(data) / peers) / data.batch_size)
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     peers: PositiveInt = 4
@@ -217,6 +251,27 @@ class ExperimentConfig(_Section):
         if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size > self.peers:
             raise ValueError(
                 f"gossip.min_group_size={self.gossip.min_group_size} can never be met by peers={self.peers}"
+            )
+        if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size == self.peers > 2:
+            logger.warning(
+                "gossip.min_group_size=%d = peers: every round needs every peer, so after one peer dies (or falls "
+                "behind by more than gossip.matchmaking_time) every round fails", self.peers,
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _every_steps_leaves_rounds(self) -> ExperimentConfig:
+        """Rounds come at every `every_steps`-th step of a peer's run: a run with fewer steps has none at all."""
+        every = self.gossip.every_steps
+        if every == "epoch" or self.gossip.method not in ("gossip", "allreduce"):
+            return self
+        per_epoch = steps_per_epoch(self.data, self.peers)
+        if every > per_epoch * self.optim.epochs:
+            raise ValueError(
+                f"gossip.every_steps={every} is never reached: each peer takes about {per_epoch} steps per epoch "
+                f"({train_set_size(self.data)} samples of {self.data.dataset} / peers={self.peers} / "
+                f"data.batch_size={self.data.batch_size}), {per_epoch * self.optim.epochs} in optim.epochs="
+                f"{self.optim.epochs}, so the run would have no averaging round"
             )
         return self
 
