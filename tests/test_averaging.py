@@ -32,24 +32,6 @@ def is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
-@pytest.fixture
-def dhts():
-    """dhts(n): n hivemind DHTs on loopback, the first one the others' bootstrap peer; all shut down afterwards."""
-    import hivemind
-
-    started = []
-
-    def start(count: int) -> list:
-        for _ in range(count):
-            initial = started[0].get_visible_maddrs() if started else []
-            started.append(hivemind.DHT(initial_peers=initial, host_maddrs=LOOPBACK, start=True))
-        return started[-count:]
-
-    yield start
-    for dht in started:
-        dht.shutdown()
-
-
 def test_the_test_model_really_has_channels_last_strides_on_cpu():
     weight = conv_model(0)[0].weight
     assert is_channels_last(weight)

@@ -308,7 +308,8 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for issue in err.errors():
-        field = ".".join(str(p) for p in issue["loc"]) or "config"
+        # pydantic adds a union member's tag to the location (every_steps.constrained-int): not a field name
+        field = ".".join(str(p) for p in issue["loc"] if isinstance(p, int) or str(p).isidentifier()) or "config"
         if issue["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key (value {issue['input']!r})")
         elif issue["type"] in ("value_error", "assertion_error") and not issue["loc"]:
