@@ -15,7 +15,7 @@ from pathlib import Path
 
 from workers.checkpoint import check_resume
 from workers.config import ConfigError, ExperimentConfig, Sweep, load_experiment
-from workers.datacheck import check_data
+from workers.datacheck import prepare_data
 from workers.network import check_ports_free, listen_host
 
 
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_experiment(args.config, overrides)  # a sweep: every point validated here, before Ray starts
         for point_cfg in [p.config for p in cfg.points] if isinstance(cfg, Sweep) else [cfg]:
-            check_data(point_cfg.data)
+            prepare_data(point_cfg.data)  # downloads here, once, not inside the peers' start-up time limit
             check_resume(point_cfg)
             check_local_ports(point_cfg, args.address)
         check_address(args.address or os.environ.get("RAY_ADDRESS"))

@@ -24,13 +24,13 @@ class EpochCollector:
     def __init__(self, peers: range | list[int]):
         self.expected: dict[int, int] = {peer: 1 for peer in peers}  # peer -> the first epoch it reports
         self.pending: dict[int, dict[int, Report]] = defaultdict(dict)  # epoch -> peer -> report
-        self.finished: dict[int, list[np.ndarray]] = {}  # epoch -> the sketches its rows were finished with
+        self.finished: dict[int, list[Report]] = {}  # epoch -> the reports its rows were finished with
         self.swarm_epoch = 0  # the last epoch finished
 
     def add(self, report: Report) -> list[list[MetricsRow]]:
         epoch = report.row.epoch
         if epoch in self.finished:
-            self.finished[epoch].append(report.sketch)
+            self.finished[epoch].append(report)
             return [self._rows({report.row.peer: report}, self.finished[epoch])]
         self.pending[epoch][report.row.peer] = report
         return self._complete_epochs()
@@ -58,14 +58,23 @@ class EpochCollector:
 
     def _finish(self, epoch: int) -> list[MetricsRow]:
         reports = self.pending.pop(epoch)
-        self.finished[epoch] = [r.sketch for r in reports.values()]
+        self.finished[epoch] = list(reports.values())
         self.swarm_epoch = max(self.swarm_epoch, epoch)
         return self._rows(reports, self.finished[epoch])
 
     @staticmethod
-    def _rows(reports: dict[int, Report], sketches: list[np.ndarray]) -> list[MetricsRow]:
-        distance = consensus_distance(sketches) if len(sketches) > 1 else float("nan")
+    def _rows(reports: dict[int, Report], finished: list[Report]) -> list[MetricsRow]:
+        """`reports`' rows, with the distances over every report `finished` of their epoch."""
+        distance = swarm_distance([r.sketch for r in finished])
+        before = swarm_distance([r.sketch_before for r in finished])
         return [
-            dataclasses.replace(r.row, consensus_dist=distance, consensus_peers=len(sketches))
+            dataclasses.replace(r.row, consensus_dist=distance, consensus_before=before, consensus_peers=len(finished))
             for _, r in sorted(reports.items())
         ]
+
+
+def swarm_distance(sketches: list[np.ndarray | None]) -> float:
+    """The consensus distance over the peers' sketches; nan for a single peer or when a peer sent none (no round)."""
+    if len(sketches) < 2 or any(sketch is None for sketch in sketches):
+        return float("nan")
+    return consensus_distance(sketches)

@@ -25,6 +25,7 @@ from launcher.policy import decide, exit_code, restart_support
 from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
 from launcher.scenario import Action, Clock, Scenario
 from launcher.swarm import Swarm, actor_name  # noqa: F401  (actor_name: tests find actors by it)
+from workers.checkpoint import run_checkpoint_dir
 from workers.config import ExperimentConfig, dump_config
 from workers.csvfile import MetricsWriteError
 from workers.metrics import MetricsRow
@@ -72,7 +73,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))  # as given: `network.host: auto` stays portable
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
-    swarm = Swarm(cfg, run_id, checkpoint_dir=(cfg.checkpoint_dir or run_dir).expanduser().resolve())
+    swarm = Swarm(cfg, run_id, checkpoint_dir=run_checkpoint_dir(cfg, run_id, run_dir))
     files, code = RunFiles(run_dir), 130
     try:
         swarm.start()

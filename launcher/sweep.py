@@ -70,8 +70,9 @@ def run_points(sweep: Sweep, sweep_dir: Path) -> int:
 
 
 def make_sweep_dir(sweep: Sweep, out_dir: Path) -> Path:
+    """`out_dir` as run_experiment takes it: `~` expanded (a quoted --out '~/...' reaches us unexpanded), absolute."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    sweep_dir = out_dir / f"{sweep.name}-{stamp}-{secrets.token_hex(2)}"
+    sweep_dir = out_dir.expanduser().resolve() / f"{sweep.name}-{stamp}-{secrets.token_hex(2)}"
     sweep_dir.mkdir(parents=True)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep.spec, sort_keys=False))
     return sweep_dir

@@ -80,6 +80,36 @@ def ray_started(env: dict[str, str]) -> list[str]:
     return found
 
 
+@pytest.fixture
+def torch_threads():
+    """Peer sets torch's thread count for its process; give this process its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dhts():
+    """dhts(n): n hivemind DHTs on loopback in this process, the first one the others' bootstrap peer; all shut down
+    afterwards. (Not `Peer.stop`, which also kills this process's other children, torch's shared-memory manager
+    among them: fine in a peer's own process, fatal to the later tests of a pytest process.)"""
+    import hivemind
+
+    started = []
+
+    def start(count: int) -> list:
+        for _ in range(count):
+            initial = started[0].get_visible_maddrs() if started else []
+            started.append(hivemind.DHT(initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True))
+        return started[-count:]
+
+    yield start
+    for dht in started:
+        dht.shutdown()
+
+
 def run_processes(exclude: set[int] = frozenset()) -> list[str]:
     """Command lines of live Ray/p2pd processes not in `exclude`."""
     found = []

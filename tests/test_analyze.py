@@ -48,8 +48,8 @@ def _row(run_id: str, peer: int, e: int) -> MetricsRow:
     return MetricsRow(
         run_id=run_id, peer=peer, epoch=e + 1, step=10 * (e + 1), samples_seen=SAMPLES[peer][e],
         wall_time_s=WALL_TIME[peer][e], train_loss=1.0 / (e + 1), train_acc=0.5, test_loss=2.0 - TEST_ACC[peer][e],
-        test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], avg_rounds_ok=ROUNDS_OK[peer][e],
-        avg_rounds_failed=ROUNDS_FAILED[peer][e], avg_group_size=2.0, avg_seconds=0.5,
+        test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], train_s=1.0, eval_s=0.5,
+        avg_rounds_ok=ROUNDS_OK[peer][e], avg_rounds_failed=ROUNDS_FAILED[peer][e], avg_group_size=2.0, avg_seconds=0.5,
         consensus_dist=CONSENSUS[e], consensus_peers=2, node="test",
     )  # fmt: skip
 

@@ -285,8 +285,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_peer_naming_the
 def metrics_row(epoch: int) -> MetricsRow:
     return MetricsRow(run_id="full-disk", peer=0, epoch=epoch, step=10 * epoch, samples_seen=320 * epoch,
                       wall_time_s=1.5 * epoch, train_loss=0.5, train_acc=0.8, test_loss=0.6, test_acc=0.75,
-                      samples_per_s=213.3, avg_rounds_ok=epoch, avg_rounds_failed=0, avg_group_size=2.0,
-                      avg_seconds=0.25, node="host", node_id="n1")  # fmt: skip
+                      samples_per_s=213.3, train_s=1.2, eval_s=0.2, avg_rounds_ok=epoch, avg_rounds_failed=0,
+                      avg_group_size=2.0, avg_seconds=0.25, node="host", node_id="n1")  # fmt: skip
 
 
 def write_until_full(write, disk) -> int:
@@ -305,7 +305,7 @@ def assert_whole_rows(path, rows: int) -> None:
     assert path.read_bytes().endswith(b"\r\n"), "no half row at the end"
     table = pd.read_csv(path)
     assert list(table.epoch) == list(range(1, rows + 1))
-    assert table.notna().drop(columns=["consensus_dist"]).all().all()
+    assert table.notna().drop(columns=["consensus_dist", "consensus_before"]).all().all()
 
 
 def test_a_full_disk_keeps_the_driver_s_rows_and_names_metrics_csv(small_disk):

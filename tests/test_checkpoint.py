@@ -12,7 +12,15 @@ import torch
 from launcher.cli import main as cli_main
 from tests.conftest import QUICKSTART, quick_config
 from workers.averaging import NoAveraging
-from workers.checkpoint import RESUME_KEYS, atomic_save, check_resume, checkpoint_path, load_checkpoint
+from workers.checkpoint import (
+    RESUME_KEYS,
+    atomic_save,
+    check_resume,
+    checkpoint_identity,
+    checkpoint_path,
+    load_checkpoint,
+    run_checkpoint_dir,
+)
 from workers.config import ConfigError, OptimConfig
 from workers.peer import Peer
 from workers.schedule import build_scheduler, lr_factor, resume_schedule
@@ -58,6 +66,54 @@ def test_check_resume_names_every_missing_checkpoint(tmp_path):
     assert "resume_from=" in message and "2 of peers=3" in message
     assert str(tmp_path / "peer-1_final.pt") in message and str(tmp_path / "peer-2_final.pt") in message
     assert "peer-0_final" not in message
+
+
+def test_each_run_has_its_own_checkpoint_folder_under_checkpoint_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shared = quick_config("checkpoint_dir=~/ckpt")
+    assert run_checkpoint_dir(shared, "run-a", tmp_path / "results" / "run-a") == tmp_path / "home" / "ckpt" / "run-a"
+    assert run_checkpoint_dir(shared, "run-b", tmp_path / "results" / "run-b") == tmp_path / "home" / "ckpt" / "run-b"
+    run_dir = tmp_path / "results" / "run-a"
+    assert run_checkpoint_dir(quick_config(), "run-a", run_dir) == run_dir, "unset: the run folder itself"
+
+
+def fake_swarm_checkpoints(folder, *overrides: str) -> None:
+    """peer-<i>_final.pt for every peer of the run `overrides` configure, holding its identity (and empty state)."""
+    cfg = quick_config(*overrides)
+    for peer in range(cfg.peers):
+        state = {"identity": checkpoint_identity(cfg), **{key: {} for key in RESUME_KEYS}}
+        atomic_save(state, checkpoint_path(folder, peer, "final"))
+
+
+@pytest.mark.parametrize(
+    "resume_with, named",
+    [
+        (["peers=2"], "peers=4 there, peers=2 here"),
+        (["data.partition=dirichlet"], "data.partition='iid' there, data.partition='dirichlet' here"),
+        (["seed=1"], "seed=0 there, seed=1 here"),
+    ],
+)
+def test_check_resume_refuses_a_checkpoint_of_another_swarm_or_data(tmp_path, resume_with, named):
+    fake_swarm_checkpoints(tmp_path)  # the 4-peer quickstart
+    check_resume(quick_config(f"resume_from={tmp_path}", "optim.lr=0.01"))  # other settings may change
+    with pytest.raises(ConfigError) as err:
+        check_resume(quick_config(f"resume_from={tmp_path}", *resume_with))
+    assert named in str(err.value) and "peer-0_final.pt" in str(err.value)
+
+
+def test_check_resume_points_from_a_checkpoint_dir_to_its_runs(tmp_path):
+    fake_swarm_checkpoints(tmp_path / "quickstart-gossip-1")
+    with pytest.raises(ConfigError, match="it holds the checkpoint folders of runs quickstart-gossip-1"):
+        check_resume(quick_config(f"resume_from={tmp_path}"))
+
+
+def test_cli_refuses_fewer_peers_than_the_checkpoints_before_ray_starts(tmp_path, capsys):
+    fake_swarm_checkpoints(tmp_path / "ckpt")
+    code = cli_main(["run", str(QUICKSTART), "--resume-from", str(tmp_path / "ckpt"), "--peers", "2",
+                     "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    assert "peers=4 there, peers=2 here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "no run folder: the run never started"
 
 
 def test_cli_resume_from_flag_is_checked_before_ray_starts(tmp_path, capsys):
@@ -110,14 +166,6 @@ def test_a_resumed_schedule_follows_the_new_run_length():
 # --- resume in one process -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def torch_threads():
-    """Peer sets torch's thread count for its process; give this process its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_peer(tmp_path, name: str, *overrides: str) -> tuple[Peer, list]:
     """Peer 0 of a 2-peer digits swarm without communication, trained in this process."""
     cfg = quick_config("peers=2", "gossip.method=none", "optim.schedule=step", "optim.step_size=1",
@@ -148,12 +196,20 @@ def test_checkpoints_hold_the_state_of_their_epoch(tmp_path, torch_threads):
     assert best["metrics"]["epoch"] == best_row.epoch
     assert best["progress"]["best_acc"] == final["progress"]["best_acc"] == best_row.test_acc
     assert set(final["rng"]) == {"torch", "cuda", "shuffle", "numpy", "python"}
+    assert final["identity"] == checkpoint_identity(peer.cfg) and final["identity"]["peers"] == 2
     assert final["scheduler"]["last_epoch"] == 3 and "momentum_buffer" in final["optimizer"]["state"][0]
 
     setup = peer.setup  # a model loaded from `best` scores what the best epoch's row says
     setup.model.load_state_dict(best["model"])
     test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device)
     assert (test_loss, test_acc) == (pytest.approx(best_row.test_loss, rel=1e-6), best_row.test_acc)
+
+
+def test_a_peer_refuses_a_checkpoint_of_another_swarm(tmp_path, torch_threads):
+    """The peer checks too, for runs that did not come through the CLI's check_resume (`python -m workers`)."""
+    train_peer(tmp_path, "first", "optim.epochs=2")
+    with pytest.raises(ConfigError, match="peers=2 there, peers=3 here"):
+        train_peer(tmp_path, "again", "optim.epochs=3", "peers=3", f"resume_from={tmp_path / 'first'}")
 
 
 def test_resuming_a_finished_run_without_more_epochs_is_an_error(tmp_path, torch_threads):

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import psutil
 import pytest
 
 from tests.conftest import QUICKSTART, ROOT, ray_started, run_processes
+from workers.metrics import CSV_COLUMNS
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 
@@ -37,6 +39,11 @@ def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path, private_
     assert ray_started(private_ray_env) == []
 
 
+# Columns every row has a value in, also a row flushed after an interrupt (the others may be empty: no successful
+# round, no swarm figure for a lone peer, no round in the epoch).
+COMPLETE = [c for c in CSV_COLUMNS if c not in ("avg_group_size", "consensus_dist", "consensus_before")]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
@@ -45,11 +52,17 @@ def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
     # A new session, like a terminal's foreground job: SIGINT goes to the whole process group.
     proc = subprocess.Popen([*LAUNCH, "--out", str(tmp_path / "out")], cwd=ROOT, env=private_ray_env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    rows_seen = wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
+    written = wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=90) == 130
     (metrics,) = (tmp_path / "out").glob("*/metrics.csv")
-    assert len(metrics.read_text().splitlines()) - 1 >= rows_seen
+    assert metrics.read_text().startswith(written), "the rows written before the interrupt are kept as they were"
+    frame = pd.read_csv(metrics)
+    assert tuple(frame.columns) == CSV_COLUMNS and len(frame) >= len(written.splitlines()) - 1
+    assert frame[COMPLETE].notna().all().all(), "every row is complete, also those flushed after the interrupt"
+    assert not frame.duplicated(["peer", "epoch"]).any(), "each (peer, epoch) once"
+    for peer, epochs in frame.groupby("peer").epoch:
+        assert sorted(epochs) == list(range(1, epochs.max() + 1)), f"peer {peer}: no epoch lost in between"
     time.sleep(2)
     assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
 
@@ -85,12 +98,14 @@ def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path, private_ray_
     assert ray_started(private_ray_env) == [] or all("session_" in p for p in ray_started(private_ray_env))
 
 
-def wait_for_rows(out_dir, at_least: int, timeout: float) -> int:
+def wait_for_rows(out_dir, at_least: int, timeout: float) -> str:
+    """The complete lines of the run's metrics.csv once it has `at_least` rows."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for metrics in out_dir.glob("*/metrics.csv"):
-            rows = len(metrics.read_text().splitlines()) - 1
-            if rows >= at_least:
-                return rows
+            text = metrics.read_text()
+            text = text[: text.rfind("\n") + 1]  # a line being written is not a row yet
+            if len(text.splitlines()) - 1 >= at_least:
+                return text
         time.sleep(0.2)
     raise AssertionError(f"fewer than {at_least} rows in {timeout} s")

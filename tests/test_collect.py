@@ -14,13 +14,14 @@ from workers.train import Report
 def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -> MetricsRow:
     return MetricsRow(
         run_id="r", peer=peer, epoch=epoch, step=10 * epoch, samples_seen=100 * epoch, wall_time_s=float(epoch),
-        train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=test_acc, samples_per_s=100.0,
+        train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=test_acc, samples_per_s=100.0, train_s=1.0, eval_s=0.5,
         avg_rounds_ok=rounds_ok, avg_rounds_failed=0, avg_group_size=2.0, avg_seconds=0.1, node="n",
     )  # fmt: skip
 
 
-def report(peer: int, epoch: int, position: float) -> Report:
-    return Report(make_row(peer, epoch), np.array([position, 0.0]))
+def report(peer: int, epoch: int, position: float, before: float | None = None) -> Report:
+    """A peer at `position` after the epoch, at `before` just before its last round (None: it had no round)."""
+    return Report(make_row(peer, epoch), np.array([position, 0.0]), None if before is None else np.array([before, 0]))
 
 
 def test_rows_wait_for_every_live_peer_then_carry_the_swarm_distance():
@@ -31,6 +32,19 @@ def test_rows_wait_for_every_live_peer_then_carry_the_swarm_distance():
     assert [r.peer for r in epoch1] == [0, 1]
     assert all(r.consensus_dist == 1.0 and r.consensus_peers == 2 for r in epoch1)
     assert collector.pending.keys() == {2}
+
+
+def test_consensus_before_the_round_comes_from_the_sketches_taken_before_it():
+    collector = EpochCollector(range(2))
+    collector.add(report(0, 1, 0.0, before=-3.0))
+    (epoch1,) = collector.add(report(1, 1, 2.0, before=3.0))
+    assert all(r.consensus_before == 3.0 and r.consensus_dist == 1.0 for r in epoch1)
+    collector.add(report(0, 2, 0.0))
+    (epoch2,) = collector.add(report(1, 2, 2.0))  # no round, no sketch before one
+    assert all(math.isnan(r.consensus_before) and r.consensus_dist == 1.0 for r in epoch2)
+    collector.add(report(0, 3, 0.0, before=1.0))
+    (epoch3,) = collector.add(report(1, 3, 2.0))  # a distance over a subset of the peers would be another swarm's
+    assert math.isnan(epoch3[0].consensus_before)
 
 
 def test_a_lost_peer_is_no_longer_waited_for():

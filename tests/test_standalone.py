@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import ROOT
 from workers.config import ConfigError
+from workers.metrics import CSV_COLUMNS
 from workers.network import dht_maddrs, free_port, node_ip
 from workers.standalone import build_parser, flags_to_overrides, parse_host_maddr, standalone_config
 
@@ -240,13 +241,29 @@ def test_ctrl_c_stops_the_peer_cleanly(launch, tmp_path):
     # Alone in a swarm of 2, it trains with failing rounds (short ones: Peer.stop waits for the round in flight).
     proc = launch(0, "--peers", "2", "--join_timeout", "0", "--set", "gossip.round_timeout=2")
     read_visible_maddrs(tmp_path / "peer-0.out", timeout=120)
-    time.sleep(5)
+    metrics = tmp_path / "peer-0" / "metrics.csv"
+    rows_before = wait_for_a_row(metrics, timeout=60)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground process group
     interrupted = time.monotonic()
     assert proc.wait(timeout=60) == 130, logs(tmp_path)
     assert time.monotonic() - interrupted < 30
     assert leftovers([proc]) == []
-    assert (tmp_path / "peer-0" / "metrics.csv").read_text().startswith("run_id,peer,epoch,")
+    assert metrics.read_text().splitlines()[0] == ",".join(CSV_COLUMNS), "the launcher's schema"
+    frame = pd.read_csv(metrics)
+    assert len(frame) >= rows_before and (frame.peer == 0).all()
+    assert frame.epoch.tolist() == list(range(1, len(frame) + 1)) and (frame.avg_rounds_failed == frame.epoch).all()
+    assert frame.drop(columns=["avg_group_size", "consensus_dist", "consensus_before", "node_id"]).notna().all().all()
+
+
+def wait_for_a_row(metrics: Path, timeout: float) -> int:
+    """How many complete rows `metrics` has once it has one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics.read_text().count("\n") - 1 if metrics.exists() else 0
+        if rows >= 1:
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"no row in {metrics} in {timeout} s")
 
 
 def read_visible_maddrs(path: Path, timeout: float) -> list[str]:

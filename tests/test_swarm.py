@@ -46,6 +46,10 @@ def test_gossip_reaches_consensus_that_no_communication_does_not(gossip_and_none
     assert per_epoch.median() < 1e-4
     assert (per_epoch < none.groupby("epoch").consensus_dist.first() / 5).all()
     assert final_gossip <= final_none / 5
+    # the epoch-end round repairs the drift of the epoch's local steps: measured just before it, the peers are apart
+    before = gossip.groupby("epoch").consensus_before.first()
+    assert (before > per_epoch).all() and (before > 10 * per_epoch.median()).all()
+    assert none.consensus_before.isna().all(), "no round, no distance before one"
 
 
 def test_results_folder_holds_the_resolved_config_and_summary(gossip_and_none):

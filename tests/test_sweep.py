@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -184,6 +185,19 @@ def test_ctrl_c_stops_the_sweep_and_keeps_the_index(tmp_path, fake_runs, interru
     index = pd.read_csv(result.sweep_dir / "sweep.csv")
     assert index.status.tolist() == ["done", "interrupted"]
     assert index.run_dir.tolist() == ["run-1", "run-2"]
+
+
+def test_a_home_relative_out_folder_is_expanded(tmp_path, fake_runs, monkeypatch):
+    """`--out '~/results'` (quoted, as the README says for Ray Jobs): the sweep goes under the home folder, not into a
+    literal ./~/ where nothing finds its runs."""
+    sweep_module, calls, script = fake_runs
+    script += [0, 0, 0]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = sweep_module.run_sweep(three_point_sweep(tmp_path), Path("~/results"))
+    assert result.sweep_dir.parent == tmp_path / "home" / "results"
+    assert sorted(p.name for p in result.sweep_dir.iterdir() if p.is_dir()) == ["run-1", "run-2", "run-3"]
+    assert not (tmp_path / "~").exists()
 
 
 def test_ray_is_sized_for_the_largest_point(tmp_path, fake_runs, monkeypatch):

@@ -56,6 +56,12 @@ def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
 STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for hivemind in the default (contiguous) layout. hivemind splits every averaged tensor with
+    `view(-1)`, which raises on channels_last strides, and `.to(copy=True)` keeps them: every round would fail."""
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
 class NoAveraging:
     """The baseline: the same harness with no communication."""
 
@@ -74,6 +80,14 @@ class NoAveraging:
     def epoch_steps(self, local_steps: int) -> int:
         """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
         return local_steps
+
+    def round_after_step(self, step: int) -> bool:
+        """Whether `after_step(step)` will average the parameters (False where hivemind decides, in `optimizer`)."""
+        return False
+
+    def round_after_epoch(self) -> bool:
+        """Whether `after_epoch` will average the parameters."""
+        return False
 
     def before_step(self) -> None:
         pass
@@ -96,15 +110,20 @@ class GossipAveraging(NoAveraging):
         super().__init__()
         self.cfg, self.lock = cfg, lock or threading.Lock()
         self.tensors = averaged_tensors(model)
+        request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
+        # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
+        # one matchmaking_time, plus request_timeout for the leader's go-ahead to reach its followers. The all-reduce
+        # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
+        self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
         self.averager = _state_sharing_averager()(
-            [t.detach().to("cpu", copy=True) for t in self.tensors],
+            [host_copy(t) for t in self.tensors],
             dht,
             prefix=prefix,
             target_group_size=cfg.group_size,
             min_group_size=cfg.min_group_size,
             averaging_alpha=cfg.alpha,
             min_matchmaking_time=cfg.matchmaking_time,
-            request_timeout=min(3.0, cfg.matchmaking_time / 2),  # hivemind: must be below matchmaking time
+            request_timeout=request_timeout,
             allreduce_timeout=cfg.round_timeout,
             allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
             # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
@@ -121,12 +140,18 @@ class GossipAveraging(NoAveraging):
     def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
         return self.averager.load_state_from_peers(timeout=timeout)
 
+    def round_after_step(self, step: int) -> bool:
+        return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.every_steps == "epoch"
+
     def after_step(self, step: int) -> None:
-        if self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0:
+        if self.round_after_step(step):
             self.average()
 
     def after_epoch(self) -> None:
-        if self.cfg.every_steps == "epoch":
+        if self.round_after_epoch():
             self.average()
         if self.averager.allow_state_sharing:
             self.averager.state_sharing_priority = self._priority()
@@ -138,7 +163,7 @@ class GossipAveraging(NoAveraging):
             for dst, src in zip(shared, self.tensors, strict=True):
                 dst.copy_(src)
         try:
-            gathered = self.averager.step(timeout=self.cfg.matchmaking_time + self.cfg.round_timeout)
+            gathered = self.averager.step(timeout=self.matchmaking_deadline)
         except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
             logger.warning("averaging round failed: %r", err)
             gathered = None
@@ -200,13 +225,19 @@ class AllReduceAveraging(NoAveraging):
         if self.cfg.allreduce_on == "gradients":
             self._all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
 
+    def round_after_step(self, step: int) -> bool:
+        every = self.cfg.every_steps
+        return self.cfg.allreduce_on == "parameters" and every != "epoch" and step % every == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch"
+
     def after_step(self, step: int) -> None:
-        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps != "epoch":
-            if step % self.cfg.every_steps == 0:
-                self._all_reduce_mean(self.tensors)
+        if self.round_after_step(step):
+            self._all_reduce_mean(self.tensors)
 
     def after_epoch(self) -> None:
-        if self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch":
+        if self.round_after_epoch():
             self._all_reduce_mean(self.tensors)
 
     @torch.no_grad()
@@ -243,14 +274,14 @@ class OptimizerAveraging(NoAveraging):
 
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
                  target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0):  # fmt: skip
-        import hivemind
+        from workers.hivemind_layout import ContiguousGradientAverager, ContiguousOptimizer
 
         super().__init__()
         self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
         self.background = cfg.background_averaging
         self._step_started, self._rounds_before = 0.0, 0
         self._counter = _RoundLogCounter(self)
-        self.optimizer = hivemind.Optimizer(
+        self.optimizer = ContiguousOptimizer(  # hivemind.Optimizer, its averagers' copies made contiguous
             dht=dht,
             run_id=prefix,
             optimizer=optimizer,
@@ -266,6 +297,7 @@ class OptimizerAveraging(NoAveraging):
                 request_timeout=min(3.0, cfg.matchmaking_time / 2),
             ),
             delay_state_averaging=cfg.background_averaging,
+            grad_averager_factory=None if cfg.local_updates else ContiguousGradientAverager,
             verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
         )
 

@@ -1,9 +1,10 @@
 """Per-peer checkpoints, written atomically, and resuming a peer from one.
 
-Each peer keeps two files in its checkpoint folder: `peer-<i>_final.pt`, rewritten after every epoch (so a run that
-is stopped or crashes can be resumed from its last completed epoch; after a normal end it is the final state), and
-`peer-<i>_best.pt`, rewritten whenever the peer's test accuracy improves. Both hold everything a resume needs: model,
-optimizer, scheduler, the training counters (`Progress`), that epoch's metrics row, and the RNG states.
+Each peer keeps two files in its run's checkpoint folder (`run_checkpoint_dir`): `peer-<i>_final.pt`, rewritten after
+every epoch (so a run that is stopped or crashes can be resumed from its last completed epoch; after a normal end it is
+the final state), and `peer-<i>_best.pt`, rewritten whenever the peer's test accuracy improves. Both hold everything a
+resume needs: model, optimizer, scheduler, the training counters (`Progress`), that epoch's metrics row, the RNG
+states, and the config's identity (`IDENTITY`): a resume with another swarm or other data is refused.
 
 Importing this module loads no torch (torch and numpy are imported inside the functions that need them), so the
 CLI can call `check_resume` right after loading the config, before Ray starts, as it calls `check_data`.
@@ -30,8 +31,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoints record the config's identity
 RESUME_KEYS = ("progress", "model", "optimizer", "scheduler", "rng")  # what `resume` reads
+# What a resumed peer must share with the run that wrote its checkpoint: which samples it trains on (the swarm's size,
+# the seed, the data and its split among the peers) and the parameters' shapes. Other settings may change on resume.
+IDENTITY = ("peers", "seed", "data.dataset", "data.partition", "data.dirichlet_alpha", "data.test_fraction",
+            "model.name")  # fmt: skip
 
 
 class CheckpointError(ConfigError):
@@ -48,8 +53,43 @@ def checkpoint_path(folder: str | Path, peer: int, kind: str) -> Path:
     return Path(folder).expanduser() / f"peer-{peer}_{kind}.pt"
 
 
+def run_checkpoint_dir(cfg: ExperimentConfig, run_id: str, run_dir: str | Path) -> Path:
+    """Where a run's peers write their checkpoints: `<checkpoint_dir>/<run_id>/`, so that the runs of a sweep (or any
+    two runs) keep their own files, or the run folder itself when `checkpoint_dir` is unset."""
+    folder = Path(cfg.checkpoint_dir) / run_id if cfg.checkpoint_dir is not None else Path(run_dir)
+    return folder.expanduser().resolve()
+
+
+def checkpoint_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config's `IDENTITY` fields, by dotted name."""
+    tree = cfg.model_dump(mode="json")
+    identity = {}
+    for key in IDENTITY:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        identity[key] = node
+    return identity
+
+
+def check_identity(saved: dict[str, Any] | None, cfg: ExperimentConfig, path: Path) -> None:
+    """Raise ConfigError naming each field where the checkpoint's run and `cfg` differ."""
+    if not saved:  # None: written before format 2; {}: by a peer that was not given the config's identity
+        logger.warning("%s does not record the config it was written with: resuming it unchecked", path)
+        return
+    current = checkpoint_identity(cfg)
+    differ = [f"{key}={saved[key]!r} there, {key}={current[key]!r} here" for key in current
+              if key in saved and saved[key] != current[key]]  # fmt: skip
+    if differ:
+        raise ConfigError(
+            f"resume_from={str(cfg.resume_from)!r}: {path.name} was written by another swarm or data ("
+            f"{'; '.join(differ)}); a resumed peer must train the same shard of the same data with the same model"
+        )
+
+
 def check_resume(cfg: ExperimentConfig) -> None:
-    """Raise ConfigError unless `cfg.resume_from` holds a final checkpoint for every peer (or is unset)."""
+    """Raise ConfigError unless `cfg.resume_from` holds a final checkpoint for every peer, written with this config's
+    identity (or is unset)."""
     if cfg.resume_from is None:
         return
     paths = [checkpoint_path(cfg.resume_from, peer, "final") for peer in range(cfg.peers)]
@@ -57,19 +97,29 @@ def check_resume(cfg: ExperimentConfig) -> None:
     if missing:
         raise ConfigError(
             f"resume_from={str(cfg.resume_from)!r}: no checkpoint for {len(missing)} of peers={cfg.peers} "
-            f"(missing: {', '.join(missing)}); expected a previous run's folder (or its checkpoint_dir) "
-            f"holding peer-<i>_final.pt for each peer"
+            f"(missing: {', '.join(missing)}); expected a previous run's folder (or <checkpoint_dir>/<run-id>) "
+            f"holding peer-<i>_final.pt for each peer{_runs_inside(Path(cfg.resume_from).expanduser())}"
         )
     for path in paths:  # one at a time: a run's checkpoints together may not fit in memory
-        check_checkpoint(path)
+        check_identity(check_checkpoint(path).get("identity"), cfg, path)
 
 
-def check_checkpoint(path: Path) -> None:
-    """Raise CheckpointError naming `path` unless it loads as plain data and holds what a resume reads."""
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at `path`; CheckpointError naming it unless it loads as plain data and holds what a resume
+    reads."""
     state = load_checkpoint(path)
     missing = [key for key in RESUME_KEYS if key not in state] if isinstance(state, dict) else list(RESUME_KEYS)
     if missing:
         raise CheckpointError(f"{path.resolve()}: not a gossip-launch checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def _runs_inside(folder: Path) -> str:
+    """A hint when `folder` is a checkpoint_dir, which holds one folder per run."""
+    if not folder.is_dir():
+        return ""
+    runs = sorted(p.name for p in folder.iterdir() if checkpoint_path(p, 0, "final").is_file())
+    return f"; it holds the checkpoint folders of runs {', '.join(runs)}: resume from one of those" if runs else ""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -181,6 +231,7 @@ def training_state(setup: TrainSetup, row: MetricsRow) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "run_id": setup.run_id,
+        "identity": setup.identity,
         "peer": setup.peer,
         "progress": dataclasses.asdict(setup.progress),
         "metrics": dataclasses.asdict(row),
@@ -197,6 +248,7 @@ def resume(setup: TrainSetup, cfg: ExperimentConfig) -> None:
 
     path = checkpoint_path(cfg.resume_from, setup.peer, "final")
     state = load_checkpoint(path)
+    check_identity(state.get("identity"), cfg, path)
     progress = dataclasses.replace(setup.progress, **state["progress"])
     if progress.epoch >= cfg.optim.epochs:
         raise ConfigError(

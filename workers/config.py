@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the field and the bad value."""
@@ -37,6 +41,7 @@ class DataConfig(_Section):
     dataset: Literal["digits", "cifar10", "tinyimagenet"] = "digits"
     root: Path = Path("data")  # holds cifar-10-batches-py/ or tiny-imagenet-200/; digits ships with scikit-learn
     download: bool = False  # fetch a missing dataset into `root` (needs internet on every peer's machine)
+    download_timeout: PositiveFloat = 3600.0  # seconds the download may take (the launcher's, before the peers start)
     batch_size: PositiveInt = 32
     test_batch_size: PositiveInt = 512
     test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split (digits)
@@ -96,6 +101,31 @@ class GossipConfig(_Section):
         if self.min_group_size > self.group_size:
             raise ValueError(f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}")
         return self
+
+    @model_validator(mode="after")
+    def _knobs_are_used_by_the_method(self) -> GossipConfig:
+        """A knob the method ignores would still be recorded with the results, as if it had shaped them."""
+        ignored = [
+            f"gossip.{knob}={getattr(self, knob)!r}"
+            for knob, (default, methods) in _METHOD_KNOBS.items()
+            if self.method not in methods and self.method != "none" and getattr(self, knob) != default
+        ]
+        if self.method == "allreduce" and self.allreduce_on == "gradients" and self.every_steps != "epoch":
+            ignored.append(f"gossip.every_steps={self.every_steps!r} (gradients are averaged at every step)")
+        if ignored:
+            raise ValueError(f"gossip.method={self.method!r} ignores {', '.join(ignored)}: remove it")
+        return self
+
+
+# A method-specific knob: its default and the methods that use it. `none` uses none of them, so it accepts any value
+# (a sweep can compare it with any setting of the others).
+_METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "every_steps": ("epoch", ("gossip", "allreduce")),
+    "allreduce_on": ("parameters", ("allreduce",)),
+    "target_batch_size": (None, ("optimizer",)),
+    "local_updates": (True, ("optimizer",)),
+    "background_averaging": (False, ("optimizer",)),
+}
 
 
 class ResourcesConfig(_Section):
@@ -210,6 +240,11 @@ def train_set_size(data: DataConfig) -> int:
     return size - int(round(size * data.test_fraction)) if data.dataset == "digits" else size  # as data.py splits
 
 
+def steps_per_epoch(data: DataConfig, peers: int) -> int:
+    """A peer's optimizer steps per epoch with an even share of the training set (IID; Dirichlet shards vary)."""
+    return math.ceil(math.ceil(train_set_size(data) / peers) / data.batch_size)
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     peers: PositiveInt = 4
@@ -278,6 +313,27 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"gossip.min_group_size={self.gossip.min_group_size} can never be met by peers={self.peers}"
             )
+        if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size == self.peers > 2:
+            logger.warning(
+                "gossip.min_group_size=%d = peers: every round needs every peer, so after one peer dies (or falls "
+                "behind by more than gossip.matchmaking_time) every round fails", self.peers,
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _every_steps_leaves_rounds(self) -> ExperimentConfig:
+        """Rounds come at every `every_steps`-th step of a peer's run: a run with fewer steps has none at all."""
+        every = self.gossip.every_steps
+        if every == "epoch" or self.gossip.method not in ("gossip", "allreduce"):
+            return self
+        per_epoch = steps_per_epoch(self.data, self.peers)
+        if every > per_epoch * self.optim.epochs:
+            raise ValueError(
+                f"gossip.every_steps={every} is never reached: each peer takes about {per_epoch} steps per epoch "
+                f"({train_set_size(self.data)} samples of {self.data.dataset} / peers={self.peers} / "
+                f"data.batch_size={self.data.batch_size}), {per_epoch * self.optim.epochs} in optim.epochs="
+                f"{self.optim.epochs}, so the run would have no averaging round"
+            )
         return self
 
 
@@ -313,7 +369,8 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for issue in err.errors():
-        field = ".".join(str(p) for p in issue["loc"]) or "config"
+        # pydantic adds a union member's tag to the location (every_steps.constrained-int): not a field name
+        field = ".".join(str(p) for p in issue["loc"] if isinstance(p, int) or str(p).isidentifier()) or "config"
         if issue["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key (value {issue['input']!r})")
         elif issue["type"] in ("value_error", "assertion_error") and not issue["loc"]:

@@ -1,14 +1,13 @@
 """Datasets and the per-peer shard of the training set.
 
 torchvision and PIL are imported inside the loaders that need them, so a digits run never pays for them.
-The on-disk layouts (and the fast `check_data`) live in `workers.datacheck`, which imports no torch.
+The on-disk layouts, the fast `check_data` and the download live in `workers.datacheck`, which imports no torch.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,13 +16,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from workers.config import ConfigError, DataConfig
-from workers.datacheck import (
-    CIFAR10_DIR,
-    TINYIMAGENET_DIR,
-    TINYIMAGENET_MD5,
-    TINYIMAGENET_URL,
-    check_data,
-)
+from workers.datacheck import CIFAR10_DIR, TINYIMAGENET_DIR, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +36,9 @@ class Splits:
 
 
 def load_dataset(cfg: DataConfig) -> Splits:
-    check_data(cfg)  # a missing dataset is a ConfigError that says where to put it, also without the CLI
+    # The CLI downloads before the peers start; a peer on another machine downloads here (once per machine). A missing
+    # or incomplete dataset is a ConfigError that says where to put it, also without the CLI.
+    prepare_data(cfg)
     loaders: dict[str, Callable[[DataConfig], Splits]] = {
         "digits": _digits,
         "cifar10": _cifar10,
@@ -80,8 +75,7 @@ def _cifar10(cfg: DataConfig) -> Splits:
     train_tf = image_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, augment=cfg.augment)
     test_tf = image_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, augment=False)
     try:
-        with _download_lock(root) if cfg.download else nullcontext():
-            train = dataset(root, train=True, transform=train_tf, download=cfg.download)
+        train = dataset(root, train=True, transform=train_tf)
         test = dataset(root, train=False, transform=test_tf)
     except RuntimeError as err:  # torchvision checks every file's md5 against the official release
         raise ConfigError(
@@ -102,7 +96,7 @@ def _cifar10_class(verify_checksums: bool) -> type:
     """torchvision's CIFAR10 checks each file's md5 against the official release even with download=False, so a copy
     that was re-packed or converted (same pickles, other bytes), or a test's tiny generated files, cannot load.
     Without verification, the same class with its md5 tables emptied: torchvision then checks only that each file
-    exists. A download still checks the archive's md5 (`tgz_md5` is kept)."""
+    exists. A download checks the archive's md5 either way (`workers.datacheck.fetch`)."""
     from torchvision.datasets import CIFAR10
 
     if verify_checksums:
@@ -120,8 +114,6 @@ def _tinyimagenet(cfg: DataConfig) -> Splits:
     """Tiny ImageNet (200 classes of 64x64 images; 100k train, the 10k labelled val images as the test set)."""
     root = cfg.root.expanduser()
     base = root / TINYIMAGENET_DIR
-    if cfg.download:
-        _download_tinyimagenet(root)
     train = TinyImageNet(base, "train", image_transform(64, 8, IMAGENET_MEAN, IMAGENET_STD, augment=cfg.augment))
     test = TinyImageNet(base, "val", image_transform(64, 8, IMAGENET_MEAN, IMAGENET_STD, augment=False))
     return Splits(
@@ -131,25 +123,6 @@ def _tinyimagenet(cfg: DataConfig) -> Splits:
         train_labels=train.targets,
         input_shape=(3, 64, 64),
     )
-
-
-def _download_tinyimagenet(root: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    with _download_lock(root):
-        if not (root / TINYIMAGENET_DIR).is_dir():
-            download_and_extract_archive(TINYIMAGENET_URL, str(root), md5=TINYIMAGENET_MD5, remove_finished=True)
-
-
-@contextmanager
-def _download_lock(root: Path):
-    """Peers that share a machine and `data.root` download one at a time; the rest then find the files."""
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".download.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def image_transform(size: int, padding: int, mean, std, augment: bool):

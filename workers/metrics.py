@@ -19,12 +19,15 @@ class MetricsRow:
     train_acc: float
     test_loss: float
     test_acc: float
-    samples_per_s: float  # this epoch's training throughput, averaging time included
+    samples_per_s: float  # this epoch's samples / (train_s + avg_seconds): evaluation not included
+    train_s: float  # seconds of local training this epoch (data, forward, backward, optimizer steps), averaging not
+    eval_s: float  # seconds of this epoch's test-set evaluation
     avg_rounds_ok: int  # cumulative successful averaging rounds
     avg_rounds_failed: int  # cumulative failed rounds (no group in time, all-reduce error, timeout)
     avg_group_size: float  # mean size of the groups of the successful rounds since the previous row
-    avg_seconds: float  # seconds spent in averaging since the previous row
+    avg_seconds: float  # seconds spent in averaging since the previous row (this epoch's rounds)
     consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
+    consensus_before: float = math.nan  # the same, just before each peer's last round of the epoch (nan: no round)
     consensus_peers: int = 0  # how many peers' parameters that figure covers
     node: str = ""  # host name of the machine the peer ran on
     node_id: str = ""  # the Ray node the peer ran on (several Ray nodes may share a machine; "" without Ray)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
-from workers.checkpoint import checkpoint_path, resume
+from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.models import build_model
@@ -114,6 +114,7 @@ class Peer:
             channels_last=cfg.model.channels_last and on_gpu,
             checkpoint_dir=self.checkpoint_dir,
             restarts=self.restarts,
+            identity=checkpoint_identity(cfg),  # recorded in its checkpoints, checked on resume
         )
         if cfg.resume_from is not None:
             resume(setup, cfg)  # parameters, optimizer, schedule, counters and RNG streams from the checkpoint

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--join_timeout", type=float, default=300.0, metavar="SECONDS",
         help="wait up to this long for all --peers peers to join before training, as the launcher does; "
         "0: start at once, like the original scripts (default: 300)")  # fmt: skip
-    add("--out", type=Path, help="folder for metrics.csv, config.yaml and, unless checkpoint_dir is set, the "
-        "checkpoints (default: results/standalone-NAME/peer-I)")  # fmt: skip
+    add("--out", type=Path, help="folder for metrics.csv, config.yaml and the checkpoints (default: "
+        "results/standalone-NAME/peer-I); with checkpoint_dir set, the checkpoints go to "
+        "CHECKPOINT_DIR/standalone-NAME")  # fmt: skip
     return parser
 
 
@@ -176,7 +177,7 @@ def check_announce_maddr(maddr: str, listen_port: int) -> None:
 
 def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
     """Only this peer's checkpoint must be in `resume_from`: standalone peers may each have their own folder."""
-    from workers.checkpoint import check_checkpoint, checkpoint_path
+    from workers.checkpoint import check_checkpoint, check_identity, checkpoint_path
 
     if cfg.resume_from is None:
         return
@@ -184,7 +185,8 @@ def check_own_checkpoint(cfg: ExperimentConfig, peer_index: int) -> None:
     if not path.is_file():
         folder = str(cfg.resume_from)
         raise ConfigError(f"resume_from={folder!r}: no checkpoint for --peer={peer_index} ({path.resolve()})")
-    check_checkpoint(path)  # loaded now, so that a damaged file is named before the peer starts
+    # loaded now, so that a damaged file or another swarm's is named before the peer starts
+    check_identity(check_checkpoint(path).get("identity"), cfg, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +219,7 @@ def run_peer(
 ) -> int:
     """`whole_set`: an open swarm's peer (see the module's doc): it takes the state of a live peer when it joins
     one, and never waits for others."""
+    from workers.checkpoint import run_checkpoint_dir
     from workers.peer import Peer  # torch and hivemind: only once the config is known good
 
     out.mkdir(parents=True, exist_ok=True)
@@ -226,8 +229,8 @@ def run_peer(
     with MetricsFile(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
         try:
             # exactly the port asked for: unlike Ray peers, standalone ones on one machine each pass their own
-            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=cfg.checkpoint_dir or out, port_offset=False,
-                        whole_set=whole_set)  # fmt: skip
+            checkpoints = run_checkpoint_dir(cfg, run_id, out)
+            peer = Peer(cfg, peer_index, run_id, checkpoint_dir=checkpoints, port_offset=False, whole_set=whole_set)
             maddrs = start_dht(peer, initial_peers)
             if not initial_peers:
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ class Report:
 
     row: MetricsRow
     sketch: np.ndarray
+    sketch_before: np.ndarray | None = None  # the parameters just before the epoch's last round (None: no round)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainSetup:
     amp: bool = False  # bf16 autocast of forward passes (CUDA only)
     channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
+    identity: dict[str, Any] = field(default_factory=dict)  # the config's identity, recorded in the checkpoints
     node_id: str = ""  # the Ray node the peer runs on ("" outside Ray)
     restarts: int = 0  # this peer's incarnation: how many times it was restarted before
     progress: Progress = field(default_factory=Progress)
@@ -72,11 +75,13 @@ class TrainSetup:
 
 @dataclass
 class EpochTotals:
-    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step."""
+    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step.
+    And the parameters' sketch just before the epoch's last averaging round: consensus before it, for drift."""
 
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seen: int = 0
+    sketch_before: np.ndarray | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + loss.detach().float() * len(targets)
@@ -94,18 +99,22 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         if totals is None:
             return
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
+        if averaging.round_after_epoch():
+            totals.sketch_before = setup.sketch(flat_parameters(setup.model))
         averaging.after_epoch()
+        trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
                                        heartbeat=lambda: setattr(setup, "last_progress", time.monotonic()))  # fmt: skip
+        seconds = (trained - epoch_started, time.perf_counter() - trained)  # throughput must not count evaluation
         improved = test_acc > progress.best_acc
         with setup.lock:  # the epoch's end as one change: a snapshot sees it all or none of it
             progress.epoch, progress.epoch_step, progress.wall_time_s = epoch, 0, time.perf_counter() - started
             setup.scheduler.step()
             setup.epoch_ending = False
         progress.best_acc = test_acc if improved else progress.best_acc
-        row = epoch_row(setup, averaging, totals, (test_loss, test_acc), time.perf_counter() - epoch_started)
+        row = epoch_row(setup, averaging, totals, (test_loss, test_acc), seconds)
         save_epoch(setup, row, improved)
-        yield Report(row, setup.sketch(flat_parameters(setup.model)))
+        yield Report(row, setup.sketch(flat_parameters(setup.model)), totals.sketch_before)
         if setup.leave_after is not None and epoch >= setup.leave_after:
             return
 
@@ -114,8 +123,10 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
     """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short. A peer that
     took over another's state mid-epoch starts at that peer's step into the epoch."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
-    model.train()
     steps = averaging.epoch_steps(len(setup.train_loader))
+    left = steps - min(progress.epoch_step, steps)  # a newcomer starts its first epoch where its donor was
+    last_round = None if averaging.round_after_epoch() else last_round_step(averaging, progress.step, left)
+    model.train()
     for inputs, targets in islice(setup.train_loader, progress.epoch_step, steps):
         if stop.is_set():
             return None
@@ -134,16 +145,28 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
         totals.add(loss, logits, targets)
         if setup.slowdown > 1:  # a straggler: its step takes `slowdown` times as long
             stop.wait((setup.slowdown - 1) * (time.perf_counter() - step_started))
+        if progress.step == last_round:
+            totals.sketch_before = setup.sketch(flat_parameters(model))
         averaging.after_step(progress.step)
         setup.last_progress = time.monotonic()
     return totals
 
 
+def last_round_step(averaging: NoAveraging, first_step: int, steps: int) -> int | None:
+    """The step after which the last round of an epoch of `steps` steps after `first_step` runs (None: none)."""
+    return next((s for s in range(first_step + steps, first_step, -1) if averaging.round_after_step(s)), None)
+
+
 def epoch_row(
-    setup: TrainSetup, averaging: NoAveraging, totals: EpochTotals, test: tuple[float, float], seconds: float
+    setup: TrainSetup,
+    averaging: NoAveraging,
+    totals: EpochTotals,
+    test: tuple[float, float],
+    seconds: tuple[float, float],
 ) -> MetricsRow:
+    """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
     group_size, avg_seconds = averaging.stats.take_window()
-    progress = setup.progress
+    progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
         peer=setup.peer,
@@ -155,7 +178,9 @@ def epoch_row(
         train_acc=int(totals.correct) / max(totals.seen, 1),
         test_loss=test[0],
         test_acc=test[1],
-        samples_per_s=totals.seen / seconds,
+        samples_per_s=totals.seen / trained_s,
+        train_s=max(trained_s - avg_seconds, 0.0),  # a blocking hivemind.Optimizer round counts its whole step
+        eval_s=eval_s,
         avg_rounds_ok=averaging.stats.ok,
         avg_rounds_failed=averaging.stats.failed,
         avg_group_size=group_size,

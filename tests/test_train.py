@@ -1,0 +1,102 @@
+"""The training loop in one process (a peer without Ray or hivemind): what its rows measure."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import quick_config
+from workers.averaging import NoAveraging
+from workers.peer import Peer
+from workers.train import flat_parameters, train
+
+
+class SlowEvaluation:
+    """The test loader, `delay` seconds slower: an evaluation long enough to show up in any throughput that
+    counts it."""
+
+    def __init__(self, loader, delay: float):
+        self.loader, self.delay = loader, delay
+
+    def __iter__(self):
+        time.sleep(self.delay)
+        yield from self.loader
+
+
+class EpochEndRound(NoAveraging):
+    """A stand-in for an epoch-end averaging round that takes `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def after_epoch(self) -> None:
+        time.sleep(self.seconds)
+        self.stats.record(2, self.seconds)
+
+
+def test_throughput_counts_training_and_averaging_but_not_evaluation(torch_threads):
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "timing")
+    peer.setup.test_loader = SlowEvaluation(peer.setup.test_loader, delay=1.5)
+    started = time.perf_counter()
+    (report,) = train(peer.setup, EpochEndRound(0.3), threading.Event())
+    elapsed = time.perf_counter() - started
+    row = report.row
+    assert row.eval_s >= 1.5 and row.avg_seconds == pytest.approx(0.3)
+    assert row.samples_per_s == pytest.approx(row.samples_seen / (row.train_s + row.avg_seconds))
+    assert row.train_s + row.avg_seconds + row.eval_s <= elapsed
+    assert row.samples_seen / row.samples_per_s < elapsed - 1.5, "the evaluation is not in the throughput"
+
+
+class HalvingRounds(NoAveraging):
+    """A stand-in for averaging that halves the parameters in each round (every `every` steps, or after the epoch),
+    and keeps the parameters it found before each round."""
+
+    def __init__(self, model: torch.nn.Module, every: int | None):
+        super().__init__()
+        self.model, self.every = model, every
+        self.before: dict[int | str, torch.Tensor] = {}  # step, or "epoch <n>" -> parameters before that round
+
+    def round_after_step(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.every is None
+
+    def after_step(self, step: int) -> None:
+        if self.round_after_step(step):
+            self._round(step)
+
+    def after_epoch(self) -> None:
+        if self.round_after_epoch():
+            self._round(f"epoch {len(self.before) + 1}")
+
+    @torch.no_grad()
+    def _round(self, key: int | str) -> None:
+        self.before[key] = flat_parameters(self.model).clone()
+        for parameter in self.model.parameters():
+            parameter.mul_(0.5)
+
+
+@pytest.mark.parametrize("every", [4, None])
+def test_the_sketch_before_is_taken_right_before_the_epochs_last_round(torch_threads, every):
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=2"), 0, "before")
+    setup = peer.setup
+    averaging = HalvingRounds(setup.model, every)
+    steps = len(setup.train_loader)
+    assert steps % 4 != 0, "rounds at steps 4, 8, ...: the epochs' last rounds are not at their last steps"
+    reports = list(train(setup, averaging, threading.Event()))
+    expected = [steps // 4 * 4, (2 * steps) // 4 * 4] if every else ["epoch 1", "epoch 2"]
+    for report, key in zip(reports, expected, strict=True):
+        np.testing.assert_array_equal(report.sketch_before, setup.sketch(averaging.before[key]))
+        assert not np.array_equal(report.sketch_before, report.sketch)
+
+
+def test_no_round_no_sketch_before(torch_threads):
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "none")
+    (report,) = train(peer.setup, NoAveraging(), threading.Event())
+    assert report.sketch_before is None
