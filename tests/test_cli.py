@@ -12,8 +12,10 @@ import time
 import pandas as pd
 import psutil
 import pytest
+import torch
 
 from tests.conftest import QUICKSTART, ROOT, ray_started, run_processes
+from workers.checkpoint import checkpoint_path
 from workers.metrics import CSV_COLUMNS
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
@@ -26,6 +28,7 @@ LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
         (["--set", "gossip.group_size=0"], "gossip.group_size=0"),
         (["--set", "gossip.colour=red"], "gossip.colour: unknown key"),
         (["--peers", "1"], "can never be met by peers=1"),
+        (["--address", "ray://10.0.0.1:10001"], "Ray Client (ray://) is not supported"),
     ],
 )
 def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path, private_ray_env):
@@ -47,6 +50,8 @@ COMPLETE = [c for c in CSV_COLUMNS if c not in ("avg_group_size", "consensus_dis
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
+    """Ctrl-C, then a SIGTERM during the cleanup (as `timeout`, Slurm or Kubernetes send): the cleanup still
+    finishes; the peers were stopped before their rows were drained, so no checkpoint is newer than its last row."""
     before = {int(line.split(":")[0]) for line in run_processes()}
     log = (tmp_path / "log.txt").open("w")
     # A new session, like a terminal's foreground job: SIGINT goes to the whole process group.
@@ -54,6 +59,8 @@ def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     written = wait_for_rows(tmp_path / "out", at_least=8, timeout=150)
     os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)  # a second signal, during the cleanup
     assert proc.wait(timeout=90) == 130
     (metrics,) = (tmp_path / "out").glob("*/metrics.csv")
     assert metrics.read_text().startswith(written), "the rows written before the interrupt are kept as they were"
@@ -63,6 +70,8 @@ def test_ctrl_c_keeps_rows_and_leaves_no_processes(tmp_path, private_ray_env):
     assert not frame.duplicated(["peer", "epoch"]).any(), "each (peer, epoch) once"
     for peer, epochs in frame.groupby("peer").epoch:
         assert sorted(epochs) == list(range(1, epochs.max() + 1)), f"peer {peer}: no epoch lost in between"
+        final = torch.load(checkpoint_path(metrics.parent, peer, "final"), weights_only=True)
+        assert final["progress"]["epoch"] == epochs.max(), f"peer {peer}: its final model is its last row's"
     time.sleep(2)
     assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
 
