@@ -130,7 +130,7 @@ class Swarm:
         epochs = []
         for ref in ready:
             incarnation = calls[ref]
-            if ref is incarnation.launch:
+            if ref == incarnation.launch:
                 epochs += self._joined(incarnation, ref)
             else:
                 incarnation.poll = None
