@@ -9,10 +9,10 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
+from launcher.signals import interrupt_on_sigterm
 from workers.checkpoint import check_resume
 from workers.config import ConfigError, ExperimentConfig, Sweep, load_experiment
 from workers.datacheck import prepare_data
@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from launcher.driver import run_experiment  # imports Ray and torch: only once the config is known good
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
+    interrupt_on_sigterm()  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     if isinstance(cfg, Sweep):
         return _run_sweep(cfg, args.out, args.address)
     return run_experiment(cfg, args.out, args.address).exit_code
@@ -125,10 +125,6 @@ def _analyze(args: argparse.Namespace) -> int:
     if out is None:
         print("gossip-launch analyze: several folders given; add --out DIR to write the table", file=sys.stderr)
     return 0
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from launcher import DRIVER_ONLY_ENV
 from launcher.auth import dashboard_auth_mode, enable_token_auth, token_auth_warning
 from workers.config import ExperimentConfig
 
@@ -22,6 +23,8 @@ def connect_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    for key in DRIVER_ONLY_ENV:  # read when Ray was imported; not for the Ray processes started here
+        os.environ.pop(key, None)
     address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
     if address == "local":  # explicitly a private one, whatever `ray start` left on this machine
         address = None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-import signal
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +22,8 @@ from launcher.placement import PlacementError
 from launcher.policy import decide, exit_code, restart_support
 from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
 from launcher.scenario import Action, Clock, Scenario
-from launcher.swarm import Swarm, actor_name  # noqa: F401  (actor_name: tests find actors by it)
+from launcher.signals import interrupt_on_sigterm, signals_ignored
+from launcher.swarm import Swarm
 from workers.checkpoint import run_checkpoint_dir
 from workers.config import ExperimentConfig, dump_config
 from workers.csvfile import MetricsWriteError
@@ -68,6 +67,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     """Run one experiment on the Ray cluster at `address` (or RAY_ADDRESS, or one started with `ray start` on this
     machine, or else a new local one) and write its results under `out_dir` on this machine."""
     connected = connect_ray(cfg, address)
+    interrupt_on_sigterm()  # ray.init() put its own sys.exit(15) there
     run_id = make_run_id(cfg)
     run_dir = Path(out_dir).expanduser().resolve() / run_id
     run_dir.mkdir(parents=True)
@@ -162,14 +162,3 @@ def finish(run_dir: Path, rows_written: int) -> None:
     summary.to_csv(run_dir / "summary.csv", index=False)
     logger.info("per-peer summary:\n%s", format_summary(summary))
     logger.info("results: %s (on %s)", run_dir, socket.gethostname())
-
-
-@contextmanager
-def signals_ignored():
-    """Cleanup must finish (or no p2pd/Ray process would be left behind): a second Ctrl-C or SIGTERM waits for it."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -13,8 +13,9 @@ import psutil
 import pytest
 import torch
 
-from launcher.driver import actor_name, run_experiment
+from launcher.driver import run_experiment
 from launcher.results import read_events, read_metrics
+from launcher.swarm import actor_name
 from tests.conftest import quick_config, run_processes
 from workers.checkpoint import checkpoint_path
 

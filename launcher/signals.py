@@ -1,0 +1,36 @@
+"""The driver's signals. SIGTERM (`kill`, `timeout`, Slurm, Kubernetes, a stopped Ray job) ends a run as Ctrl-C
+does; during the cleanup both wait, so no p2pd, actor or Ray process is left behind half-stopped.
+
+Ray gets in the way twice: `ray.init()` replaces the SIGTERM handler with its own `sys.exit(15)` (no "interrupted",
+exit 15 instead of 130), and `ray.shutdown()` resets SIGTERM to its default action unless Ray's failure-signal handler
+is off in the driver (launcher/__init__.py turns it off).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+CLEANUP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, like Ctrl-C; set again after `ray.init()`, which replaces it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+@contextmanager
+def signals_ignored():
+    """Cleanup must finish (or no p2pd/Ray process would be left behind): a second Ctrl-C or SIGTERM waits for it."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in CLEANUP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
