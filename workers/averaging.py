@@ -106,9 +106,13 @@ class GossipAveraging(NoAveraging):
     """hivemind's DecentralizedAverager over the model's tensors: every H steps (or once per epoch) the peer
     joins a DHT-matched group and moves its tensors `alpha` of the way to the group's mean."""
 
-    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None):
+    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
+                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
+        """`swarm_key`: only the run's members take part (workers/admission.py); `anomalies` hears of refusals and
+        of a group larger than `swarm_size`, the peers the run knows of."""
         super().__init__()
         self.cfg, self.lock = cfg, lock or threading.Lock()
+        self.anomalies, self.swarm_size = anomalies, swarm_size
         self.tensors = averaged_tensors(model)
         request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
         # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
@@ -129,6 +133,8 @@ class GossipAveraging(NoAveraging):
             # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
             next_chunk_timeout=STATE_WAIT_S,
             sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
+            swarm_key=swarm_key,
+            anomalies=anomalies,
             start=True,
         )
 
@@ -172,6 +178,8 @@ class GossipAveraging(NoAveraging):
                 for dst, src in zip(self.tensors, shared, strict=True):
                     dst.copy_(src)
         group_size = len(gathered) if gathered else None
+        if group_size and self.swarm_size and group_size > self.swarm_size and self.anomalies is not None:
+            self.anomalies.report("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
         self.stats.record(group_size, time.perf_counter() - started)
         return group_size
 
@@ -181,11 +189,18 @@ class GossipAveraging(NoAveraging):
 
 def _state_sharing_averager():
     """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
-    get_current_state in this process, from its background thread, when another peer asks)."""
+    get_current_state in this process, from its background thread, when another peer asks), and answering only the
+    run's members (workers/admission.py)."""
     from hivemind.averaging import DecentralizedAverager
 
-    class StateSharingAverager(DecentralizedAverager):
+    from workers.admission import AdmittingAverager
+
+    class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
         state_provider = None
+
+        def __init__(self, *args, swarm_key: bytes | None = None, anomalies=None, **kwargs):
+            self.swarm_key, self.anomalies = swarm_key, anomalies  # before hivemind forks its process
+            super().__init__(*args, **kwargs)
 
         def get_current_state(self):
             if self.state_provider is None:

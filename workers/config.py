@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from workers.swarmkey import read_swarm_key
+
 logger = logging.getLogger(__name__)
 
 
@@ -163,6 +165,17 @@ class NetworkConfig(_Section):
     announce_host: str | None = None
     # Peer i listens on port + i (0: any free port); the allreduce baseline's rendezvous uses port + peers.
     port: int = Field(0, ge=0, le=65535)
+    # A file holding the swarm's secret key (64 hex digits); None: the launcher makes a new key for each run.
+    # Only peers holding the key take part (workers/admission.py); standalone peers joining a run by hand
+    # (`python -m workers --swarm_key FILE`) need this file.
+    swarm_key_file: Path | None = None
+
+    @field_validator("swarm_key_file")
+    @classmethod
+    def _swarm_key_is_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_swarm_key(value)  # SwarmKeyError, a ValueError: named by the field
+        return value.expanduser() if value is not None else None
 
     @field_validator("host")
     @classmethod

@@ -34,6 +34,7 @@ from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_p
 from workers.schedule import build_scheduler
 from workers.sketch import ParameterSketch
 from workers.state import apply_snapshot, snapshot
+from workers.swarmkey import Anomalies, read_swarm_key
 from workers.train import Report, TrainSetup, train
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class PeerStatus:
     error: str | None = None
     progress_age_s: float = 0.0  # heartbeat: seconds since the training thread last finished a step or a round
     hivemind_error: str | None = None  # which of this peer's hivemind processes died, if one did
+    anomalies: list[tuple[str, str, int]] = field(default_factory=list)  # (what, who, how often): refusals etc.
 
 
 @dataclass
@@ -62,16 +64,21 @@ class Joined:
 
 class Peer:
     def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None,
-                 port_offset: bool = True, restarts: int = 0, whole_set: bool = False):  # fmt: skip
+                 port_offset: bool = True, restarts: int = 0, whole_set: bool = False,
+                 swarm_key: bytes | None = None):  # fmt: skip
         """`checkpoint_dir`: where this peer writes peer-<i>_{best,final}.pt (the driver passes `cfg.checkpoint_dir`
         or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too.
         `port_offset`: listen on `network.port + peer` (Ray peers, which may share a node) or on `network.port`.
         `restarts`: this peer's incarnation. `whole_set`: train on the whole training set in an order of its own
-        (standalone peers of an open swarm) instead of shard `peer % peers`."""
+        (standalone peers of an open swarm) instead of shard `peer % peers`. `swarm_key`: the run's secret (the
+        driver's, through Ray); None: `network.swarm_key_file`'s, or none at all (an open swarm)."""
         quiet_hivemind()
         children_die_with_this_process()
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.restarts, self.whole_set = restarts, whole_set
+        key_file = cfg.network.swarm_key_file
+        self.swarm_key = swarm_key or (read_swarm_key(key_file) if key_file else None)
+        self.anomalies = Anomalies()  # before hivemind forks its processes, which report into it
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -138,13 +145,17 @@ class Peer:
         """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs."""
         import hivemind
 
+        from workers.admission import SwarmKeyAuthorizer, publish_membership
+
         quiet_hivemind()  # again: hivemind sets its loggers' levels when its modules are first imported
         offset = self.peer if self.port_offset else 0
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
+        authorizer = SwarmKeyAuthorizer(self.swarm_key, self.anomalies) if self.swarm_key else None
         with naming_taken_port(self.cfg.network, offset):
-            self.dht = hivemind.DHT(
-                initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, start=True
-            )
+            self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
+                                    announce_maddrs=announce_maddrs, authorizer=authorizer, start=True)  # fmt: skip
+        if self.swarm_key:
+            publish_membership(self.dht, self.run_id, self.swarm_key)
         self.averaging = self._hivemind_averaging()
         self._hivemind = [(proc, proc.name()) for proc in psutil.Process(os.getpid()).children(recursive=True)
                           if proc.name() != "torch_shm_manager"]  # fmt: skip
@@ -153,7 +164,9 @@ class Peer:
     def _hivemind_averaging(self) -> NoAveraging:
         gossip, setup = self.cfg.gossip, self.setup
         if gossip.method == "gossip":
-            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock)
+            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
+                                   swarm_key=self.swarm_key, anomalies=self.anomalies,
+                                   swarm_size=self.cfg.peers + self.cfg.joins)  # fmt: skip
         if gossip.method == "optimizer":
             swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
@@ -231,7 +244,8 @@ class Peer:
             except queue.Empty:
                 break
         age = time.monotonic() - self.setup.last_progress if self._state == "running" else 0.0
-        return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error())
+        return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error(),
+                          self.anomalies.take())  # fmt: skip
 
     def hivemind_error(self) -> str | None:
         """Which of hivemind's processes (DHT, averager, p2pd) died since they started, if any: without them the

@@ -63,7 +63,8 @@ _NUMERIC_FLAGS = {
     "peers": "peers",
 }
 # flag -> config key; values are text, quoted so that YAML keeps them strings ("no", "1e3", "a: b")
-_TEXT_FLAGS = {"dataset": "data.dataset", "data_root": "data.root", "resume_from": "resume_from"}
+_TEXT_FLAGS = {"dataset": "data.dataset", "data_root": "data.root", "resume_from": "resume_from",
+               "swarm_key": "network.swarm_key_file"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data_root", help="data.root")
     add("--resume_from", help="resume_from: a folder with this peer's peer-<i>_final.pt (e.g. its previous --out); "
         "its rows are appended to metrics.csv")  # fmt: skip
+    add(
+        "--swarm_key",
+        metavar="FILE",
+        help="network.swarm_key_file: the swarm's secret key (64 hex digits); "
+        "only peers holding it take part. Every peer of the swarm passes the same file (default: an open swarm)",
+    )
     add("--join_timeout", type=float, default=300.0, metavar="SECONDS",
         help="wait up to this long for all --peers peers to join before training, as the launcher does; "
         "0: start at once, like the original scripts (default: 300)")  # fmt: skip
@@ -318,6 +325,8 @@ def follow(peer, metrics: MetricsFile, epochs: int) -> int:
     while True:
         status = peer.poll()
         metrics.write_reports(status.reports, epochs)
+        for what, who, count in status.anomalies:  # with --swarm_key: refused strangers, oversized groups
+            logger.warning("%s: %s (%dx)", what, who, count)
         if status.state == "failed":
             logger.error("training failed:\n%s", status.error)
             return 1

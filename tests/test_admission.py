@@ -1,0 +1,132 @@
+"""A closed swarm: only the run's peers take part. Unit tests of the key, the proofs and the DHT authorizer on real
+hivemind messages; an integration test with a real stranger (a second hivemind process) against a real run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from hivemind.proto import dht_pb2
+
+from tests.conftest import QUICKSTART, ROOT
+from workers.admission import SwarmKeyAuthorizer
+from workers.config import ConfigError, load_config
+from workers.swarmkey import Anomalies, SwarmKeyError, is_member, membership_proof, new_swarm_key, read_swarm_key
+
+PEER_A, PEER_B = b"\x00$\x08\x01\x12 " + bytes(32), b"\x00$\x08\x01\x12 " + bytes(range(32))
+
+
+def test_a_proof_holds_for_its_own_peer_id_and_key_only():
+    key, other_key = new_swarm_key(), new_swarm_key()
+    proof = membership_proof(key, PEER_A)
+    assert is_member(key, PEER_A, proof)
+    assert not is_member(key, PEER_B, proof), "a copied proof is worthless for another PeerID"
+    assert not is_member(other_key, PEER_A, proof), "nor under another run's key"
+    assert not is_member(key, PEER_A, proof.hex()) and not is_member(key, PEER_A, None)
+
+
+def test_key_file_errors_name_the_field_and_the_file(tmp_path):
+    good = tmp_path / "swarm.key"
+    good.write_text(new_swarm_key().hex() + "\n")
+    assert len(read_swarm_key(good)) == 32
+    for name, text, expected in [("missing.key", None, "No such file"), ("text.key", "not hex", "not hex digits"),
+                                 ("short.key", "abcd", "2 bytes, at least 16")]:  # fmt: skip
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(SwarmKeyError, match=expected):
+            read_swarm_key(path)
+        with pytest.raises(ConfigError, match=rf"network\.swarm_key_file=.*swarm key file {path}: {expected}"):
+            load_config(QUICKSTART, [f"network.swarm_key_file={path}"])
+
+
+def signed_ping(authorizer: SwarmKeyAuthorizer) -> dht_pb2.PingRequest:
+    request = dht_pb2.PingRequest(validate=True)
+    asyncio.run(authorizer.sign_request(request, None))
+    return request
+
+
+def test_dht_requests_and_responses_carry_the_key():
+    key = new_swarm_key()
+    ours, theirs, stranger_seen = SwarmKeyAuthorizer(key), SwarmKeyAuthorizer(new_swarm_key()), Anomalies()
+    ours.anomalies = stranger_seen
+    request = signed_ping(ours)
+    assert asyncio.run(SwarmKeyAuthorizer(key).validate_request(request)), "a peer with the key is answered"
+    assert not asyncio.run(ours.validate_request(signed_ping(theirs))), "another key is refused"
+    assert not asyncio.run(ours.validate_request(dht_pb2.PingRequest(validate=True))), "so is no key at all"
+    replay = signed_ping(ours)
+    copy = dht_pb2.PingRequest()
+    copy.CopyFrom(replay)
+    assert asyncio.run(ours.validate_request(replay)) and not asyncio.run(ours.validate_request(copy)), "no replay"
+    tampered = signed_ping(ours)
+    tampered.validate = False
+    assert not asyncio.run(ours.validate_request(tampered)), "the signature covers the message"
+    request = signed_ping(ours)
+    response = dht_pb2.PingResponse(dht_time=1.0)
+    asyncio.run(ours.sign_response(response, request))
+    assert asyncio.run(ours.validate_response(response, request))
+    foreign = dht_pb2.PingResponse(dht_time=1.0)
+    asyncio.run(theirs.sign_response(foreign, request))
+    assert not asyncio.run(ours.validate_response(foreign, request)), "an answer from a stranger is ignored"
+    time.sleep(0.2)  # a multiprocessing queue's feeder thread hands the items over
+    counts = {what: count for what, _, count in stranger_seen.take()}
+    assert counts == {"DHT request without the swarm key": 1, "DHT request replayed": 1,
+                      "DHT response without the swarm key": 1}, "the rest are counted with the next report"  # fmt: skip
+
+
+def test_anomalies_are_counted_and_sent_at_most_once_a_second():
+    anomalies = Anomalies()
+    assert anomalies.report("refused matchmaking", "12D3Koo")
+    assert not anomalies.report("refused matchmaking", "12D3Koo"), "held back: counted with the next one sent"
+    time.sleep(1.05)
+    assert anomalies.report("refused matchmaking", "12D3Koo")
+    time.sleep(0.2)  # a multiprocessing queue's feeder thread hands the items over
+    assert anomalies.take() == [("refused matchmaking", "12D3Koo", 3)]
+    assert anomalies.take() == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env):
+    """The attack of issue #9: a plain hivemind peer with peer 0's address, the run id and the model's shapes, all
+    set to 50.0. It gets no round, no answer to matchmaking sent straight to peer 0, no state; the run ends at its
+    normal accuracy, and the refusals are in events.csv."""
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        run = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--out", str(tmp_path)],
+                               cwd=ROOT, env=private_ray_env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            run_id, maddrs = wait_for_bootstrap(log_path, run, timeout=120)
+            stranger = subprocess.run([sys.executable, "-m", "tests.stranger", run_id, *maddrs, "--seconds", "15"],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert run.wait(timeout=180) == 0, log_path.read_text()[-3000:]
+        finally:
+            if run.poll() is None:
+                run.kill()
+    got = json.loads(stranger.stdout.strip().splitlines()[-1])
+    assert got["rounds_ok"] == 0 and not got["state_downloaded"]
+    assert got["direct"] and all(d["join_codes"] == ["PROTOCOL_VIOLATION"] for d in got["direct"]), got["direct"]
+    assert all(d["state_parts"] == 0 for d in got["direct"])
+    metrics = pd.read_csv(tmp_path / run_id / "metrics.csv")
+    final = metrics[metrics.epoch == metrics.epoch.max()]
+    assert final.test_acc.mean() >= 0.93 and (final.avg_rounds_ok > 0).all()
+    anomalies = pd.read_csv(tmp_path / run_id / "events.csv").query("event == 'anomaly'").detail
+    assert anomalies.str.startswith("DHT request without the swarm key").any()
+    assert anomalies.str.startswith("refused matchmaking: 12D3Koo").any()
+
+
+def wait_for_bootstrap(log_path, run: subprocess.Popen, timeout: float) -> tuple[str, list[str]]:
+    """The run id and peer 0's addresses, from the launcher's log, as a stranger reading it would get them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.poll() is None:
+        text = log_path.read_text()
+        if found := re.search(r"peer 0 is up at (\[.*\])", text):
+            return re.search(r"run (\S+): ", text)[1], json.loads(found[1].replace("'", '"'))
+        time.sleep(0.2)
+    raise AssertionError(f"peer 0 did not come up:\n{log_path.read_text()[-3000:]}")
