@@ -35,9 +35,11 @@ class EpochCollector:
         self.pending[epoch][report.row.peer] = report
         return self._complete_epochs()
 
-    def expect(self, peer: int, first_epoch: int) -> None:
-        """A peer (re)joined: wait for its reports from `first_epoch` on."""
+    def expect(self, peer: int, first_epoch: int) -> list[list[MetricsRow]]:
+        """A peer (re)joined, or took a live peer's state: wait for its reports from `first_epoch` on (the
+        epochs before, which it skipped, are no longer waiting for it)."""
         self.expected[peer] = first_epoch
+        return self._complete_epochs()
 
     def drop_peer(self, peer: int) -> list[list[MetricsRow]]:
         """A peer died or left: stop waiting for it."""

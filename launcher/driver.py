@@ -140,6 +140,8 @@ def play(swarm: Swarm, action: Action) -> None:
         swarm.join(action.peer)
     elif event.event == "leave":
         swarm.leave(action.peer, action.leave_after)
+    elif event.event == "lr":
+        swarm.scale_lr(action.peer, event.factor)
     else:
         swarm.slow(action.peer, event.factor)
 

@@ -3,7 +3,7 @@
 
 Timing: `at_s` counts from the moment every peer started training; `at_epoch` is reached when the event's peer
 has reported that epoch (for a join: when the swarm has). A leave with `at_epoch` is handed to the peer at once, so
-it stops exactly after that epoch's report; a slow event without a time applies from the start.
+it stops exactly after that epoch's report; a slow or lr event without a time applies from the start.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Scenario:
             return None
         if event.event == "leave" and event.at_epoch is not None:
             return Action(event, event.peer, leave_after=event.at_epoch)
-        if event.event == "slow" and event.at_epoch is None and event.at_s is None:
+        if event.event in ("slow", "lr") and event.at_epoch is None and event.at_s is None:
             return Action(event, event.peer)
         return Action(event, event.peer) if _reached(event, clock.elapsed_s, clock.peer_epochs[event.peer]) else None
 

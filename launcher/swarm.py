@@ -24,6 +24,7 @@ from workers.checkpoint import atomic_write_bytes, checkpoint_path
 from workers.config import ExperimentConfig
 from workers.metrics import MetricsRow
 from workers.peer import Joined, Peer, PeerStatus
+from workers.swarmkey import new_swarm_key, read_swarm_key
 
 logger = logging.getLogger("launcher")
 
@@ -71,6 +72,9 @@ class Swarm:
         self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
         self.here = ray.get_runtime_context().get_node_id()
         self.peer_actor = ray.remote(Peer)
+        # the run's secret (workers/admission.py): to the actors through Ray only, never in a log, a file or a name
+        key_file = cfg.network.swarm_key_file
+        self.swarm_key = read_swarm_key(key_file) if key_file else new_swarm_key()
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -112,7 +116,7 @@ class Swarm:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=peer
             ),
-        ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts)
+        ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts, swarm_key=self.swarm_key)
         return Incarnation(peer, restarts, actor, self.bundle_nodes[peer])
 
     # -- watching --------------------------------------------------------------------------------------------------
@@ -143,6 +147,14 @@ class Swarm:
         except ray.exceptions.RayError as err:
             return self._died(incarnation, f"its actor died ({type(err).__name__})")
         incarnation.status, epochs = status, []
+        for what, who, count in status.anomalies:  # refused strangers, oversized groups: never a silent "round ok"
+            self._event(incarnation, "anomaly", f"{what}: {who} ({count}x)")
+            logger.warning("peer %d: %s: %s (%dx)", incarnation.peer, what, who, count)
+        for event in status.events:  # diverged, reloaded (it may skip epochs: they no longer wait for it)
+            self._event(incarnation, event.event, event.detail)
+            logger.warning("peer %d %s: %s", incarnation.peer, event.event, event.detail)
+            if event.first_epoch is not None:
+                epochs += self.collector.expect(incarnation.peer, event.first_epoch)
         for report in status.reports:
             now = time.monotonic()
             if incarnation.last_report is not None:
@@ -261,6 +273,10 @@ class Swarm:
     def slow(self, peer: int, factor: float) -> None:
         self.peers[peer].actor.set_slowdown.remote(factor)
         self._event(self.peers[peer], "slow", f"steps take {factor:g}x as long")
+
+    def scale_lr(self, peer: int, factor: float) -> None:
+        self.peers[peer].actor.scale_lr.remote(factor)
+        self._event(self.peers[peer], "lr", f"learning rate x{factor:g}")
 
     def _kill(self, incarnation: Incarnation) -> None:
         actor_process = incarnation.processes[:1]

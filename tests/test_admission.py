@@ -130,3 +130,62 @@ def wait_for_bootstrap(log_path, run: subprocess.Popen, timeout: float) -> tuple
             return re.search(r"run (\S+): ", text)[1], json.loads(found[1].replace("'", '"'))
         time.sleep(0.2)
     raise AssertionError(f"peer 0 did not come up:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_member_that_shares_nan_poisons_nobody():
+    """Three real keyed peers (DHTs with the authorizer, averagers with admission) in one group of 3; one shares
+    NaN, as a peer that skipped its own check would. The two others refuse its parts (so the round fails for them:
+    a round never brings a NaN in), keep their parameters, and report the refusal."""
+    import threading
+
+    import hivemind
+    import torch
+    from torch import nn
+
+    from workers.admission import membership_gather, publish_membership
+    from workers.averaging import GossipAveraging, _state_sharing_averager, averaged_tensors
+    from workers.config import GossipConfig
+
+    key, anomalies = new_swarm_key(), [Anomalies() for _ in range(3)]
+    dhts = [hivemind.DHT(start=True, authorizer=SwarmKeyAuthorizer(key, anomalies[0]))]
+    first = [str(a) for a in dhts[0].get_visible_maddrs()]
+    dhts += [
+        hivemind.DHT(initial_peers=first, start=True, authorizer=SwarmKeyAuthorizer(key, a)) for a in anomalies[1:]
+    ]
+    for dht in dhts:
+        publish_membership(dht, "run", key)
+    cfg = GossipConfig(group_size=3, min_group_size=3, matchmaking_time=3.0, round_timeout=10.0)
+    torch.manual_seed(0)
+    models = [nn.Linear(256, 64), nn.Linear(256, 64)]  # parts for every reducer
+    honest = [GossipAveraging(m, d, cfg, "run", swarm_key=key, anomalies=a)
+              for m, d, a in zip(models, dhts, anomalies, strict=False)]  # fmt: skip
+    poison = [torch.full_like(t, float("nan")) for t in averaged_tensors(models[0])]
+    rogue = _state_sharing_averager()(poison, dhts[2], prefix="run", target_group_size=3, min_group_size=3,
+                                      min_matchmaking_time=3.0, request_timeout=1.5, swarm_key=key,
+                                      anomalies=anomalies[2], start=True)  # fmt: skip
+    before = [[t.clone() for t in averaged_tensors(m)] for m in models]
+    rounds = {}
+    threads = [threading.Thread(target=lambda i=i: rounds.setdefault(i, honest[i].average())) for i in range(2)]
+    proof = membership_gather(key, dhts[2].peer_id)  # a member: it holds the key, only its parameters are bad
+    threads.append(threading.Thread(target=lambda: rounds.setdefault("rogue", rogue.step(gather=proof, timeout=6))))
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        time.sleep(0.3)  # the anomalies' queue feeder
+        seen = [{what for what, _, _ in a.take()} for a in anomalies[:2]]
+        for model, old in zip(models, before, strict=True):
+            assert all(torch.isfinite(t).all() for t in averaged_tensors(model)), "nobody took the NaN"
+            assert all(torch.equal(t, o) for t, o in zip(averaged_tensors(model), old, strict=True))
+        assert len(rounds["rogue"]) == 3, "the group did form, with the rogue in it"
+        assert rounds[0] is None and rounds[1] is None, "a round with a NaN average is a failed round"
+        assert any("refused a non-finite part" in s for s in seen), seen  # the first refusal ends the round
+        assert not any(what.startswith("refused matchmaking") for s in seen for what in s), "members are admitted"
+    finally:
+        for averager in [*(h.averager for h in honest), rogue]:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()

@@ -47,6 +47,14 @@ class RoundStats:
         return (sum(groups) / len(groups) if groups else float("nan")), seconds
 
 
+class Diverged(RuntimeError):
+    """A peer's loss or parameters are no longer finite: it must not share them (FaultsConfig.on_divergence)."""
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one device sync
+
+
 def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
     """What a round averages: every parameter and every floating-point buffer (e.g. BatchNorm statistics)."""
     buffers = [b for b in model.buffers() if b.is_floating_point()]
@@ -76,6 +84,9 @@ class NoAveraging:
     def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
         """The state of the most advanced live peer that shares one, or None."""
         return None
+
+    def withhold_state(self) -> None:
+        """Serve no state to newcomers until the next `share_state` (this peer's diverged)."""
 
     def epoch_steps(self, local_steps: int) -> int:
         """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
@@ -110,9 +121,12 @@ class GossipAveraging(NoAveraging):
                  swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
         """`swarm_key`: only the run's members take part (workers/admission.py); `anomalies` hears of refusals and
         of a group larger than `swarm_size`, the peers the run knows of."""
+        from workers.admission import membership_gather
+
         super().__init__()
         self.cfg, self.lock = cfg, lock or threading.Lock()
         self.anomalies, self.swarm_size = anomalies, swarm_size
+        self.gather = membership_gather(swarm_key, dht.peer_id)  # this peer's proof, for the others' averagers
         self.tensors = averaged_tensors(model)
         request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
         # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
@@ -146,6 +160,9 @@ class GossipAveraging(NoAveraging):
     def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
         return self.averager.load_state_from_peers(timeout=timeout)
 
+    def withhold_state(self) -> None:
+        self.averager.allow_state_sharing = False
+
     def round_after_step(self, step: int) -> bool:
         return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
 
@@ -163,25 +180,43 @@ class GossipAveraging(NoAveraging):
             self.averager.state_sharing_priority = self._priority()
 
     def average(self) -> int | None:
-        """One round; returns the group size, or None when the round failed (training goes on either way)."""
+        """One round; returns the group size, or None when the round failed (training goes on either way).
+        Parameters that are not finite are never shared: the round is skipped (a failed one) and Diverged raised."""
         started = time.perf_counter()
+        if not all_finite(self.tensors):
+            self.stats.record(None, 0.0)
+            raise Diverged("its parameters are not finite: it skipped the round")
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, src in zip(shared, self.tensors, strict=True):
                 dst.copy_(src)
         try:
-            gathered = self.averager.step(timeout=self.matchmaking_deadline)
+            gathered = self.averager.step(gather=self.gather, timeout=self.matchmaking_deadline)
         except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
             logger.warning("averaging round failed: %r", err)
             gathered = None
-        if gathered:
-            with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
-                for dst, src in zip(self.tensors, shared, strict=True):
-                    dst.copy_(src)
+        if gathered and not self._take_result():
+            gathered = None
         group_size = len(gathered) if gathered else None
-        if group_size and self.swarm_size and group_size > self.swarm_size and self.anomalies is not None:
-            self.anomalies.report("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
+        if group_size and self.swarm_size and group_size > self.swarm_size:
+            self._anomaly("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
         self.stats.record(group_size, time.perf_counter() - started)
         return group_size
+
+    def _take_result(self) -> bool:
+        """Copy the round's result into the model, unless it is not finite (a member's reducer averaged in its
+        NaN or Inf): then the model keeps its own parameters and the round counts as failed."""
+        with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
+            if not all_finite(shared):
+                self._anomaly("a round's average that is not finite", "kept its own parameters")
+                return False
+            for dst, src in zip(self.tensors, shared, strict=True):
+                dst.copy_(src)
+        return True
+
+    def _anomaly(self, what: str, detail: str) -> None:
+        logger.warning("%s: %s", what, detail)
+        if self.anomalies is not None:
+            self.anomalies.report(what, detail)
 
     def shutdown(self) -> None:
         self.averager.shutdown()

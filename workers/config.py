@@ -213,18 +213,22 @@ class FaultsConfig(_Section):
     stall_min_s: PositiveFloat = 60.0
     poll_timeout_s: PositiveFloat = 10.0  # a peer that does not answer a status poll this long is wedged too
     start_timeout_s: PositiveFloat = 300.0  # loading data, building the model, starting the DHT, downloading state
+    # A peer whose loss or parameters are no longer finite shares nothing (its round is skipped) and then takes the
+    # swarm's state from a live peer and goes on (`reload`), or stops (`stop`: the driver restarts it as a death).
+    on_divergence: Literal["reload", "stop"] = "reload"
 
 
 class ScenarioEvent(_Section):
     """One scripted churn event. `kill`: SIGKILL of the peer's process (then restarted within max_restarts);
     `leave`: the peer finishes its current epoch, stops, and is not restarted; `join`: a new peer joins the running
-    swarm (it downloads the state first); `slow`: each of the peer's steps takes `factor` times longer."""
+    swarm (it downloads the state first); `slow`: each of the peer's steps takes `factor` times longer; `lr`: the
+    peer's learning rate is multiplied by `factor` from then on (e.g. a large one makes it diverge)."""
 
-    event: Literal["kill", "leave", "join", "slow"]
+    event: Literal["kill", "leave", "join", "slow", "lr"]
     peer: int | None = Field(None, ge=0)  # kill, leave, slow: which peer (joiners are numbered peers, peers+1, ...)
     at_epoch: PositiveInt | None = None  # when that peer (for join: the swarm) has reported this epoch
     at_s: float | None = Field(None, ge=0)  # seconds after every peer started training
-    factor: float | None = Field(None, gt=1)  # slow: step time multiplier
+    factor: float | None = Field(None, gt=0)  # slow: step time multiplier (> 1); lr: learning-rate multiplier
     # kill: which process gets SIGKILL: the peer's own, or its hivemind DHT process (the peer lives on, wedged)
     process: Literal["peer", "dht"] = "peer"
 
@@ -235,8 +239,11 @@ class ScenarioEvent(_Section):
         if (self.peer is None) != (self.event == "join"):
             raise ValueError(f"{self.event}: " + ("a join takes no peer (the joiner gets the next free index)"
                                                   if self.event == "join" else "needs peer: N"))  # fmt: skip
-        if (self.factor is None) != (self.event != "slow"):
-            raise ValueError("slow needs factor: F (> 1); other events take no factor")
+        if (self.factor is None) != (self.event not in ("slow", "lr")):
+            raise ValueError(f"{self.event} needs factor: F" if self.factor is None else
+                             f"{self.event}: only slow and lr take a factor")  # fmt: skip
+        if self.event == "slow" and self.factor <= 1:
+            raise ValueError(f"slow: factor={self.factor} must be above 1 (a step takes factor times as long)")
         if self.process != "peer" and self.event != "kill":
             raise ValueError("process: only a kill names a process")
         if self.event in ("kill", "leave", "join") and self.at_epoch is None and self.at_s is None:
@@ -315,7 +322,7 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"{where}.peer={event.peer}: the swarm has peers 0..{self.peers + self.joins - 1}")
             if event.at_epoch is not None and event.at_epoch >= self.optim.epochs:
                 raise ValueError(f"{where}.at_epoch={event.at_epoch}: the run ends after epoch {self.optim.epochs}")
-            if event.event != "slow" and self.gossip.method == "allreduce":
+            if event.event not in ("slow", "lr") and self.gossip.method == "allreduce":
                 raise ValueError(f"{where}.event={event.event}: the allreduce baseline's process group is fixed: "
                                  "peers cannot die, leave or join (use gossip, optimizer or none)")  # fmt: skip
         return self

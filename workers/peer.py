@@ -25,7 +25,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader
 
-from workers.averaging import AllReduceAveraging, GossipAveraging, NoAveraging, OptimizerAveraging
+from workers.averaging import AllReduceAveraging, Diverged, GossipAveraging, NoAveraging, OptimizerAveraging
 from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
@@ -40,6 +40,16 @@ from workers.train import Report, TrainSetup, train
 logger = logging.getLogger(__name__)
 
 
+RELOAD_TIMEOUT_S = 120.0  # a diverged peer's state download from a live peer
+
+
+@dataclass
+class PeerEvent:
+    event: str  # "diverged" | "reloaded"
+    detail: str
+    first_epoch: int | None = None  # reloaded: the first epoch it reports from now on
+
+
 @dataclass
 class PeerStatus:
     peer: int
@@ -49,6 +59,7 @@ class PeerStatus:
     progress_age_s: float = 0.0  # heartbeat: seconds since the training thread last finished a step or a round
     hivemind_error: str | None = None  # which of this peer's hivemind processes died, if one did
     anomalies: list[tuple[str, str, int]] = field(default_factory=list)  # (what, who, how often): refusals etc.
+    events: list[PeerEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +97,7 @@ class Peer:
         self.dht = None
         self.averaging: NoAveraging = NoAveraging()
         self._reports: queue.Queue[Report] = queue.Queue()
+        self._events: queue.Queue[PeerEvent] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state, self._error = "ready", None
@@ -218,13 +230,38 @@ class Peer:
 
     def _train_thread(self) -> None:
         try:
-            for report in train(self.setup, self.averaging, self._stop):
-                self._reports.put(report)
+            while not self._train_unless_diverged():
+                pass
             left = self.setup.leave_after is not None and self.setup.progress.epoch < self.setup.epochs
             self._state = "stopped" if self._stop.is_set() else "left" if left else "done"
         except Exception:
             self._error, self._state = traceback.format_exc(), "failed"
             logger.error("peer %d failed:\n%s", self.peer, self._error)
+
+    def _train_unless_diverged(self) -> bool:
+        """Train to the end (True), or until the peer diverges: then it takes a live peer's state (False: train on
+        from there), or stops (`faults.on_divergence: stop`, Diverged raised: the driver restarts it)."""
+        try:
+            for report in train(self.setup, self.averaging, self._stop):
+                self._reports.put(report)
+            return True
+        except Diverged as err:
+            self._events.put(PeerEvent("diverged", str(err)))
+            if self.cfg.faults.on_divergence == "stop":
+                raise
+        self.averaging.withhold_state()  # nobody downloads what diverged
+        self.setup.lr_factor = 1.0
+        source = self.restore_state(RELOAD_TIMEOUT_S)
+        if source == "fresh":
+            raise Diverged("diverged, and neither a live peer nor a checkpoint had a state to reload")
+        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
+        first = self.setup.progress.epoch + 1
+        self._events.put(PeerEvent("reloaded", f"state from {source}, training on from epoch {first}", first))
+        return False
+
+    def scale_lr(self, factor: float) -> None:
+        """Every step from now on uses `factor` times the scheduled learning rate."""
+        self.setup.lr_factor = factor
 
     def leave_after(self, epoch: int | None = None) -> None:
         """Finish epoch `epoch` (None: the current one), report it, and stop: a graceful leave."""
@@ -237,15 +274,10 @@ class Peer:
     def poll(self) -> PeerStatus:
         """Everything reported since the last poll, the current state and the heartbeat. Never waits on the
         training thread or on hivemind."""
-        reports = []
-        while True:
-            try:
-                reports.append(self._reports.get_nowait())
-            except queue.Empty:
-                break
+        reports, events = drain(self._reports), drain(self._events)
         age = time.monotonic() - self.setup.last_progress if self._state == "running" else 0.0
         return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error(),
-                          self.anomalies.take())  # fmt: skip
+                          self.anomalies.take(), events)  # fmt: skip
 
     def hivemind_error(self) -> str | None:
         """Which of hivemind's processes (DHT, averager, p2pd) died since they started, if any: without them the
@@ -287,6 +319,15 @@ class Peer:
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
+
+
+def drain(items: queue.Queue) -> list:
+    taken = []
+    while True:
+        try:
+            taken.append(items.get_nowait())
+        except queue.Empty:
+            return taken
 
 
 _DIE_WITH_PARENT: list[bool] = []

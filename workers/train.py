@@ -6,6 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from workers.averaging import NoAveraging
+from workers.averaging import Diverged, NoAveraging
 from workers.checkpoint import save_epoch
 from workers.metrics import MetricsRow
 from workers.sketch import ParameterSketch
@@ -70,6 +71,7 @@ class TrainSetup:
     last_progress: float = field(default_factory=time.monotonic)  # heartbeat: monotonic time of the last step/round
     leave_after: int | None = None  # stop gracefully after this epoch (a scripted leave)
     slowdown: float = 1.0  # a scripted straggler: every step takes this many times longer
+    lr_factor: float = 1.0  # a scripted learning-rate change (scenario event `lr`), on top of the schedule
     epoch_ending: bool = False  # between an epoch's last step and its report (its round, its evaluation)
 
 
@@ -98,6 +100,8 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         totals = train_epoch(setup, averaging, stop)
         if totals is None:
             return
+        if not math.isfinite(float(totals.loss_sum)):
+            raise Diverged(f"its training loss in epoch {epoch} is not finite")
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
         if averaging.round_after_epoch():
             totals.sketch_before = setup.sketch(flat_parameters(setup.model))
@@ -138,7 +142,7 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
         setup.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         averaging.before_step()
-        with setup.lock:
+        with setup.lock, scaled_lr(setup.optimizer, setup.lr_factor):
             setup.optimizer.step()
             progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
             progress.epoch_step += 1
@@ -150,6 +154,21 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
         averaging.after_step(progress.step)
         setup.last_progress = time.monotonic()
     return totals
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """The step with every learning rate times `factor`; the schedule's own rates are back afterwards."""
+    if factor == 1.0:
+        yield
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    try:
+        yield
+    finally:
+        for group in optimizer.param_groups:
+            group["lr"] /= factor
 
 
 def last_round_step(averaging: NoAveraging, first_step: int, steps: int) -> int | None:
