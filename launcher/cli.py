@@ -1,6 +1,7 @@
 """`gossip-launch run CONFIG [--peers N] [--resume-from DIR] [--set key.sub=value ...] [--out DIR] [--address ADDR]`
 (also `python -m launcher`);
-`gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`."""
+`gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`;
+`gossip-launch bench [--quick] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.1:6379, auto, or local (a new private "
                      "one); default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new "
                      "local one")  # fmt: skip
+    bench = commands.add_parser("bench", help="measure gossip's cost on this machine: throughput, one round, start-up")
+    bench.add_argument("--quick", action="store_true", help="a smaller bench: under about 5 minutes on 2 cores")
+    bench.add_argument("--out", type=Path, default=Path("results"), help="where its folder goes (default: results/)")
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
     analyze.add_argument("--target-acc", type=float, help="report wall time and samples to this mean test accuracy")
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "bench":
+        return _bench(args)
     return _run(args)
 
 
@@ -69,6 +75,15 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(cfg, Sweep):
         return _run_sweep(cfg, args.out, args.address)
     return run_experiment(cfg, args.out, args.address).exit_code
+
+
+def _bench(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from launcher.bench import run_bench
+
+    interrupt_on_sigterm()
+    print(f"wrote {run_bench(args.out, args.quick)}")
+    return 0
 
 
 def check_address(address: str | None) -> None:

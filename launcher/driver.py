@@ -22,7 +22,7 @@ from launcher.placement import PlacementError
 from launcher.policy import decide, exit_code, restart_support
 from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
 from launcher.scenario import Action, Clock, Scenario
-from launcher.signals import interrupt_on_sigterm, signals_ignored
+from launcher.signals import interrupt_on_sigterm, raise_if_interrupted, signals_ignored
 from launcher.swarm import Swarm
 from workers.checkpoint import run_checkpoint_dir
 from workers.config import ExperimentConfig, dump_config
@@ -113,6 +113,7 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
     scenario, can_restart = Scenario(cfg.scenario, cfg.peers), restart_support(cfg.gossip.method)
     round_s = cfg.gossip.matchmaking_time + cfg.gossip.round_timeout
     while swarm.active():
+        raise_if_interrupted()
         epochs = swarm.tick(TICK_S)
         for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
             epochs += swarm.carry_out(decision)

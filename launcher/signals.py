@@ -15,14 +15,27 @@ from contextlib import contextmanager
 CLEANUP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_received = threading.Event()  # a Ctrl-C or SIGTERM came: see raise_if_interrupted
+
+
 def interrupt(signum, frame):
+    _received.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def interrupt_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt, like Ctrl-C; set again after `ray.init()`, which replaces it."""
+    """SIGTERM raises KeyboardInterrupt, like Ctrl-C (whose handler is this one too); set again after `ray.init()`,
+    which replaces the SIGTERM handler."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+        for sig in CLEANUP_SIGNALS:
+            signal.signal(sig, interrupt)
+
+
+def raise_if_interrupted() -> None:
+    """Called by the driver's loop: a signal whose KeyboardInterrupt was swallowed on its way (raised inside a
+    library's callback, which only logs it) still stops the run."""
+    if _received.is_set():
+        raise KeyboardInterrupt("a signal came earlier")
 
 
 @contextmanager

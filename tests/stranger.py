@@ -20,14 +20,15 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
 from tests.conftest import quick_config
-from workers.averaging import _state_sharing_averager, averaged_tensors
+from workers.averaging import averaged_tensors
 from workers.data import load_dataset
+from workers.gossip import swarm_averager_class
 from workers.models import build_model
 
 POISON = 50.0
 # the run's own averager class, without a key: the stranger has read this project's code, so its RPCs reach the
 # handlers by their names (hivemind names them after the class)
-Averager = _state_sharing_averager()
+Averager = swarm_averager_class()
 
 
 def model_tensors() -> list[torch.Tensor]:

@@ -145,8 +145,9 @@ def test_a_member_that_shares_nan_poisons_nobody():
     from torch import nn
 
     from workers.admission import membership_gather, publish_membership
-    from workers.averaging import GossipAveraging, _state_sharing_averager, averaged_tensors
+    from workers.averaging import averaged_tensors
     from workers.config import GossipConfig
+    from workers.gossip import GossipAveraging, swarm_averager_class
 
     key, anomalies = new_swarm_key(), [Anomalies() for _ in range(3)]
     dhts = [hivemind.DHT(start=True, authorizer=SwarmKeyAuthorizer(key, anomalies[0]))]
@@ -162,7 +163,7 @@ def test_a_member_that_shares_nan_poisons_nobody():
     honest = [GossipAveraging(m, d, cfg, "run", swarm_key=key, anomalies=a)
               for m, d, a in zip(models, dhts, anomalies, strict=False)]  # fmt: skip
     poison = [torch.full_like(t, float("nan")) for t in averaged_tensors(models[0])]
-    rogue = _state_sharing_averager()(poison, dhts[2], prefix="run", target_group_size=3, min_group_size=3,
+    rogue = swarm_averager_class()(poison, dhts[2], prefix="run", target_group_size=3, min_group_size=3,
                                       min_matchmaking_time=3.0, request_timeout=1.5, swarm_key=key,
                                       anomalies=anomalies[2], start=True)  # fmt: skip
     before = [[t.clone() for t in averaged_tensors(m)] for m in models]

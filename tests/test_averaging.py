@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.averaging import AllReduceAveraging, GossipAveraging, OptimizerAveraging, averaged_tensors
+from workers.averaging import AllReduceAveraging, OptimizerAveraging, averaged_tensors
 from workers.config import GossipConfig
+from workers.gossip import GossipAveraging
 from workers.network import free_port
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

@@ -239,7 +239,8 @@ def test_three_peers_with_only_the_original_flags_train_at_once_and_agree(tmp_pa
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_the_peer_cleanly(launch, tmp_path):
     # Alone in a swarm of 2, it trains with failing rounds (short ones: Peer.stop waits for the round in flight).
-    proc = launch(0, "--peers", "2", "--join_timeout", "0", "--set", "gossip.round_timeout=2")
+    # 30 epochs: it must still be training when Ctrl-C comes, however fast this machine is today
+    proc = launch(0, "--peers", "2", "--join_timeout", "0", "--epochs", "30", "--set", "gossip.round_timeout=2")
     read_visible_maddrs(tmp_path / "peer-0.out", timeout=120)
     metrics = tmp_path / "peer-0" / "metrics.csv"
     rows_before = wait_for_a_row(metrics, timeout=60)

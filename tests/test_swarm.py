@@ -129,3 +129,23 @@ def test_hivemind_optimizer_mode_really_moves_peers_together(ray_local, tmp_path
     late, late_none = (m[m.epoch >= 3].consensus_dist.mean() for m in (optimizer, none))
     print(f"consensus, epochs 3-4: optimizer {late:.3f}, none {late_none:.3f}")
     assert late < late_none / 2
+
+
+@pytest.fixture(scope="module")
+def overlap_and_none(ray_local, tmp_path_factory):
+    """The quickstart as shipped (10 epochs, one round per epoch), with overlapped rounds, and without any."""
+    out = tmp_path_factory.mktemp("overlap")
+    epochs = ["optim.epochs=10", "gossip.matchmaking_time=2.0"]
+    overlap = run_experiment(quick_config(*epochs, "gossip.overlap=true"), out)
+    none = run_experiment(quick_config(*epochs, "gossip.method=none"), out)
+    return overlap, read_metrics(overlap.run_dir), read_metrics(none.run_dir)
+
+
+def test_overlapped_rounds_keep_the_accuracy_and_the_consensus(overlap_and_none):
+    result, overlap, none = overlap_and_none
+    assert result.exit_code == 0
+    final, final_none = overlap[overlap.epoch == 10], none[none.epoch == 10]
+    assert final.test_acc.mean() >= 0.93
+    assert final.consensus_dist.iloc[0] <= 0.1 * final_none.consensus_dist.iloc[0]
+    assert (final.avg_rounds_ok >= 9).all(), "a round per epoch, each landing before the epoch's evaluation"
+    assert (overlap.avg_bytes > 0).all() and (none.avg_bytes == 0).all()

@@ -67,7 +67,7 @@ class HalvingRounds(NoAveraging):
     def round_after_epoch(self) -> bool:
         return self.every is None
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, left: int = 0) -> None:
         if self.round_after_step(step):
             self._round(step)
 

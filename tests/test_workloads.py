@@ -14,10 +14,11 @@ from launcher.driver import run_experiment
 from launcher.results import read_metrics
 from tests.conftest import ROOT
 from tests.datasets import write_tiny_cifar10, write_tiny_tinyimagenet
-from workers.averaging import GossipAveraging, NoAveraging
+from workers.averaging import NoAveraging
 from workers.checkpoint import checkpoint_path
 from workers.config import ConfigError, DataConfig, load_config
 from workers.data import load_dataset
+from workers.gossip import GossipAveraging
 from workers.peer import Peer
 from workers.train import train
 

@@ -148,6 +148,7 @@ class AdmittingAverager:
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super().rpc_aggregate_part(self._finite_parts(stream, context.remote_id), context):
+            self._count(message)  # the averaged part this peer's reducer sends back
             yield message
 
     async def _finite_parts(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender: PeerID):
@@ -158,7 +159,14 @@ class AdmittingAverager:
                 if self.anomalies is not None:
                     self.anomalies.report("refused a non-finite part", str(sender))
                 raise AllreduceException(f"{sender} sent a part that is not finite")
+            self._count(message)
             yield message
+
+    def _count(self, message: averaging_pb2.AveragingData) -> None:
+        """Bytes through this peer's reducer, both ways (workers/metrics.py: avg_bytes)."""
+        counter = getattr(self, "part_bytes", None)
+        if counter is not None:
+            counter.value += len(message.tensor_part.buffer)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext

@@ -25,6 +25,7 @@ class RoundStats:
     seconds: float = 0.0
     _window_groups: list[int] = field(default_factory=list)
     _window_seconds: float = 0.0
+    _window_bytes: int = 0
 
     def record(self, group_size: int | None, seconds: float) -> None:
         """One round: its group size on success, None on failure."""
@@ -40,11 +41,15 @@ class RoundStats:
         self.seconds += seconds
         self._window_seconds += seconds
 
-    def take_window(self) -> tuple[float, float]:
-        """(mean group size, seconds averaging) since the previous call; NaN size when no round succeeded."""
-        groups, seconds = self._window_groups, self._window_seconds
-        self._window_groups, self._window_seconds = [], 0.0
-        return (sum(groups) / len(groups) if groups else float("nan")), seconds
+    def add_bytes(self, sent: int) -> None:
+        self._window_bytes += sent
+
+    def take_window(self) -> tuple[float, float, int]:
+        """(mean group size, seconds averaging, bytes sent) since the previous call; NaN size when no round
+        succeeded."""
+        groups, seconds, sent = self._window_groups, self._window_seconds, self._window_bytes
+        self._window_groups, self._window_seconds, self._window_bytes = [], 0.0, 0
+        return (sum(groups) / len(groups) if groups else float("nan")), seconds, sent
 
 
 class Diverged(RuntimeError):
@@ -59,15 +64,6 @@ def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
     """What a round averages: every parameter and every floating-point buffer (e.g. BatchNorm statistics)."""
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     return [p.data for p in model.parameters()] + [b.data for b in buffers]
-
-
-STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
-
-
-def host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy for hivemind in the default (contiguous) layout. hivemind splits every averaged tensor with
-    `view(-1)`, which raises on channels_last strides, and `.to(copy=True)` keeps them: every round would fail."""
-    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
 class NoAveraging:
@@ -103,147 +99,14 @@ class NoAveraging:
     def before_step(self) -> None:
         pass
 
-    def after_step(self, step: int) -> None:
-        pass
+    def after_step(self, step: int, left: int = 0) -> None:
+        """After optimizer step `step` (counted over the run); `left`: steps left in this epoch."""
 
     def after_epoch(self) -> None:
         pass
 
     def shutdown(self) -> None:
         pass
-
-
-class GossipAveraging(NoAveraging):
-    """hivemind's DecentralizedAverager over the model's tensors: every H steps (or once per epoch) the peer
-    joins a DHT-matched group and moves its tensors `alpha` of the way to the group's mean."""
-
-    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
-                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
-        """`swarm_key`: only the run's members take part (workers/admission.py); `anomalies` hears of refusals and
-        of a group larger than `swarm_size`, the peers the run knows of."""
-        from workers.admission import membership_gather
-
-        super().__init__()
-        self.cfg, self.lock = cfg, lock or threading.Lock()
-        self.anomalies, self.swarm_size = anomalies, swarm_size
-        self.gather = membership_gather(swarm_key, dht.peer_id)  # this peer's proof, for the others' averagers
-        self.tensors = averaged_tensors(model)
-        request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
-        # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
-        # one matchmaking_time, plus request_timeout for the leader's go-ahead to reach its followers. The all-reduce
-        # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
-        self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
-        self.averager = _state_sharing_averager()(
-            [host_copy(t) for t in self.tensors],
-            dht,
-            prefix=prefix,
-            target_group_size=cfg.group_size,
-            min_group_size=cfg.min_group_size,
-            averaging_alpha=cfg.alpha,
-            min_matchmaking_time=cfg.matchmaking_time,
-            request_timeout=request_timeout,
-            allreduce_timeout=cfg.round_timeout,
-            allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
-            # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
-            next_chunk_timeout=STATE_WAIT_S,
-            sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
-            swarm_key=swarm_key,
-            anomalies=anomalies,
-            start=True,
-        )
-
-    def share_state(self, provider, priority) -> None:
-        self.averager.state_provider, self._priority = provider, priority
-        self.averager.state_sharing_priority = priority()  # re-declared in the DHT whenever it changes
-        self.averager.allow_state_sharing = True
-
-    def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
-        return self.averager.load_state_from_peers(timeout=timeout)
-
-    def withhold_state(self) -> None:
-        self.averager.allow_state_sharing = False
-
-    def round_after_step(self, step: int) -> bool:
-        return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
-
-    def round_after_epoch(self) -> bool:
-        return self.cfg.every_steps == "epoch"
-
-    def after_step(self, step: int) -> None:
-        if self.round_after_step(step):
-            self.average()
-
-    def after_epoch(self) -> None:
-        if self.round_after_epoch():
-            self.average()
-        if self.averager.allow_state_sharing:
-            self.averager.state_sharing_priority = self._priority()
-
-    def average(self) -> int | None:
-        """One round; returns the group size, or None when the round failed (training goes on either way).
-        Parameters that are not finite are never shared: the round is skipped (a failed one) and Diverged raised."""
-        started = time.perf_counter()
-        if not all_finite(self.tensors):
-            self.stats.record(None, 0.0)
-            raise Diverged("its parameters are not finite: it skipped the round")
-        with torch.no_grad(), self.averager.get_tensors() as shared:
-            for dst, src in zip(shared, self.tensors, strict=True):
-                dst.copy_(src)
-        try:
-            gathered = self.averager.step(gather=self.gather, timeout=self.matchmaking_deadline)
-        except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
-            logger.warning("averaging round failed: %r", err)
-            gathered = None
-        if gathered and not self._take_result():
-            gathered = None
-        group_size = len(gathered) if gathered else None
-        if group_size and self.swarm_size and group_size > self.swarm_size:
-            self._anomaly("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
-        self.stats.record(group_size, time.perf_counter() - started)
-        return group_size
-
-    def _take_result(self) -> bool:
-        """Copy the round's result into the model, unless it is not finite (a member's reducer averaged in its
-        NaN or Inf): then the model keeps its own parameters and the round counts as failed."""
-        with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
-            if not all_finite(shared):
-                self._anomaly("a round's average that is not finite", "kept its own parameters")
-                return False
-            for dst, src in zip(self.tensors, shared, strict=True):
-                dst.copy_(src)
-        return True
-
-    def _anomaly(self, what: str, detail: str) -> None:
-        logger.warning("%s: %s", what, detail)
-        if self.anomalies is not None:
-            self.anomalies.report(what, detail)
-
-    def shutdown(self) -> None:
-        self.averager.shutdown()
-
-
-def _state_sharing_averager():
-    """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
-    get_current_state in this process, from its background thread, when another peer asks), and answering only the
-    run's members (workers/admission.py)."""
-    from hivemind.averaging import DecentralizedAverager
-
-    from workers.admission import AdmittingAverager
-
-    class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
-        state_provider = None
-
-        def __init__(self, *args, swarm_key: bytes | None = None, anomalies=None, **kwargs):
-            self.swarm_key, self.anomalies = swarm_key, anomalies  # before hivemind forks its process
-            super().__init__(*args, **kwargs)
-
-        def get_current_state(self):
-            if self.state_provider is None:
-                return super().get_current_state()
-            metadata, tensors = self.state_provider()
-            return metadata, tensors, None
-
-    return StateSharingAverager
 
 
 class AllReduceAveraging(NoAveraging):
@@ -282,7 +145,7 @@ class AllReduceAveraging(NoAveraging):
     def round_after_epoch(self) -> bool:
         return self.cfg.allreduce_on == "parameters" and self.cfg.every_steps == "epoch"
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, left: int = 0) -> None:
         if self.round_after_step(step):
             self._all_reduce_mean(self.tensors)
 
@@ -354,7 +217,7 @@ class OptimizerAveraging(NoAveraging):
     def before_step(self) -> None:
         self._step_started, self._rounds_before = time.perf_counter(), self.stats.ok + self.stats.failed
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, left: int = 0) -> None:
         if not self.background and self.stats.ok + self.stats.failed > self._rounds_before:
             self.stats.add_seconds(time.perf_counter() - self._step_started)  # this step held a blocking round
         if not self._joined:

@@ -97,6 +97,11 @@ class GossipConfig(_Section):
     # optimizer: hivemind's delay_state_averaging. Off by default: in the background hivemind applies each round as
     # a delta against the parameters of when the round began, so local drift during the round survives (README).
     background_averaging: bool = False
+    # gossip: run each round in the background while local steps go on; its result lands as a correction that keeps
+    # those steps (workers/gossip.py). At most one round in flight.
+    overlap: bool = False
+    # gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a quarter)
+    compression: Literal["none", "float16", "uint8"] = "none"
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -127,6 +132,8 @@ _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "target_batch_size": (None, ("optimizer",)),
     "local_updates": (True, ("optimizer",)),
     "background_averaging": (False, ("optimizer",)),
+    "overlap": (False, ("gossip",)),
+    "compression": ("none", ("gossip",)),
 }
 
 

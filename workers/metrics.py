@@ -25,7 +25,10 @@ class MetricsRow:
     avg_rounds_ok: int  # cumulative successful averaging rounds
     avg_rounds_failed: int  # cumulative failed rounds (no group in time, all-reduce error, timeout)
     avg_group_size: float  # mean size of the groups of the successful rounds since the previous row
-    avg_seconds: float  # seconds spent in averaging since the previous row (this epoch's rounds)
+    avg_seconds: float  # seconds the training thread spent averaging since the previous row (this epoch's rounds)
+    # gossip: bytes through this peer's reducer since the previous row, parts in and averages out (summed over the
+    # peers: the swarm's averaging traffic, every part once each way)
+    avg_bytes: int = 0
     consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
     consensus_before: float = math.nan  # the same, just before each peer's last round of the epoch (nan: no round)
     consensus_peers: int = 0  # how many peers' parameters that figure covers

@@ -25,10 +25,11 @@ import psutil
 import torch
 from torch.utils.data import DataLoader
 
-from workers.averaging import AllReduceAveraging, Diverged, GossipAveraging, NoAveraging, OptimizerAveraging
+from workers.averaging import AllReduceAveraging, Diverged, NoAveraging, OptimizerAveraging
 from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
+from workers.gossip import GossipAveraging
 from workers.models import build_model
 from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
 from workers.schedule import build_scheduler
@@ -178,7 +179,7 @@ class Peer:
         if gossip.method == "gossip":
             return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
                                    swarm_key=self.swarm_key, anomalies=self.anomalies,
-                                   swarm_size=self.cfg.peers + self.cfg.joins)  # fmt: skip
+                                   swarm_size=None if self.whole_set else self.cfg.peers + self.cfg.joins)  # fmt: skip
         if gossip.method == "optimizer":
             swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,

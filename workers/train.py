@@ -151,7 +151,7 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
             stop.wait((setup.slowdown - 1) * (time.perf_counter() - step_started))
         if progress.step == last_round:
             totals.sketch_before = setup.sketch(flat_parameters(model))
-        averaging.after_step(progress.step)
+        averaging.after_step(progress.step, steps - progress.epoch_step)
         setup.last_progress = time.monotonic()
     return totals
 
@@ -184,7 +184,7 @@ def epoch_row(
     seconds: tuple[float, float],
 ) -> MetricsRow:
     """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
-    group_size, avg_seconds = averaging.stats.take_window()
+    group_size, avg_seconds, avg_bytes = averaging.stats.take_window()
     progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
@@ -204,6 +204,7 @@ def epoch_row(
         avg_rounds_failed=averaging.stats.failed,
         avg_group_size=group_size,
         avg_seconds=avg_seconds,
+        avg_bytes=avg_bytes,
         node=setup.node,
         node_id=setup.node_id,
         restarts=setup.restarts,

@@ -1,0 +1,94 @@
+"""Gossip rounds against real hivemind peers on loopback (in this process, no Ray): a round starts as soon as the
+swarm has joined, an overlapped round lands as a correction that keeps the local steps, and compression cuts the
+bytes on the wire."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+from workers.averaging import averaged_tensors
+from workers.config import GossipConfig
+from workers.gossip import GossipAveraging
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def linear(seed: int, width: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(width, width // 2)
+
+
+def swarm(dhts, cfg: GossipConfig, prefix: str, size: int = 2, width: int = 64):
+    models = [linear(seed, width) for seed in range(size)]
+    peers = [GossipAveraging(m, d, cfg, prefix, swarm_size=size) for m, d in zip(models, dhts(size), strict=True)]
+    return models, peers
+
+
+def in_parallel(peers: list[GossipAveraging], call, settle_s: float = 0.0) -> list:
+    """`call` on every peer at once; then, `settle_s` later, the peers are shut down."""
+    try:
+        with ThreadPoolExecutor(len(peers)) as pool:
+            return list(pool.map(call, peers))
+    finally:
+        time.sleep(settle_s)  # a reducer may still be streaming its last averaged part to a peer that has all it needs
+        for peer in peers:
+            peer.shutdown()
+
+
+def test_a_round_starts_once_the_swarm_has_joined_not_after_matchmaking_time(dhts):
+    """The original knobs: a target group of 16 and 5 s of matchmaking, with 2 peers. The group aims at the 2 the
+    run knows of, so the round runs at once instead of waiting out the 5 s."""
+    cfg = GossipConfig(group_size=16, matchmaking_time=5.0, round_timeout=10.0)
+    _, peers = swarm(dhts, cfg, "fast")
+    started = time.perf_counter()
+    sizes = in_parallel(peers, lambda peer: peer.average())
+    assert sizes == [2, 2]
+    assert time.perf_counter() - started < 3.0, "no wait for a group of 16 that the swarm cannot fill"
+
+
+def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile(dhts):
+    """θ ← θ + (avg(θ_sent) − θ_sent): what each peer sent is averaged, and the steps it took while the round was in
+    flight (here: +1 and +2 on every weight) stay on top of the average."""
+    cfg = GossipConfig(group_size=2, matchmaking_time=2.0, round_timeout=10.0, overlap=True, every_steps=1)
+    models, peers = swarm(dhts, cfg, "overlap")
+    sent = [[t.clone() for t in averaged_tensors(m)] for m in models]
+    mean = [(a + b) / 2 for a, b in zip(*sent, strict=True)]
+
+    def overlapped(peer: GossipAveraging) -> int | None:
+        peer.average()  # starts the round, returns at once
+        assert peer.in_flight is not None
+        with torch.no_grad():
+            for tensor in peer.tensors:
+                tensor.add_(1.0 + peers.index(peer))  # local steps while the round is in flight
+        return peer.finish_round()
+
+    assert in_parallel(peers, overlapped) == [2, 2]
+    for index, model in enumerate(models):
+        for got, want in zip(averaged_tensors(model), mean, strict=True):
+            torch.testing.assert_close(got, want + 1.0 + index)
+
+
+@pytest.mark.parametrize("codec, bytes_per_value", [("float16", 2), ("uint8", 1)])
+def test_compression_cuts_the_bytes_and_stays_close_to_the_exact_mean(dhts, codec, bytes_per_value):
+    width = 512  # uint8 parts carry a 1 KiB codebook each: negligible next to 128k values
+    values = sum(t.numel() for t in averaged_tensors(linear(0, width)))
+    results = {}
+    for name in ("none", codec):
+        cfg = GossipConfig(group_size=2, matchmaking_time=2.0, round_timeout=10.0, compression=name)
+        models, peers = swarm(dhts, cfg, f"bytes-{name}", width=width)
+        exact = [(a + b) / 2 for a, b in zip(*(averaged_tensors(m) for m in models), strict=True)]
+        assert in_parallel(peers, lambda peer: peer.average(), settle_s=1.0) == [2, 2]
+        errors = [(got - want).abs().max() for got, want in zip(averaged_tensors(models[0]), exact, strict=True)]
+        error = float(max(errors))
+        results[name] = ([p.averager.part_bytes.value for p in peers], error)
+    (plain, plain_error), (squeezed, squeezed_error) = results["none"], results[codec]
+    # every part crosses the wire once each way: to its reducer, and back averaged; summed over the reducers of a
+    # group of 2, that is twice the tensors' bytes (however hivemind splits them between the two)
+    assert sum(plain) == 2 * 4 * values, plain
+    assert sum(squeezed) <= sum(plain) * bytes_per_value / 4 * 1.1, (plain, squeezed)
+    assert plain_error < 1e-6 and 0 < squeezed_error < 0.05

@@ -1,0 +1,260 @@
+"""Gossip averaging: hivemind's DecentralizedAverager over the model's tensors. Every H steps (or once per epoch)
+the peer joins a DHT-matched group and moves its tensors `alpha` of the way to the group's mean.
+
+A round has two phases: `start_round` (snapshot the tensors, hand them to hivemind) and `finish_round` (apply the
+result, record it). Blocking gossip calls both at once. With `gossip.overlap` the round runs in the background
+while local steps go on, and lands as a correction that keeps those steps: θ ← θ + (avg(θ_sent) − θ_sent), as
+Stochastic Gradient Push's overlap and hivemind's delayed averaging do; at most one round is in flight (the next
+one waits for it), and the epoch's last round lands before the epoch's evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.averaging import Diverged, NoAveraging, all_finite, averaged_tensors
+from workers.config import GossipConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for hivemind in the default (contiguous) layout. hivemind splits every averaged tensor with
+    `view(-1)`, which raises on channels_last strides, and `.to(copy=True)` keeps them: every round would fail."""
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def compression(name: str):
+    """hivemind's codec for the averager's parts: `none`, `float16` (half the bytes), `uint8` (a quarter)."""
+    from hivemind.compression import Float16Compression, NoCompression
+
+    return {"none": NoCompression, "float16": Float16Compression, "uint8": uniform_8bit}[name]()
+
+
+def uniform_8bit():
+    """hivemind's Uniform8BitQuantization, decodable with numpy 2.4: hivemind 1.1.12 reads the codebook's size with
+    int() of a one-element array, a TypeError since then, so every uint8 part failed. Registered as the decoder
+    hivemind looks up by a part's compression type (in this process and the averager's, forked from it)."""
+    import numpy as np
+    from hivemind.compression import serialization
+    from hivemind.compression.quantization import Uniform8BitQuantization
+
+    class Uniform8Bit(Uniform8BitQuantization):
+        def extract(self, serialized_tensor) -> torch.Tensor:
+            buffer, size = serialized_tensor.buffer, tuple(serialized_tensor.size)
+            codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+            codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+            indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+            values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+            indices = torch.as_tensor(indices, dtype=torch.int64).reshape(size)
+            return values[indices].requires_grad_(serialized_tensor.requires_grad)
+
+    codec = Uniform8Bit()
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = codec
+    return codec
+
+
+@dataclass
+class Round:
+    """A round in flight: the tensors as they were sent, hivemind's handle, the training thread's time so far."""
+
+    sent: list[torch.Tensor]
+    control: object  # hivemind's StepControl
+    blocked_s: float
+    started: float  # perf_counter
+
+
+class GossipAveraging(NoAveraging):
+    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
+                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
+        """`swarm_size`: the peers the run knows of. A group aims at min(group_size, swarm_size): a round starts as
+        soon as they have all joined, not after matchmaking_time. `swarm_key`: only the run's members take part
+        (workers/admission.py); `anomalies` hears of refusals and of a group larger than the swarm."""
+        from workers.admission import membership_gather
+
+        super().__init__()
+        self.cfg, self.lock = cfg, lock or threading.Lock()
+        self.anomalies, self.swarm_size = anomalies, swarm_size
+        self.gather = membership_gather(swarm_key, dht.peer_id)  # this peer's proof, for the others' averagers
+        self.tensors = averaged_tensors(model)
+        self.in_flight: Round | None = None
+        self.bytes_seen = 0
+        self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
+        self._previous_step: float | None = None
+        request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
+        # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
+        # one matchmaking_time, plus request_timeout for the leader's go-ahead to reach its followers. The all-reduce
+        # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
+        self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
+        self.averager = swarm_averager_class()(
+            [host_copy(t) for t in self.tensors],
+            dht,
+            prefix=prefix,
+            target_group_size=min(cfg.group_size, swarm_size or cfg.group_size),
+            min_group_size=cfg.min_group_size,
+            averaging_alpha=cfg.alpha,
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=cfg.round_timeout,
+            compression=compression(cfg.compression),
+            allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
+            # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
+            next_chunk_timeout=STATE_WAIT_S,
+            sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
+            swarm_key=swarm_key,
+            anomalies=anomalies,
+            start=True,
+        )
+
+    def share_state(self, provider, priority) -> None:
+        self.averager.state_provider, self._priority = provider, priority
+        self.averager.state_sharing_priority = priority()  # re-declared in the DHT whenever it changes
+        self.averager.allow_state_sharing = True
+
+    def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
+        return self.averager.load_state_from_peers(timeout=timeout)
+
+    def withhold_state(self) -> None:
+        self.averager.allow_state_sharing = False
+
+    def round_after_step(self, step: int) -> bool:
+        return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.every_steps == "epoch"
+
+    def after_step(self, step: int, left: int = 0) -> None:
+        self._time_step()
+        if self.in_flight is not None and self.in_flight.control.done():
+            self.finish_round()
+        if self.round_after_step(step) or (self.cfg.overlap and self.round_after_epoch() and left == self.lead_steps()):
+            self.average()
+
+    def _time_step(self) -> None:
+        now, previous = time.perf_counter(), self._previous_step
+        if previous is not None:
+            self.step_s = 0.8 * self.step_s + 0.2 * (now - previous) if self.step_s else now - previous
+        self._previous_step = now
+
+    def lead_steps(self) -> int:
+        """With overlap and one round per epoch, the round starts this many steps before the epoch ends, so that it
+        lands by then (the epoch's row and evaluation see it): as many steps as the last round took, at least one."""
+        if not self.step_s or not self.last_round_s:
+            return 1
+        return max(1, math.ceil(self.last_round_s / self.step_s))
+
+    def after_epoch(self) -> None:
+        if self.in_flight is not None:  # the epoch's row and evaluation see the rounds started in it
+            self.finish_round()
+        elif self.round_after_epoch():  # (with overlap, it started `lead_steps` before the end, unless the epoch
+            self.start_round()  # was too short for that)
+            self.finish_round()
+        self._previous_step = None  # the evaluation is no step
+        if self.averager.allow_state_sharing:
+            self.averager.state_sharing_priority = self._priority()
+
+    def average(self) -> int | None:
+        """One round, blocking (its group size, or None when it failed: training goes on either way). With
+        overlap it starts one and returns None; a round still in flight from the last time lands first, so the
+        peers' rounds stay matched (the same steps, the same count as blocking gossip)."""
+        if self.in_flight is not None:
+            self.finish_round()
+        self.start_round()
+        return None if self.cfg.overlap else self.finish_round()
+
+    def start_round(self) -> None:
+        """Hand the tensors to hivemind. Parameters that are not finite are never shared: Diverged."""
+        started = time.perf_counter()
+        if not all_finite(self.tensors):
+            self.stats.record(None, 0.0)
+            raise Diverged("its parameters are not finite: it skipped the round")
+        sent = [host_copy(t) for t in self.tensors] if self.cfg.overlap else []
+        with torch.no_grad(), self.averager.get_tensors() as shared:
+            for dst, src in zip(shared, self.tensors, strict=True):
+                dst.copy_(src)
+        control = self.averager.step(gather=self.gather, timeout=self.matchmaking_deadline, wait=False)
+        self.in_flight = Round(sent, control, time.perf_counter() - started, started)
+
+    def finish_round(self) -> int | None:
+        """Wait for the round in flight, apply its result, record it; the group size, or None if it failed."""
+        started, flight = time.perf_counter(), self.in_flight
+        self.in_flight = None
+        try:
+            gathered = flight.control.result()
+        except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
+            logger.warning("averaging round failed: %r", err)
+            gathered = None
+        if gathered and not self._take_result(flight.sent):
+            gathered = None
+        group_size = len(gathered) if gathered else None
+        self.last_round_s = time.perf_counter() - flight.started
+        if group_size and self.swarm_size and group_size > self.swarm_size:
+            self._anomaly("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
+        self.stats.record(group_size, flight.blocked_s + time.perf_counter() - started)
+        self.stats.add_bytes(self._bytes_since_last())
+        return group_size
+
+    def _take_result(self, sent: list[torch.Tensor]) -> bool:
+        """Copy the round's result into the model (with overlap, as a correction that keeps the steps taken since
+        `sent`), unless it is not finite (a member's reducer averaged in its NaN or Inf): then the model keeps its
+        own parameters and the round counts as failed."""
+        with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
+            if not all_finite(shared):
+                self._anomaly("a round's average that is not finite", "kept its own parameters")
+                return False
+            for index, (dst, src) in enumerate(zip(self.tensors, shared, strict=True)):
+                if sent:
+                    dst.add_(src.to(dst.device) - sent[index].to(dst.device))
+                else:
+                    dst.copy_(src)
+        return True
+
+    def _bytes_since_last(self) -> int:
+        total = self.averager.part_bytes.value
+        delta, self.bytes_seen = total - self.bytes_seen, total
+        return delta
+
+    def _anomaly(self, what: str, detail: str) -> None:
+        logger.warning("%s: %s", what, detail)
+        if self.anomalies is not None:
+            self.anomalies.report(what, detail)
+
+    def shutdown(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.control.cancel()
+        self.averager.shutdown()
+
+
+def swarm_averager_class():
+    """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
+    get_current_state in this process, from its background thread, when another peer asks), answering only the
+    run's members (workers/admission.py), and counting the bytes of the parts its reducer handles."""
+    from hivemind.averaging import DecentralizedAverager
+
+    from workers.admission import AdmittingAverager
+
+    class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
+        state_provider = None
+
+        def __init__(self, *args, swarm_key: bytes | None = None, anomalies=None, **kwargs):
+            self.swarm_key, self.anomalies = swarm_key, anomalies  # before hivemind forks its process
+            self.part_bytes = mp.get_context("fork").Value("q", 0, lock=False)  # written by that process only
+            super().__init__(*args, **kwargs)
+
+        def get_current_state(self):
+            if self.state_provider is None:
+                return super().get_current_state()
+            metadata, tensors = self.state_provider()
+            return metadata, tensors, None
+
+    return StateSharingAverager
