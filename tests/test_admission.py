@@ -99,11 +99,13 @@ def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env
     normal accuracy, and the refusals are in events.csv."""
     log_path = tmp_path / "log.txt"
     with log_path.open("w") as log:
-        run = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--out", str(tmp_path)],
-                               cwd=ROOT, env=private_ray_env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        # 20 epochs: the run outlasts the stranger's attempts (a round of 4 starts at once: epochs take a second)
+        args = [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--set", "optim.epochs=20"]
+        run = subprocess.Popen([*args, "--out", str(tmp_path)], cwd=ROOT, env=private_ray_env, stdout=log,
+                               stderr=subprocess.STDOUT)  # fmt: skip
         try:
             run_id, maddrs = wait_for_bootstrap(log_path, run, timeout=120)
-            stranger = subprocess.run([sys.executable, "-m", "tests.stranger", run_id, *maddrs, "--seconds", "15"],
+            stranger = subprocess.run([sys.executable, "-m", "tests.stranger", run_id, *maddrs, "--seconds", "10"],
                                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
             assert run.wait(timeout=180) == 0, log_path.read_text()[-3000:]
         finally:
@@ -111,7 +113,10 @@ def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env
                 run.kill()
     got = json.loads(stranger.stdout.strip().splitlines()[-1])
     assert got["rounds_ok"] == 0 and not got["state_downloaded"]
-    assert got["direct"] and all(d["join_codes"] == ["PROTOCOL_VIOLATION"] for d in got["direct"]), got["direct"]
+    codes = [code for attempt in got["direct"] for code in attempt["join_codes"]]
+    assert "PROTOCOL_VIOLATION" in codes, got["direct"]
+    # refused, or (once the run has ended) no daemon to answer: never accepted into a group
+    assert set(codes) <= {"PROTOCOL_VIOLATION", "ControlFailure"}, got["direct"]
     assert all(d["state_parts"] == 0 for d in got["direct"])
     metrics = pd.read_csv(tmp_path / run_id / "metrics.csv")
     final = metrics[metrics.epoch == metrics.epoch.max()]

@@ -148,4 +148,5 @@ def test_overlapped_rounds_keep_the_accuracy_and_the_consensus(overlap_and_none)
     assert final.test_acc.mean() >= 0.93
     assert final.consensus_dist.iloc[0] <= 0.1 * final_none.consensus_dist.iloc[0]
     assert (final.avg_rounds_ok >= 9).all(), "a round per epoch, each landing before the epoch's evaluation"
-    assert (overlap.avg_bytes > 0).all() and (none.avg_bytes == 0).all()
+    # per epoch, the swarm's traffic (one peer's reducer may get no part of a group's tensors)
+    assert (overlap.groupby("epoch").avg_bytes.sum() > 0).all() and (none.avg_bytes == 0).all()

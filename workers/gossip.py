@@ -90,6 +90,7 @@ class GossipAveraging(NoAveraging):
         self.in_flight: Round | None = None
         self.bytes_seen = 0
         self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
+        self.longest_epoch = 0  # the most steps an epoch had so far
         self._previous_step: float | None = None
         request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
         # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
@@ -137,7 +138,8 @@ class GossipAveraging(NoAveraging):
         self._time_step()
         if self.in_flight is not None and self.in_flight.control.done():
             self.finish_round()
-        if self.round_after_step(step) or (self.cfg.overlap and self.round_after_epoch() and left == self.lead_steps()):
+        epoch_round_due = self.cfg.overlap and self.round_after_epoch() and left == self.lead_steps(left)
+        if self.round_after_step(step) or epoch_round_due:
             self.average()
 
     def _time_step(self) -> None:
@@ -146,12 +148,15 @@ class GossipAveraging(NoAveraging):
             self.step_s = 0.8 * self.step_s + 0.2 * (now - previous) if self.step_s else now - previous
         self._previous_step = now
 
-    def lead_steps(self) -> int:
+    def lead_steps(self, left: int) -> int:
         """With overlap and one round per epoch, the round starts this many steps before the epoch ends, so that it
-        lands by then (the epoch's row and evaluation see it): as many steps as the last round took, at least one."""
+        lands by then (the epoch's row and evaluation see it): as many steps as the last round took, at least one,
+        and at most a quarter of the epoch (the steps it overlaps are drift that the round does not repair; what
+        the round takes beyond them is waited for at the epoch's end)."""
+        self.longest_epoch = max(self.longest_epoch, left + 1)
         if not self.step_s or not self.last_round_s:
             return 1
-        return max(1, math.ceil(self.last_round_s / self.step_s))
+        return max(1, min(math.ceil(self.last_round_s / self.step_s), self.longest_epoch // 4))
 
     def after_epoch(self) -> None:
         if self.in_flight is not None:  # the epoch's row and evaluation see the rounds started in it
