@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from launcher.signals import interrupt_on_sigterm
+from launcher.signals import install_interrupt_handlers
 from workers.checkpoint import check_resume
 from workers.config import ConfigError, ExperimentConfig, Sweep, load_experiment
 from workers.datacheck import prepare_data
@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from launcher.driver import run_experiment  # imports Ray and torch: only once the config is known good
 
-    interrupt_on_sigterm()  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
+    install_interrupt_handlers()  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     if isinstance(cfg, Sweep):
         return _run_sweep(cfg, args.out, args.address)
     return run_experiment(cfg, args.out, args.address).exit_code
@@ -81,7 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from launcher.bench import run_bench
 
-    interrupt_on_sigterm()
+    install_interrupt_handlers()
     print(f"wrote {run_bench(args.out, args.quick)}")
     return 0
 

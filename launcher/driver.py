@@ -22,7 +22,7 @@ from launcher.placement import PlacementError
 from launcher.policy import decide, exit_code, restart_support
 from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
 from launcher.scenario import Action, Clock, Scenario
-from launcher.signals import interrupt_on_sigterm, raise_if_interrupted, signals_ignored
+from launcher.signals import install_interrupt_handlers, raise_if_interrupted, signals_ignored
 from launcher.swarm import Swarm
 from workers.checkpoint import run_checkpoint_dir
 from workers.config import ExperimentConfig, dump_config
@@ -67,7 +67,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     """Run one experiment on the Ray cluster at `address` (or RAY_ADDRESS, or one started with `ray start` on this
     machine, or else a new local one) and write its results under `out_dir` on this machine."""
     connected = connect_ray(cfg, address)
-    interrupt_on_sigterm()  # ray.init() put its own sys.exit(15) there
+    install_interrupt_handlers()  # ray.init() put its own sys.exit(15) there
     run_id = make_run_id(cfg)
     run_dir = Path(out_dir).expanduser().resolve() / run_id
     run_dir.mkdir(parents=True)

@@ -23,9 +23,8 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt, like Ctrl-C (whose handler is this one too); set again after `ray.init()`,
-    which replaces the SIGTERM handler."""
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt; set again after `ray.init()`, which replaces the SIGTERM one."""
     if threading.current_thread() is threading.main_thread():
         for sig in CLEANUP_SIGNALS:
             signal.signal(sig, interrupt)

@@ -23,7 +23,7 @@ import yaml
 
 from launcher.connect import connect_ray
 from launcher.driver import run_experiment
-from launcher.signals import interrupt_on_sigterm, signals_ignored
+from launcher.signals import install_interrupt_handlers, signals_ignored
 from workers.config import ExperimentConfig, Sweep, SweepPoint
 
 logger = logging.getLogger("launcher.sweep")
@@ -43,7 +43,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, address: str | None = None) -> SweepR
     sweep_dir = make_sweep_dir(sweep, Path(out_dir))
     logger.info("sweep %s: %d points over %s -> %s", sweep.name, len(sweep.points), ", ".join(sweep.keys), sweep_dir)
     started_ray = connect_ray(largest_point(sweep), address)  # one Ray for all points, sized for the largest one
-    interrupt_on_sigterm()  # ray.init() put its own sys.exit(15) there
+    install_interrupt_handlers()  # ray.init() put its own sys.exit(15) there
     try:
         exit_code = run_points(sweep, sweep_dir)
     finally:

@@ -224,10 +224,14 @@ class Peer:
 
     def start_training(self) -> None:
         self._state = "running"
-        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
+        self._share_state()
         self.setup.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._train_thread, name=f"peer-{self.peer}-train", daemon=True)
         self._thread.start()
+
+    def _share_state(self) -> None:
+        """Serve this peer's state to newcomers, the most advanced peer first."""
+        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
 
     def _train_thread(self) -> None:
         try:
@@ -255,7 +259,7 @@ class Peer:
         source = self.restore_state(RELOAD_TIMEOUT_S)
         if source == "fresh":
             raise Diverged("diverged, and neither a live peer nor a checkpoint had a state to reload")
-        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
+        self._share_state()
         first = self.setup.progress.epoch + 1
         self._events.put(PeerEvent("reloaded", f"state from {source}, training on from epoch {first}", first))
         return False
