@@ -100,6 +100,7 @@ def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
 def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
     """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
     time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
+    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else 0.0)  # older runs: no column
     by_epoch = run.groupby("epoch")
     curve = by_epoch.agg(
         acc_mean=("test_acc", "mean"),
@@ -111,8 +112,10 @@ def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
         wall_time_s=("wall_time_s", "max"),
         samples_seen=("samples_seen", "mean"),
         consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
-    )
-    return curve.sort_index()
+        swarm_bytes=("avg_bytes", "sum"),
+    ).sort_index()
+    curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum() / 1e6  # the swarm's averaging traffic so far
+    return curve
 
 
 def final_rows(run: pd.DataFrame) -> pd.DataFrame:
@@ -136,6 +139,7 @@ def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
         "samples_per_s": run["samples_per_s"].mean(),
         **_rounds(last),
         "final_consensus_dist": curve["consensus_dist"].iloc[-1],
+        "swarm_mb": curve["swarm_mb"].iloc[-1],
         "wall_time_s": last["wall_time_s"].max(),
         "run_dir": run["run_dir"].iloc[0] if "run_dir" in run.columns else "",
     }
@@ -147,6 +151,7 @@ def _settings(run: pd.DataFrame) -> dict[str, Any]:
         "run_id": first["run_id"],
         "peers": first.get("peers", run["peer"].nunique()),
         "method": first.get("gossip.method", np.nan),
+        "rate_mbit": first.get("emulation.rate_mbit", np.nan),  # an emulated link's speed (NaN: not emulated)
     }
     settings.update({knob: first.get(f"gossip.{knob}", np.nan) for knob in GOSSIP_KNOBS})
     return settings
@@ -156,9 +161,10 @@ def _to_target(curve: pd.DataFrame, target_acc: float) -> dict[str, float]:
     """Wall time and samples per peer at the first epoch whose across-peer mean accuracy reaches the target."""
     reached = curve[curve["acc_mean"] >= target_acc]
     if reached.empty:
-        return {"time_to_target_s": np.nan, "samples_to_target": np.nan}
+        return {"time_to_target_s": np.nan, "samples_to_target": np.nan, "mb_to_target": np.nan}
     first = reached.iloc[0]
-    return {"time_to_target_s": first["wall_time_s"], "samples_to_target": first["samples_seen"]}
+    return {"time_to_target_s": first["wall_time_s"], "samples_to_target": first["samples_seen"],
+            "mb_to_target": first["swarm_mb"]}  # fmt: skip
 
 
 def _rounds(last: pd.DataFrame) -> dict[str, float]:
@@ -180,10 +186,17 @@ def format_comparison(table: pd.DataFrame, width: int = 120) -> str:
 
 
 def analyze(
-    paths: Iterable[str | Path], target_acc: float | None = None, out: Path | None = None, plot: bool = False
+    paths: Iterable[str | Path],
+    target_acc: float | None = None,
+    out: Path | None = None,
+    plot: bool = False,
+    origins: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """Load, compare and (when `out` is given) write comparison.csv and, with `plot`, the PNGs into `out`."""
+    """Load, compare and (when `out` is given) write comparison.csv and, with `plot`, the PNGs into `out`.
+    `origins`: {local copy: storage URI} of folders downloaded from storage, to name their runs by their URI."""
     df = load_runs(paths)
+    for copy, uri in (origins or {}).items():
+        df["run_dir"] = df["run_dir"].str.replace(copy, uri, n=1, regex=False)
     if df.empty:
         raise MissingMetricsError("metrics.csv has no rows yet: no run got to its first evaluation")
     table = compare_runs(df, target_acc)

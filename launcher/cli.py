@@ -1,6 +1,6 @@
-"""`gossip-launch run CONFIG [--peers N] [--resume-from DIR] [--set key.sub=value ...] [--out DIR] [--address ADDR]`
-(also `python -m launcher`);
-`gossip-launch analyze RUN_DIR [RUN_DIR ...] [--target-acc X] [--plot] [--out DIR]`;
+"""`gossip-launch run CONFIG [--peers N] [--resume-from DIR|URI] [--set key.sub=value ...] [--storage DIR|URI]
+[--address ADDR]` (also `python -m launcher`; `--out` is `--storage`);
+`gossip-launch analyze RUN_DIR|URI [...] [--target-acc X] [--plot] [--out DIR|URI]`;
 `gossip-launch bench [--quick] [--out DIR]`."""
 
 from __future__ import annotations
@@ -11,13 +11,24 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from launcher.signals import install_interrupt_handlers
 from workers.checkpoint import check_resume
-from workers.config import ConfigError, ExperimentConfig, Sweep, load_experiment
+from workers.config import ConfigError, ExperimentConfig, load_experiment
 from workers.datacheck import prepare_data
 from workers.network import check_ports_free, listen_host
+from workers.storage import (
+    FolderMirror,
+    check_storage,
+    is_remote,
+    local_copies,
+    remote_of,
+    staging_dir,
+    upload_files,
+)
+from workers.sweepconfig import Sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one N-peer experiment")
     run.add_argument("config", type=Path, help="experiment YAML, e.g. configs/experiments/quickstart.yaml")
     run.add_argument("--peers", type=int, help="number of peers (same as --set peers=N)")
-    run.add_argument("--resume-from", type=Path, metavar="DIR",
-                     help="continue from DIR's peer-<i>_final.pt files (same as --set resume_from=DIR)")  # fmt: skip
+    run.add_argument("--resume-from", type=location, metavar="DIR",
+                     help="continue from DIR's peer-<i>_final.pt files, DIR a folder or a storage URI such as "
+                     "s3://bucket/runs/RUN_ID (same as --set resume_from=DIR)")  # fmt: skip
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="a sweep: continue its newest folder under --out, running only the points not done yet",
+    )
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set gossip.alpha=0.5 (repeatable)")  # fmt: skip
-    run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results/)")
+    run.add_argument("--storage", "--out", dest="out", type=location, metavar="URI",
+                     help="where run folders go: a local folder or a URI such as s3://bucket/prefix, endpoint and "
+                     "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... (same as --set storage=URI; --out is "
+                     "the same option); default: the config's `storage`, results/")  # fmt: skip
     run.add_argument("--address", help="Ray cluster to run on, e.g. 10.0.0.1:6379, auto, or local (a new private "
                      "one); default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new "
                      "local one")  # fmt: skip
@@ -38,11 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a smaller bench: under about 5 minutes on 2 cores")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where its folder goes (default: results/)")
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
-    analyze.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
+    analyze.add_argument(
+        "run_dirs",
+        type=location,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders or sweep folders, local or storage URIs (s3://bucket/runs/RUN_ID)",
+    )
     analyze.add_argument("--target-acc", type=float, help="report wall time and samples to this mean test accuracy")
     analyze.add_argument("--plot", action="store_true", help="also write PNG plots next to comparison.csv")
-    analyze.add_argument("--out", type=Path, help="where to write (default: the folder, when only one is given)")
+    analyze.add_argument(
+        "--out",
+        type=location,
+        help="where to write, a folder or a storage URI (default: the folder, when only one is given)",
+    )
     return parser
+
+
+def location(text: str) -> Path | str:
+    """A folder as a Path, a URI (s3://bucket/prefix) as it is: a Path would fold its `//`."""
+    return text if "://" in text else Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +94,18 @@ def _run(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"peers={args.peers}"] if args.peers is not None else [])
     if args.resume_from is not None:  # quoted: a folder named e.g. "2024" or "a: b" stays a path
         overrides.append(f"resume_from={json.dumps(str(args.resume_from))}")
+    if args.out is not None:
+        overrides.append(f"storage={json.dumps(str(args.out))}")
     try:
         cfg = load_experiment(args.config, overrides)  # a sweep: every point validated here, before Ray starts
         for point_cfg in [p.config for p in cfg.points] if isinstance(cfg, Sweep) else [cfg]:
             prepare_data(point_cfg.data)  # downloads here, once, not inside the peers' start-up time limit
             check_resume(point_cfg)
             check_local_ports(point_cfg, args.address)
+            check_emulation(point_cfg, args.address)
         check_address(args.address or os.environ.get("RAY_ADDRESS"))
+        args.out = storage_staging(cfg)  # from here on: the local folder the run folders are written into
+        resume_dir = resumable_sweep(cfg, args)
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
         return 2
@@ -73,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
     install_interrupt_handlers()  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     if isinstance(cfg, Sweep):
-        return _run_sweep(cfg, args.out, args.address)
+        return _run_sweep(cfg, args.out, args.address, resume_dir)
     return run_experiment(cfg, args.out, args.address).exit_code
 
 
@@ -107,6 +147,21 @@ def check_local_ports(cfg: ExperimentConfig, address: str | None) -> None:
     check_ports_free(cfg.network, listen_host(cfg.network), cfg.peers, rendezvous, joins=cfg.joins)
 
 
+def check_emulation(cfg: ExperimentConfig, address: str | None) -> None:
+    """`emulation:` needs every peer on this machine (a private local Ray, as for check_local_ports) and a kernel
+    that can shape (and, for rtt_ms, delay): said before Ray starts, never run unshaped instead."""
+    if not cfg.emulation.enabled:
+        return
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given not in (None, "", "local") or (not given and _started_cluster_is_up()):
+        joined = f"address {given}" if given else "the cluster `ray start` left up on this machine"
+        raise ConfigError(f"emulation.rate_mbit={cfg.emulation.rate_mbit:g}: emulated links need every peer on this "
+                          f"machine, but the run would join {joined}: run with --address local")  # fmt: skip
+    from launcher.emulation import check_support  # tries a throwaway namespace: only for emulated runs
+
+    check_support(cfg.emulation)
+
+
 def _started_cluster_is_up() -> bool:
     """Whether the cluster the last `ray start` on this machine joined is still up (the driver would join it)."""
     from ray._private.services import find_gcs_addresses  # Ray's own record, read only: no Ray process is started
@@ -116,24 +171,49 @@ def _started_cluster_is_up() -> bool:
     return bool(started) and started in find_gcs_addresses()
 
 
-def _run_sweep(sweep: Sweep, out: Path, address: str | None) -> int:
-    """The points one after another, then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
+def storage_staging(cfg: ExperimentConfig | Sweep) -> Path:
+    """ConfigError naming `storage` unless a storage URI can be reached; the local folder that stands for it (the
+    folder itself, or the staging folder of the URI: workers/storage.py)."""
+    storage = cfg.points[0].config.storage if isinstance(cfg, Sweep) else cfg.storage
+    check_storage(storage)
+    return staging_dir(storage)
+
+
+def resumable_sweep(cfg: ExperimentConfig | Sweep, args: argparse.Namespace) -> Path | None:
+    """`--resume`: the sweep folder to continue (checked before Ray starts); None without it."""
+    if not args.resume:
+        return None
+    if not isinstance(cfg, Sweep):
+        raise ConfigError("--resume continues a sweep; a single run continues with --resume-from RUN_DIR")
+    from launcher.sweep import resumable_sweep_dir
+
+    return resumable_sweep_dir(cfg, args.out)
+
+
+def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | None = None) -> int:
+    """The points on Ray Tune (launcher/sweep.py), then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
     from launcher.sweep import run_sweep
 
-    result = run_sweep(sweep, out, address)
+    result = run_sweep(sweep, out, address, resume_dir)
     _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir)]))
+    storage = sweep.points[0].config.storage  # the sweep's own files (index, comparison); each run uploads its own
+    FolderMirror(result.sweep_dir, remote_of(storage, result.sweep_dir)).finish()
     return result.exit_code
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from launcher.analyze import MissingMetricsError, analyze, format_comparison  # pandas: only when asked for
+    from launcher.analyze import analyze, format_comparison  # pandas: only when asked for
 
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else None)
-    try:
-        table, written = analyze(args.run_dirs, args.target_acc, out, args.plot)
-    except MissingMetricsError as err:
-        print(f"gossip-launch analyze: {err}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="gossip-analyze-") as temp:  # storage URIs: their result files, here
+        try:
+            paths, origins = local_copies(args.run_dirs, Path(temp))
+            local_out = Path(temp, "out") if is_remote(out) else Path(out) if out else None
+            table, written = analyze(paths, args.target_acc, local_out, args.plot, origins)
+            written = upload_files(written, local_out, out) if is_remote(out) else written
+        except OSError as err:  # MissingMetricsError, a URI without results, storage that cannot be reached
+            print(f"gossip-launch analyze: {err}", file=sys.stderr)
+            return 2
     print(format_comparison(table, width=shutil.get_terminal_size().columns))
     for path in written:
         print(f"wrote {path}")

@@ -17,9 +17,10 @@ from workers.config import ExperimentConfig
 logger = logging.getLogger("launcher")
 
 
-def connect_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
+def connect_ray(cfg: ExperimentConfig, address: str | None = None, num_cpus: float | None = None) -> bool:
     """Connect to the Ray cluster at `address` or RAY_ADDRESS, else to one started with `ray start` on this machine
-    and still up, else start a private local one. False when this process had Ray initialized already."""
+    and still up, else start a private local one (with `num_cpus`, by default what `cfg`'s peers take). False when
+    this process had Ray initialized already."""
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
@@ -35,7 +36,7 @@ def connect_ray(cfg: ExperimentConfig, address: str | None = None) -> bool:
         logger.info("connected to the Ray cluster at %s: %d nodes", address, nodes)
         warn_if_open(nodes, context.dashboard_url)
     else:  # "local": a new Ray just for this run, never another process's private one
-        needed = math.ceil((cfg.peers + cfg.joins) * cfg.resources.num_cpus)
+        needed = math.ceil(num_cpus or (cfg.peers + cfg.joins) * cfg.resources.num_cpus)
         ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, **quiet)
     return True
 

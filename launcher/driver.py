@@ -18,16 +18,20 @@ from pathlib import Path
 import ray
 
 from launcher.connect import connect_ray
+from launcher.emulation import Emulation, EmulationError
 from launcher.placement import PlacementError
 from launcher.policy import decide, exit_code, restart_support
+from launcher.progress import Progress
 from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
 from launcher.scenario import Action, Clock, Scenario
 from launcher.signals import install_interrupt_handlers, raise_if_interrupted, signals_ignored
+from launcher.sinks import Sink, run_sinks
 from launcher.swarm import Swarm
 from workers.checkpoint import run_checkpoint_dir
 from workers.config import ExperimentConfig, dump_config
 from workers.csvfile import MetricsWriteError
 from workers.metrics import MetricsRow
+from workers.storage import FolderMirror, remote_of
 
 logger = logging.getLogger("launcher")
 
@@ -46,21 +50,27 @@ def make_run_id(cfg: ExperimentConfig) -> str:
 
 
 class RunFiles:
-    """metrics.csv and events.csv of one run, each row flushed as it comes."""
+    """metrics.csv and events.csv of one run, each row flushed as it comes, and the run's other sinks (TensorBoard,
+    MLflow, a Tune trial's reports: launcher/sinks.py), fed the same epochs."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, sinks: list[Sink] | None = None):
         self.metrics = MetricsWriter(run_dir / "metrics.csv")
         self.events = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
+        self.sinks = sinks or []
 
     def write(self, epochs: list[list[MetricsRow]], swarm: Swarm, cfg: ExperimentConfig) -> None:
         self.events.write(swarm.take_events())
         for rows in epochs:
-            self.metrics.write(rows)
+            self.metrics.write(rows)  # the CSV first: a sink that fails loses no row
+            for sink in self.sinks:
+                sink.epoch(rows)
             log_epoch(rows, cfg, time.monotonic() - swarm.started)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.metrics.close()
         self.events.close()
+        for sink in self.sinks:
+            sink.close(status)
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = None) -> RunResult:
@@ -73,12 +83,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))  # as given: `network.host: auto` stays portable
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
-    swarm = Swarm(cfg, run_id, checkpoint_dir=run_checkpoint_dir(cfg, run_id, run_dir))
-    files, code = RunFiles(run_dir), 130
+    mirror = FolderMirror(run_dir, remote_of(cfg.storage, run_dir))  # a storage URI: uploads after epochs, at the end
+    swarm = Swarm(cfg, run_id, checkpoint_dir=run_checkpoint_dir(cfg, run_id, run_dir), checkpoint_uri=mirror.remote)
+    files, code = RunFiles(run_dir, run_sinks(cfg, run_id, run_dir) + [mirror]), 130
+    emulation = Emulation(cfg.emulation, cfg.peers + cfg.joins) if cfg.emulation.enabled else None
+    swarm.netns = emulation.links if emulation else {}
     try:
+        if emulation is not None:
+            emulation.start(run_dir)  # shaped links, measured into links.csv before any peer starts
         swarm.start()
         code = follow(swarm, files, cfg)
-    except (ray.exceptions.RayError, TimeoutError, PlacementError) as err:
+    except (ray.exceptions.RayError, TimeoutError, PlacementError, EmulationError) as err:
         logger.error("the peers could not be started: %s", err)
         code = 1
     except KeyboardInterrupt:
@@ -89,13 +104,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
         with signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (orphan p2pd, actors)
             try:
                 files.write(swarm.stop(), swarm, cfg)  # stop first: no row or model newer than what is kept
-                files.close()
+                files.close({0: "FINISHED", 130: "KILLED"}.get(code, "FAILED"))
                 swarm.fetch_final_models()
             finally:
-                swarm.shutdown()
-                if connected:
-                    ray.shutdown()
+                try:
+                    swarm.shutdown()
+                finally:
+                    if emulation is not None:
+                        emulation.teardown()  # after the peers: namespaces, veths and bridge, also on errors
+                    if connected:
+                        ray.shutdown()
     finish(run_dir, files.metrics.rows_written)
+    if not mirror.finish():  # summary.csv too; a run whose results did not reach its storage is no success
+        code = code or 1
     return RunResult(run_dir, code)
 
 
@@ -112,14 +133,19 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
     dead or wedged peers, and play the scenario."""
     scenario, can_restart = Scenario(cfg.scenario, cfg.peers), restart_support(cfg.gossip.method)
     round_s = cfg.gossip.matchmaking_time + cfg.gossip.round_timeout
-    while swarm.active():
-        raise_if_interrupted()
-        epochs = swarm.tick(TICK_S)
-        for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
-            epochs += swarm.carry_out(decision)
-        for action in scenario.due(clock(swarm)):
-            play(swarm, action)
-        files.write(epochs, swarm, cfg)
+    progress = Progress(cfg.optim.epochs)
+    try:
+        while swarm.active():
+            raise_if_interrupted()
+            epochs = swarm.tick(TICK_S)
+            for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
+                epochs += swarm.carry_out(decision)
+            for action in scenario.due(clock(swarm)):
+                play(swarm, action)
+            files.write(epochs, swarm, cfg)
+            progress.update(swarm.progress())
+    finally:
+        progress.close()
     views = swarm.views()
     for view in views:
         if view.phase == "given_up":

@@ -84,12 +84,15 @@ def _format_resources(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items())) or "nothing"
 
 
-def reserve(cfg: ExperimentConfig, run_id: str) -> tuple[object, list[dict[str, float]], dict[int, str]]:
+def reserve(cfg: ExperimentConfig, run_id: str) -> tuple[object, list[dict[str, float]], dict[int, str], int]:
     """The placement group of one bundle per peer (SPREAD by default: different nodes when possible), or fail fast;
-    returns it with the bundles and each bundle's node id."""
+    returns it with the bundles, each peer's node id, and the index of peer 0's bundle: 1 inside a Ray Tune trial,
+    whose placement group (the trial's bundle, then the peers') was reserved by Tune, else 0 (a group of our own)."""
     strategy, bundles, nodes = placement_strategy(cfg), peer_bundles(cfg), alive_nodes()
-    check_placeable(bundles, strategy, [node["Resources"] for node in nodes])
-    group = placement_group(bundles, strategy=strategy, name=f"{run_id}/peers")
+    group, first = trial_placement_group(len(bundles)), 1
+    if group is None:
+        check_placeable(bundles, strategy, [node["Resources"] for node in nodes])
+        group, first = placement_group(bundles, strategy=strategy, name=f"{run_id}/peers"), 0
     timeout = cfg.resources.placement_timeout
     try:
         ray.get(group.ready(), timeout=timeout)
@@ -100,8 +103,23 @@ def reserve(cfg: ExperimentConfig, run_id: str) -> tuple[object, list[dict[str, 
             f"busy (available now: {_format_resources(ray.available_resources())})"
         ) from None
     table = placement_group_table(group)["bundles_to_node_id"]
-    bundle_nodes = {i: table[i] for i in range(len(bundles))}
+    bundle_nodes = {i: table[i + first] for i in range(len(bundles))}
     addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in nodes}
     logger.info("placement (%s): %s", strategy, ", ".join(
         f"peer {i} on {addresses.get(n, '?')} (node {n[:8]})" for i, n in bundle_nodes.items()))  # fmt: skip
-    return group, bundles, bundle_nodes
+    return group, bundles, bundle_nodes, first
+
+
+def trial_placement_group(peers: int):
+    """The placement group Ray Tune reserved for the trial this process runs (launcher/sweep.py: the trial's own
+    bundle, then one per peer), or None outside a trial."""
+    group = ray.util.get_current_placement_group()
+    return group if group is not None and len(group.bundle_specs) == peers + 1 else None
+
+
+def trial_bundles(cfg: ExperimentConfig) -> tuple[list[dict[str, float]], str]:
+    """What a Tune trial of `cfg` reserves: a sliver of CPU for the trial's driver loop, then the peers' bundles."""
+    return [{"CPU": TRIAL_CPU}, *peer_bundles(cfg)], placement_strategy(cfg)
+
+
+TRIAL_CPU = 0.01

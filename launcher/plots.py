@@ -117,6 +117,25 @@ def plot_consensus(df: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def plot_bytes(df: pd.DataFrame) -> Figure | None:
+    """Mean test accuracy of each run against the swarm's averaging traffic so far; None when no run sent any."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    runs = [(run["run_id"].iloc[0], epoch_curve(run)) for run in split_runs(df)]
+    runs = [(name, curve) for name, curve in runs if curve["swarm_mb"].iloc[-1] > 0]
+    for name, curve in runs:
+        ax.plot(curve["swarm_mb"], curve["acc_mean"], marker=".", label=name)
+    if not runs:
+        return None
+    ax.set_title("Accuracy against bytes on the wire (the swarm's averaging traffic)")
+    ax.set_xlabel("MB sent averaging, whole swarm")
+    ax.set_ylabel("test accuracy, mean over peers")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(runs))
+    return fig
+
+
 def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per-peer curves for a single run or mean curves for several, plus consensus distance; the paths written."""
     several = len(split_runs(df)) > 1
@@ -125,7 +144,7 @@ def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     else:
         events = read_events(Path(df["run_dir"].iloc[0])) if "run_dir" in df.columns else None
         curves = ("curves_peers.png", plot_peers(df, events))
-    figures = dict([curves, ("consensus.png", plot_consensus(df))])
+    figures = dict([curves, ("consensus.png", plot_consensus(df)), ("bytes.png", plot_bytes(df))])
     written = []
     for name, fig in figures.items():
         if fig is not None:

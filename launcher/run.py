@@ -5,7 +5,8 @@ runs `python ~/run.py ARGS` from the home folder):
 
 `run.py CONFIG [options]` is `gossip-launch run CONFIG [options] --address auto --out ~/gossip-launcher/results`:
 it joins the Ray cluster of the machine it runs on and writes results where `ray rsync-down` fetches them
-(`--address` and `--out` given on the command line win). A relative CONFIG that is not found from the current folder
+(`--address` and `--out`/`--storage` given on the command line win; a `storage:` in the config does not: give
+`--storage s3://...` here). A relative CONFIG that is not found from the current folder
 is looked up in the repository. The package is imported from the Python environment if it is installed there,
 else from the repository this file sits in, else from ~/gossip-launcher, where the cluster YAMLs mount it.
 """
@@ -59,9 +60,10 @@ def submit_args(args: list[str], cwd: Path, projects: list[Path]) -> list[str]:
     if index is not None and not (cwd / args[index]).exists():
         found = [p / args[index] for p in projects if (p / args[index]).exists()]
         args[index] = str(found[0]) if found else args[index]
-    for option, default in (("--address", "auto"), ("--out", str(Path(DEFAULT_OUT).expanduser()))):
-        if not any(a == option or a.startswith(option + "=") for a in args):
-            args += [option, default]
+    defaults = (("--address",), "auto"), (("--out", "--storage"), str(Path(DEFAULT_OUT).expanduser()))
+    for options, default in defaults:  # --storage is --out under another name
+        if not any(a == option or a.startswith(option + "=") for a in args for option in options):
+            args += [options[0], default]
     return ["run", *args]
 
 

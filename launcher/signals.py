@@ -39,7 +39,11 @@ def raise_if_interrupted() -> None:
 
 @contextmanager
 def signals_ignored():
-    """Cleanup must finish (or no p2pd/Ray process would be left behind): a second Ctrl-C or SIGTERM waits for it."""
+    """Cleanup must finish (or no p2pd/Ray process would be left behind): a second Ctrl-C or SIGTERM waits for it.
+    Outside the main thread (a Ray Tune trial) signals are not this thread's to handle: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in CLEANUP_SIGNALS}
     try:
         yield

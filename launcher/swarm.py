@@ -23,7 +23,9 @@ from launcher.results import Event
 from workers.checkpoint import atomic_write_bytes, checkpoint_path
 from workers.config import ExperimentConfig
 from workers.metrics import MetricsRow
-from workers.peer import Joined, Peer, PeerStatus
+from workers.netns import NetnsLink
+from workers.peer import Joined, LiveProgress, Peer, PeerStatus
+from workers.storage import forwarded_env, is_remote
 from workers.swarmkey import new_swarm_key, read_swarm_key
 
 logger = logging.getLogger("launcher")
@@ -59,17 +61,20 @@ class Incarnation:
 
 
 class Swarm:
-    def __init__(self, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path | None = None):
-        self.cfg, self.run_id, self.checkpoint_dir = cfg, run_id, checkpoint_dir
+    def __init__(self, cfg: ExperimentConfig, run_id: str, checkpoint_dir: Path | None = None,
+                 checkpoint_uri: str | None = None):  # fmt: skip
+        """`checkpoint_uri`: the storage folder the peers upload their checkpoints to (None: results are local)."""
+        self.cfg, self.run_id, self.checkpoint_dir, self.checkpoint_uri = cfg, run_id, checkpoint_dir, checkpoint_uri
         self.peers: dict[int, Incarnation] = {}  # each peer's current incarnation
         self.retired: list[Incarnation] = []  # earlier incarnations: their leftovers are reaped at the end
         self.standby: dict[int, Incarnation] = {}  # scripted joiners, built ahead (data, model) but not in the swarm
         self.collector = EpochCollector(range(cfg.peers))
         self.events: list[Event] = []  # not yet written
-        self.placement_group, self.bundles, self.bundle_nodes = None, [], {}
+        self.placement_group, self.bundles, self.bundle_nodes, self.first_bundle = None, [], {}, 0
         self.started = time.monotonic()
         self.training_since: float | None = None  # when every initial peer was training
         self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
+        self.netns: dict[int, NetnsLink] = {}  # peer -> its network namespace (emulation; set before `start`)
         self.here = ray.get_runtime_context().get_node_id()
         self.peer_actor = ray.remote(Peer)
         # the run's secret (workers/admission.py): to the actors through Ray only, never in a log, a file or a name
@@ -80,7 +85,7 @@ class Swarm:
 
     def start(self) -> None:
         """Peer 0 first, the others off its addresses; training starts once every peer has joined the DHT."""
-        self.placement_group, self.bundles, self.bundle_nodes = reserve(self.cfg, self.run_id)
+        self.placement_group, self.bundles, self.bundle_nodes, self.first_bundle = reserve(self.cfg, self.run_id)
         self.cfg = cfg = resolve_network(self.cfg, nodes=len(set(self.bundle_nodes.values())))
         timeout = cfg.faults.start_timeout_s
         self.peers = {i: self._create(i, restarts=0) for i in range(cfg.peers)}
@@ -113,11 +118,20 @@ class Swarm:
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             resources=custom,
+            runtime_env=self._storage_env(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=peer
+                self.placement_group, placement_group_bundle_index=self.first_bundle + peer
             ),
-        ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts, swarm_key=self.swarm_key)
+        ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts, swarm_key=self.swarm_key,
+                 checkpoint_uri=self.checkpoint_uri, netns=self.netns.get(peer))  # fmt: skip
         return Incarnation(peer, restarts, actor, self.bundle_nodes[peer])
+
+    def _storage_env(self) -> dict | None:
+        """The driver's storage endpoint and credentials (AWS_*), for peers on nodes that lack them: only when a
+        peer reads or writes a storage URI. (Ray merges them into the job's own env_vars.)"""
+        uses_storage = self.checkpoint_uri is not None or is_remote(self.cfg.resume_from)
+        env = forwarded_env() if uses_storage else {}
+        return {"env_vars": env} if env else None
 
     # -- watching --------------------------------------------------------------------------------------------------
 
@@ -216,6 +230,10 @@ class Swarm:
             )
             for inc in self.peers.values()
         ]
+
+    def progress(self) -> list[tuple[int, int, str, LiveProgress | None]]:
+        """(peer, restarts, phase, where its training is) of every live incarnation: the progress display's input."""
+        return [(inc.peer, inc.restarts, inc.phase, inc.status.live if inc.status else None) for inc in self.live()]
 
     def live(self) -> list[Incarnation]:
         return [inc for inc in self.peers.values() if inc.phase in ("starting", "running")]
@@ -343,7 +361,7 @@ class Swarm:
             ray.kill(incarnation.actor, no_restart=True)
         for incarnation in everyone:
             self._reap(incarnation)
-        if self.placement_group is not None:
+        if self.placement_group is not None and self.first_bundle == 0:  # a Tune trial's group is Tune's
             remove_placement_group(self.placement_group)
 
 

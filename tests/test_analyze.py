@@ -26,6 +26,7 @@ SAMPLES_PER_S = {0: [32.0, 32.0, 32.0], 1: [29.0, 30.0, 28.0]}  # mean over all 
 ROUNDS_OK = {0: [1, 2, 3], 1: [1, 1, 2]}  # cumulative: totals 3 + 2
 ROUNDS_FAILED = {0: [0, 0, 0], 1: [0, 1, 1]}
 CONSENSUS = [0.5, 0.25, 0.125]
+BYTES = {0: [1_000_000, 2_000_000, 0], 1: [500_000, 500_000, 1_000_000]}  # per epoch; the swarm: 1.5, 2.5, 1 MB
 
 
 def make_run(
@@ -50,7 +51,7 @@ def _row(run_id: str, peer: int, e: int) -> MetricsRow:
         wall_time_s=WALL_TIME[peer][e], train_loss=1.0 / (e + 1), train_acc=0.5, test_loss=2.0 - TEST_ACC[peer][e],
         test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], train_s=1.0, eval_s=0.5,
         avg_rounds_ok=ROUNDS_OK[peer][e], avg_rounds_failed=ROUNDS_FAILED[peer][e], avg_group_size=2.0, avg_seconds=0.5,
-        consensus_dist=CONSENSUS[e], consensus_peers=2, node="test",
+        consensus_dist=CONSENSUS[e], consensus_peers=2, node="test", avg_bytes=BYTES[peer][e],
     )  # fmt: skip
 
 
@@ -79,6 +80,15 @@ def test_compare_runs_known_answers(tmp_path):
     assert (row["rounds_ok"], row["rounds_failed"]) == (5, 1)
     assert (row["rounds_ok_per_peer"], row["rounds_failed_per_peer"]) == (2.5, 0.5)
     assert row["final_consensus_dist"] == 0.125 and row["wall_time_s"] == 31.0
+    assert row["swarm_mb"] == 5.0 and row["mb_to_target"] == 4.0, "the swarm's bytes, cumulative to epoch 2"
+    assert pd.isna(row["rate_mbit"]), "not an emulated run"
+
+
+def test_a_ring_all_reduce_is_counted_as_a_hivemind_group_of_the_same_size():
+    from workers.averaging import ring_bytes
+
+    assert ring_bytes(1_000_000, 4) == 1_500_000  # 2 (n - 1) / n of the tensor per peer
+    assert 4 * ring_bytes(1_000_000, 4) == 2 * 3 * 1_000_000, "the swarm's traffic: 2 (n - 1) tensors"
 
 
 def test_target_never_reached_is_nan_and_no_target_no_columns(tmp_path):

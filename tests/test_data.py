@@ -274,3 +274,44 @@ def test_data_config_rejects_bad_values():
         with pytest.raises(ValueError):
             DataConfig(**bad)
     assert DataConfig().partition == "iid" and DataConfig().augment and not DataConfig().download
+
+
+def test_data_generate_writes_a_marked_cifar10_once_and_again_for_another_size(tmp_path, caplog):
+    from workers.datacheck import prepare_data
+
+    cfg = DataConfig(dataset="cifar10", root=tmp_path, generate=500, verify_checksums=False, augment=False)
+    prepare_data(cfg)
+    base = tmp_path / "cifar-10-batches-py"
+    assert "not CIFAR-10" in (base / "GENERATED").read_text()
+    splits = load_dataset(cfg)
+    assert (len(splits.train), len(splits.test), splits.num_classes) == (500, 50, 10)
+    written = (base / "data_batch_1").stat().st_mtime_ns
+    prepare_data(cfg)
+    assert (base / "data_batch_1").stat().st_mtime_ns == written, "an existing generated set is kept"
+    assert "holds GENERATED images" in caplog.text
+    prepare_data(cfg.model_copy(update={"generate": 300}))
+    assert len(load_dataset(cfg.model_copy(update={"generate": 300})).train) == 300
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dataset": "digits", "generate": 10}, "data.generate=10 writes CIFAR-10 files"),
+        ({"dataset": "cifar10", "generate": 10}, "set data.verify_checksums: false"),
+    ],
+)
+def test_data_generate_needs_cifar10_without_checksums(settings, message):
+    from workers.config import parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"data": settings})
+
+
+def test_the_bandwidth_study_is_eight_valid_points():
+    from tests.conftest import ROOT
+    from workers.config import load_experiment
+
+    sweep = load_experiment(ROOT / "configs/experiments/bandwidth_study.yaml")
+    points = {(p.config.emulation.rate_mbit, p.config.gossip.method) for p in sweep.points}
+    assert points == {(rate, method) for rate in (5, 50) for method in ("gossip", "diloco", "allreduce", "none")}
+    assert all(p.config.data.generate and p.config.optim.optimizer == "adamw" for p in sweep.points)

@@ -3,7 +3,10 @@ and one real 2-point sweep through the command line (integration)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,17 +15,9 @@ import pytest
 import yaml
 
 from launcher import cli
-from launcher.driver import RunResult
-from tests.conftest import QUICKSTART
-from workers.config import (
-    ConfigError,
-    ExperimentConfig,
-    Sweep,
-    apply_overrides,
-    expand_grid,
-    load_config,
-    load_experiment,
-)
+from tests.conftest import QUICKSTART, ROOT, ray_started
+from workers.config import ConfigError, ExperimentConfig, apply_overrides, load_config, load_experiment
+from workers.sweepconfig import Sweep, expand_grid
 
 
 def write_sweep(tmp_path, grid, name="sweep", **settings) -> str:
@@ -133,109 +128,139 @@ def test_cli_rejects_a_bad_point_with_exit_2_before_anything_runs(tmp_path, caps
     assert time.perf_counter() - started < 5
 
 
-# --- the sweep loop, with run_experiment faked (Ray is not started) -----------------------------------------------
+# --- sampled sweeps and their settings ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_runs(monkeypatch):
-    """run_experiment replaced by one that makes the run folder and returns the next scripted exit code
-    (or raises KeyboardInterrupt, as a Ctrl-C outside the run's own handler does)."""
+def test_random_search_draws_samples_per_grid_point_reproducibly(tmp_path):
+    grid = {"gossip.method": ["gossip", "none"], "optim.lr": {"loguniform": [0.01, 0.2]}, "search": "random",
+            "samples": 3}  # fmt: skip
+    sweep = load_experiment(write_sweep(tmp_path, grid))
+    assert sweep.settings.search == "random" and sweep.keys == ("gossip.method", "optim.lr")
+    lrs = [p.config.optim.lr for p in sweep.points]
+    assert [p.config.gossip.method for p in sweep.points] == ["gossip"] * 3 + ["none"] * 3
+    assert all(0.01 <= lr <= 0.2 for lr in lrs) and len(set(lrs)) == 6
+    assert [p.config.optim.lr for p in load_experiment(write_sweep(tmp_path, grid)).points] == lrs, "seeded"
+
+
+def test_optuna_validates_each_keys_extremes_before_anything_runs(tmp_path):
+    good = {"gossip.alpha": {"uniform": [0.1, 1.0]}, "gossip.method": ["gossip", "none"], "search": "optuna"}
+    sweep = load_experiment(write_sweep(tmp_path, good | {"samples": 5}))
+    assert sweep.adaptive and sweep.settings.samples == 5
+    assert {p.config.gossip.alpha for p in sweep.points} == {0.1, 1.0}
+    overrides, cfg = sweep.trial_config({"gossip.alpha": 0.3, "gossip.method": "none"})
+    assert overrides == ("gossip.alpha=0.3", "gossip.method=none") and cfg.gossip.alpha == 0.3
+    with pytest.raises(ConfigError, match="gossip.alpha=1.5"):  # alpha must be <= 1: the upper extreme is refused
+        load_experiment(write_sweep(tmp_path, good | {"gossip.alpha": {"uniform": [0.1, 1.5]}}))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"optim.lr": {"uniform": [0.01, 0.1]}}, "sweep.optim.lr={'uniform': [0.01, 0.1]}: a distribution is sampled"),
+        ({"optim.lr": {"normal": [0, 1]}, "search": "random"}, "expected a non-empty list of values or a distrib"),
+        ({"optim.lr": {"loguniform": [0, 1]}, "search": "random"}, "needs low < high and low > 0"),
+        ({"optim.lr": [0.1], "max_concurrent": 0}, "sweep.max_concurrent=0"),
+        ({"optim.lr": [0.1], "search": "bayes"}, "sweep.search='bayes'"),
+    ],
+)
+def test_bad_sweep_settings_name_the_field(tmp_path, section, message):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(write_sweep(tmp_path, section))
+    assert message in str(err.value)
+
+
+# --- resuming: what a resume skips, and where it continues (no Ray) --------------------------------------------------
+
+
+def test_a_resume_skips_done_points_and_sets_unfinished_runs_aside(tmp_path):
     from launcher import sweep as sweep_module
 
-    calls: list[ExperimentConfig] = []
-    script: list[int | type[BaseException]] = []
+    sweep = three_point_sweep(tmp_path)
+    sweep_dir = sweep_module.make_sweep_dir(sweep, tmp_path / "out")
+    for name in ("run-a", "run-b"):
+        (sweep_dir / name).mkdir()
+        (sweep_dir / name / "config.yaml").write_text("{}")
+    for number, run_name, status in [(1, "run-a", "done"), (2, "run-b", "interrupted")]:
+        row = sweep_module.index_row(sweep, sweep.points[number - 1].config, number, run_name, 0, status)
+        sweep_module.append_index_row(sweep_dir / "sweep.csv", row)
+    done = sweep_module.finished_points(sweep_dir)
+    assert list(done) == [1]
+    sweep_module.set_aside_unfinished_runs(sweep_dir, done)
+    assert (sweep_dir / "run-a").is_dir() and (sweep_dir / "interrupted" / "run-b").is_dir()
+    assert sweep_module.resumable_sweep_dir(sweep, tmp_path / "out") == sweep_dir
+    other = load_experiment(write_sweep(tmp_path, {"gossip.alpha": [0.25, 0.5]}))
+    with pytest.raises(ConfigError, match="--resume: no earlier run of sweep 'sweep' with these settings"):
+        sweep_module.resumable_sweep_dir(other, tmp_path / "out")
 
-    def run_experiment(cfg, out_dir):
-        calls.append(cfg)
-        run_dir = out_dir / f"run-{len(calls)}"
-        run_dir.mkdir()
-        outcome = script.pop(0)
-        if isinstance(outcome, type):
-            raise outcome()
-        return RunResult(run_dir, outcome)
 
-    monkeypatch.setattr(sweep_module, "run_experiment", run_experiment)
-    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg, address=None: False)
-    return sweep_module, calls, script
+def test_a_local_ray_holds_max_concurrent_of_the_largest_trials(tmp_path):
+    from launcher.sweep import cpus_needed
+
+    sweep = load_experiment(write_sweep(tmp_path, {"peers": [2, 6, 3], "max_concurrent": 2}))
+    assert cpus_needed(sweep) == 7  # 2 trials x (6 peers x 0.5 CPU + the trial's sliver), rounded up
+    single = load_experiment(write_sweep(tmp_path, {"peers": [2, 6, 3]}))
+    assert cpus_needed(single) == 4
 
 
 def three_point_sweep(tmp_path) -> Sweep:
     return load_experiment(write_sweep(tmp_path, {"gossip.alpha": [0.25, 0.5, 1.0]}))
 
 
-def test_a_failed_point_does_not_stop_the_sweep(tmp_path, fake_runs):
-    sweep_module, calls, script = fake_runs
-    script += [0, 1, 0]
-    result = sweep_module.run_sweep(three_point_sweep(tmp_path), tmp_path / "out")
-    assert result.exit_code == 1 and len(calls) == 3
-    index = pd.read_csv(result.sweep_dir / "sweep.csv")
-    assert index.columns.tolist() == ["point", "run_dir", "gossip.alpha", "exit_code", "status"]
-    assert index["gossip.alpha"].tolist() == [0.25, 0.5, 1.0]
-    assert index.status.tolist() == ["done", "failed", "done"]
-    assert index.run_dir.tolist() == ["run-1", "run-2", "run-3"]
-
-
-@pytest.mark.parametrize("interrupt", [130, KeyboardInterrupt], ids=["during-the-run", "outside-the-run-handler"])
-def test_ctrl_c_stops_the_sweep_and_keeps_the_index(tmp_path, fake_runs, interrupt):
-    sweep_module, calls, script = fake_runs
-    script += [0, interrupt, 0]
-    result = sweep_module.run_sweep(three_point_sweep(tmp_path), tmp_path / "out")
-    assert result.exit_code == 130
-    assert len(calls) == 2, "the point after the interrupted one is not started"
-    index = pd.read_csv(result.sweep_dir / "sweep.csv")
-    assert index.status.tolist() == ["done", "interrupted"]
-    assert index.run_dir.tolist() == ["run-1", "run-2"]
-
-
-def test_a_home_relative_out_folder_is_expanded(tmp_path, fake_runs, monkeypatch):
-    """`--out '~/results'` (quoted, as the README says for Ray Jobs): the sweep goes under the home folder, not into a
-    literal ./~/ where nothing finds its runs."""
-    sweep_module, calls, script = fake_runs
-    script += [0, 0, 0]
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    result = sweep_module.run_sweep(three_point_sweep(tmp_path), Path("~/results"))
-    assert result.sweep_dir.parent == tmp_path / "home" / "results"
-    assert sorted(p.name for p in result.sweep_dir.iterdir() if p.is_dir()) == ["run-1", "run-2", "run-3"]
-    assert not (tmp_path / "~").exists()
-
-
-def test_ray_is_sized_for_the_largest_point(tmp_path, fake_runs, monkeypatch):
-    sweep_module, _, script = fake_runs
-    script += [0, 0, 0]
-    sizes = []
-    monkeypatch.setattr(sweep_module, "connect_ray", lambda cfg, address=None: sizes.append(cfg.peers) or False)
-    sweep = load_experiment(write_sweep(tmp_path, {"peers": [2, 6, 3]}))
-    sweep_module.run_sweep(sweep, tmp_path / "out")
-    assert sizes == [6], "Ray is connected once, before the first point, for the largest one"
-
-
-# --- a real sweep ---------------------------------------------------------------------------------------------------
+# --- a real sweep on Ray Tune ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(180)
-def test_a_two_point_sweep_through_the_cli(ray_local, tmp_path, capsys):
-    path = write_sweep(tmp_path, {"gossip.method": ["gossip", "none"]}, name="methods", peers=2)
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        args = ["run", path, "--set", "optim.epochs=2", "--set", "gossip.matchmaking_time=1.5"]
-        exit_code = cli.main([*args, "--out", str(tmp_path / "out")])
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-    assert exit_code == 0
-    (sweep_dir,) = (tmp_path / "out").iterdir()
-    assert sweep_dir.name.startswith("methods-")
-    assert ray_local.is_initialized(), "a Ray the sweep did not start is left running"
+@pytest.mark.timeout(420)
+def test_two_swarms_at_once_ctrl_c_then_resume_runs_only_the_rest(tmp_path, private_ray_env):
+    """max_concurrent 2: points 1 and 2 train at the same time. Ctrl-C once point 1 is done; `--resume` runs points
+    2 and 3 and not point 1 again; comparison.csv then has each point once."""
+    grid = {"optim.epochs": [1, 15, 2], "max_concurrent": 2}
+    path = write_sweep(tmp_path, grid, name="epochs", peers=2)
+    args = [sys.executable, "-m", "launcher", "run", path, "--set", "gossip.matchmaking_time=1.5",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=private_ray_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            index = wait_for_index(tmp_path / "out", "done", timeout=240)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=90) == 130
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    sweep_dir = index.parent
+    first = pd.read_csv(index)
+    assert first.loc[first.status == "done", "point"].tolist() == [1]
+    (done_run,) = first.loc[first.status == "done", "run_dir"]
+    others = sorted(run_span(p.parent) for p in sweep_dir.glob("*/config.yaml") if p.parent.name != done_run)
+    overlap = run_span(sweep_dir / done_run), others[0]
+    assert overlap[1][0] < overlap[0][1], "the second swarm started before the first one ended"
+    time.sleep(2)
+    left = [p for p in ray_started(private_ray_env) if not p.startswith("/")]  # processes, not session folders
+    assert left == [], "Ctrl-C leaves nothing behind: no trial, peer, p2pd or Ray process of this sweep's Ray"
 
-    index = pd.read_csv(sweep_dir / "sweep.csv")
-    assert index["gossip.method"].tolist() == ["gossip", "none"] and (index.status == "done").all()
-    for run_name in index.run_dir:
-        metrics = pd.read_csv(sweep_dir / run_name / "metrics.csv")
-        assert len(metrics) == 2 * 2, "2 peers x 2 epochs"
+    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=private_ray_env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    final = pd.read_csv(index)
+    done = final[final.status == "done"]
+    assert sorted(done.point) == [1, 2, 3] and done.point.is_unique, "point 1 is not run again"
+    assert sorted(pd.read_csv(sweep_dir / "comparison.csv").epochs) == [1, 2, 15]
+    for run_name, epochs in zip(done.run_dir, done["optim.epochs"], strict=True):
+        assert pd.read_csv(sweep_dir / run_name / "metrics.csv").epoch.max() == epochs
+    assert (sweep_dir / "trials.csv").is_file()
 
-    comparison = pd.read_csv(sweep_dir / "comparison.csv")
-    assert sorted(comparison.method) == ["gossip", "none"] and (comparison.epochs == 2).all()
-    consensus = comparison.set_index("method").final_consensus_dist
-    assert consensus["none"] > 0.1 and consensus["gossip"] <= consensus["none"] / 10
-    assert "final_consensus_dist" in capsys.readouterr().out, "the comparison table is printed"
+
+def wait_for_index(out_dir: Path, status: str, timeout: float) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for index in out_dir.glob("*/sweep.csv"):
+            if f",{status}," in index.read_text():
+                return index
+        time.sleep(0.5)
+    raise AssertionError(f"no point reached status {status} in {timeout} s")
+
+
+def run_span(run_dir: Path) -> tuple[float, float]:
+    """When a run started (its config snapshot) and when its last row was written."""
+    return (run_dir / "config.yaml").stat().st_mtime, (run_dir / "metrics.csv").stat().st_mtime

@@ -84,6 +84,14 @@ class NoAveraging:
     def withhold_state(self) -> None:
         """Serve no state to newcomers until the next `share_state` (this peer's diverged)."""
 
+    def method_state(self) -> list[torch.Tensor]:
+        """The method's own tensors that a newcomer takes over with the parameters (DiLoCo's θ_sync and outer
+        momentum), read under the setup's lock with the parameters they belong to; none for the other methods."""
+        return []
+
+    def load_method_state(self, tensors: list[torch.Tensor] | None) -> None:
+        """Take a donor's `method_state`; None: start it from this peer's current parameters (after a resume)."""
+
     def epoch_steps(self, local_steps: int) -> int:
         """How many steps to take this epoch (strategies that need lockstep peers agree on one number)."""
         return local_steps
@@ -166,12 +174,20 @@ class AllReduceAveraging(NoAveraging):
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
         self.stats.record(self.world_size, time.perf_counter() - started)
+        self.stats.add_bytes(ring_bytes(flat.numel() * flat.element_size(), self.world_size))
 
     def shutdown(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def ring_bytes(size: int, peers: int) -> int:
+    """A ring all-reduce's traffic per peer, counted as hivemind's is (workers/admission.py: part_bytes): the parts
+    this peer reduces in and sends out, 2 (n - 1) / n of the tensor. gloo does not count bytes, so this is the model
+    of its ring; summed over the peers it is the swarm's 2 (n - 1) tensors, as for a hivemind group of n."""
+    return round(2 * (peers - 1) * size / peers)
 
 
 class OptimizerAveraging(NoAveraging):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.config import ConfigError, ExperimentConfig
+from workers.storage import fetch, is_remote, join, upload_file
 
 if TYPE_CHECKING:
     from workers.metrics import MetricsRow
@@ -92,16 +93,35 @@ def check_resume(cfg: ExperimentConfig) -> None:
     identity (or is unset)."""
     if cfg.resume_from is None:
         return
-    paths = [checkpoint_path(cfg.resume_from, peer, "final") for peer in range(cfg.peers)]
-    missing = [str(path.resolve()) for path in paths if not path.is_file()]
+    folder = resume_dir(cfg.resume_from, list(range(cfg.peers)), refresh=True)
+    paths = [checkpoint_path(folder, peer, "final") for peer in range(cfg.peers)]
+    missing = [_shown(cfg.resume_from, path) for path in paths if not path.is_file()]
     if missing:
         raise ConfigError(
             f"resume_from={str(cfg.resume_from)!r}: no checkpoint for {len(missing)} of peers={cfg.peers} "
             f"(missing: {', '.join(missing)}); expected a previous run's folder (or <checkpoint_dir>/<run-id>) "
-            f"holding peer-<i>_final.pt for each peer{_runs_inside(Path(cfg.resume_from).expanduser())}"
+            f"holding peer-<i>_final.pt for each peer{_runs_inside(folder.expanduser())}"
         )
     for path in paths:  # one at a time: a run's checkpoints together may not fit in memory
         check_identity(check_checkpoint(path).get("identity"), cfg, path)
+
+
+def resume_dir(resume_from: str | Path, peers: list[int], refresh: bool) -> Path:
+    """The local folder to resume from: `resume_from` itself, or for a storage URI its staging folder, with the
+    peers' final and best checkpoints downloaded into it (all of them when `refresh`, else those not there yet:
+    the driver's check downloads them, the peers on its node find them there, those on other nodes fetch their own)."""
+    if not is_remote(resume_from):
+        return Path(resume_from)
+    names = [checkpoint_path("", peer, kind).name for peer in peers for kind in ("final", "best")]
+    try:
+        folder, _ = fetch(str(resume_from), names, refresh)
+    except OSError as err:
+        raise ConfigError(f"resume_from={str(resume_from)!r}: cannot be read: {err}") from None
+    return folder
+
+
+def _shown(resume_from: str | Path, path: Path) -> str:
+    return join(str(resume_from), path.name) if is_remote(resume_from) else str(path.resolve())
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:
@@ -222,9 +242,28 @@ def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:
     if setup.checkpoint_dir is None:
         return
     state = training_state(setup, row)
-    atomic_save(state, checkpoint_path(setup.checkpoint_dir, setup.peer, "final"))
-    if improved:
-        atomic_save(state, checkpoint_path(setup.checkpoint_dir, setup.peer, "best"))
+    for kind in ("final", "best") if improved else ("final",):
+        path = checkpoint_path(setup.checkpoint_dir, setup.peer, kind)
+        atomic_save(state, path)
+        upload_checkpoint(path, setup.checkpoint_uri)
+
+
+_failed_uploads: dict[Path, str] = {}  # this process's checkpoints whose upload failed -> their folder URI
+
+
+def upload_checkpoint(path: Path, folder_uri: str | None) -> None:
+    """Copy a checkpoint just saved to the storage folder `folder_uri` (None: results are local, nothing to do):
+    no checkpoint stays stranded on a node's disk. A failed upload is logged and training goes on; it is retried
+    with this process's next save."""
+    if folder_uri is None:
+        return
+    _failed_uploads[path] = folder_uri
+    for pending, folder in sorted(_failed_uploads.items()):
+        try:
+            upload_file(pending, join(folder, pending.name))
+            del _failed_uploads[pending]
+        except OSError as err:
+            logger.error("could not upload %s to %s (retried at the next save): %s", pending, folder, err)
 
 
 def training_state(setup: TrainSetup, row: MetricsRow) -> dict[str, Any]:
@@ -246,7 +285,7 @@ def resume(setup: TrainSetup, cfg: ExperimentConfig) -> None:
     """Load this peer's final checkpoint from `cfg.resume_from` into a freshly built `setup`."""
     from workers.schedule import resume_schedule
 
-    path = checkpoint_path(cfg.resume_from, setup.peer, "final")
+    path = checkpoint_path(resume_dir(cfg.resume_from, [setup.peer], refresh=False), setup.peer, "final")
     state = load_checkpoint(path)
     check_identity(state.get("identity"), cfg, path)
     progress = dataclasses.replace(setup.progress, **state["progress"])
@@ -276,6 +315,7 @@ def _carry_best(source: Path, setup: TrainSetup) -> None:
     target = checkpoint_path(setup.checkpoint_dir, setup.peer, "best")
     if best.is_file() and best.resolve() != target.resolve():
         atomic_save(load_checkpoint(best), target)
+        upload_checkpoint(target, setup.checkpoint_uri)
 
 
 def rng_state(setup: TrainSetup) -> dict[str, Any]:

@@ -7,12 +7,10 @@ before torch, Ray or hivemind are loaded.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,11 +20,16 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from workers.storage import check_location, is_remote, local_path
 from workers.swarmkey import read_swarm_key
+
+if TYPE_CHECKING:
+    from workers.sweepconfig import Sweep
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,18 @@ class DataConfig(_Section):
     # cifar10: check every file's md5 against the official release (torchvision's check). Turn off only for
     # copies that are re-packed or converted (same format, other bytes) and for tests' tiny generated files.
     verify_checksums: bool = True
+    # cifar10 without the real set (offline machines, the bandwidth study): when `root` holds no CIFAR-10, write a
+    # generated one in its on-disk format with this many training images (a tenth as many test images); 0: never.
+    generate: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _generated_data_is_cifar10_without_checksums(self) -> DataConfig:
+        if self.generate and self.dataset != "cifar10":
+            raise ValueError(f"data.generate={self.generate} writes CIFAR-10 files: set data.dataset: cifar10")
+        if self.generate and self.verify_checksums:
+            raise ValueError(f"data.generate={self.generate}: generated files are not the official release; "
+                             "set data.verify_checksums: false")  # fmt: skip
+        return self
 
 
 class ModelConfig(_Section):
@@ -62,8 +77,9 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the local steps' (diloco: the inner) optimizer
     lr: PositiveFloat = 0.05
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     weight_decay: float = Field(0.0, ge=0)
     epochs: PositiveInt = 10  # in total: a resumed run trains from its checkpoint's epoch up to this one
     # Learning rate per epoch (it changes between epochs, never within one): constant, cosine decay over the
@@ -83,8 +99,9 @@ class OptimConfig(_Section):
 
 class GossipConfig(_Section):
     # gossip: DecentralizedAverager every H steps; optimizer: hivemind.Optimizer; allreduce: torch.distributed
-    # exact mean over all peers (the baseline); none: no communication (the other baseline)
-    method: Literal["gossip", "optimizer", "allreduce", "none"] = "gossip"
+    # exact mean over all peers (the baseline); none: no communication (the other baseline); diloco: gossip's
+    # rounds every H steps, each followed by an outer Nesterov step on the parameters of the last sync
+    method: Literal["gossip", "diloco", "optimizer", "allreduce", "none"] = "gossip"
     group_size: int = Field(16, ge=2)  # target group size; a "group" of one is no averaging (use method: none)
     min_group_size: int = Field(2, ge=2)
     alpha: float = Field(1.0, gt=0, le=1)  # averaging_alpha: step towards the group mean, 1.0 = take the mean
@@ -102,11 +119,26 @@ class GossipConfig(_Section):
     overlap: bool = False
     # gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a quarter)
     compression: Literal["none", "float16", "uint8"] = "none"
+    # diloco: the outer SGD (Nesterov) on the pseudo-gradient θ_sync − avg(θ) after each round (workers/diloco.py);
+    # outer_lr 1 with outer_momentum 0 is plain gossip averaging
+    outer_lr: PositiveFloat = 0.7
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
         if self.min_group_size > self.group_size:
             raise ValueError(f"min_group_size={self.min_group_size} is larger than group_size={self.group_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _diloco_rounds_block(self) -> GossipConfig:
+        """Unsupported rather than ignored: the outer step replaces the parameters with a step from θ_sync, so the
+        local steps taken while an overlapped round was in flight would be lost."""
+        if self.method == "diloco" and self.overlap:
+            raise ValueError(
+                "gossip.overlap=True is not supported with gossip.method='diloco' (its outer step replaces the "
+                "parameters after each round): remove it, or use gossip.method=gossip"
+            )
         return self
 
     @model_validator(mode="after")
@@ -127,13 +159,15 @@ class GossipConfig(_Section):
 # A method-specific knob: its default and the methods that use it. `none` uses none of them, so it accepts any value
 # (a sweep can compare it with any setting of the others).
 _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
-    "every_steps": ("epoch", ("gossip", "allreduce")),
+    "every_steps": ("epoch", ("gossip", "diloco", "allreduce")),
     "allreduce_on": ("parameters", ("allreduce",)),
     "target_batch_size": (None, ("optimizer",)),
     "local_updates": (True, ("optimizer",)),
     "background_averaging": (False, ("optimizer",)),
     "overlap": (False, ("gossip",)),
-    "compression": ("none", ("gossip",)),
+    "compression": ("none", ("gossip", "diloco")),
+    "outer_lr": (0.7, ("diloco",)),
+    "outer_momentum": (0.9, ("diloco",)),
 }
 
 
@@ -204,10 +238,50 @@ def _ipv4(value: str) -> str:
         raise ValueError("expected an IPv4 address such as 10.0.0.5") from None
 
 
+class LinkConfig(_Section):
+    """One peer's link where it differs from `emulation`'s (heterogeneous links); unset fields keep those."""
+
+    rate_mbit: PositiveFloat | None = None  # upload and download
+    up_mbit: PositiveFloat | None = None  # or each on its own (an asymmetric link)
+    down_mbit: PositiveFloat | None = None
+    rtt_ms: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _rate_or_up_down(self) -> LinkConfig:
+        if self.rate_mbit is not None and (self.up_mbit is not None or self.down_mbit is not None):
+            raise ValueError("give rate_mbit (both directions) or up_mbit/down_mbit, not both")
+        return self
+
+
+MAX_EMULATED_PEERS = 250  # one /24 of namespace addresses, the hub's included
+
+
+class EmulationConfig(_Section):
+    """Bandwidth-limited links for peers on one machine (a private local Ray): each peer in a network namespace of
+    its own whose upload and download are shaped, measured before training (launcher/emulation.py). Off: no rate."""
+
+    rate_mbit: PositiveFloat | None = None  # every peer's upload and download, Mbit/s
+    rtt_ms: float = Field(0.0, ge=0)  # round trip between two peers of this link (half of it on each link); netem
+    links: dict[int, LinkConfig] = {}  # per peer index: where its link differs
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate_mbit is not None
+
+    @model_validator(mode="after")
+    def _rate_is_set(self) -> EmulationConfig:
+        if not self.enabled and (self.rtt_ms or self.links):
+            given = "emulation.rtt_ms" if self.rtt_ms else "emulation.links"
+            raise ValueError(f"{given} needs emulation.rate_mbit (every peer's link rate; links override it)")
+        return self
+
+
 class MetricsConfig(_Section):
     # Consensus distance is computed from a CountSketch of each peer's parameters with this many buckets
     # (seed shared by all peers); 0, or a model with at most this many parameters, sends them exactly.
     sketch_dim: int = Field(1024, ge=0)
+    tensorboard: bool = True  # event files in <run>/tensorboard/: one series per peer, and the swarm's
+    tracking: Literal["none", "mlflow"] = "none"  # mlflow: MLFLOW_TRACKING_URI, else <results>/mlflow.db
 
 
 class FaultsConfig(_Section):
@@ -282,10 +356,14 @@ class ExperimentConfig(_Section):
     gossip: GossipConfig = GossipConfig()
     resources: ResourcesConfig = ResourcesConfig()
     network: NetworkConfig = NetworkConfig()
+    emulation: EmulationConfig = EmulationConfig()  # shaped links for peers on one machine
     metrics: MetricsConfig = MetricsConfig()
-    # A previous run's folder (or its checkpoint_dir) with peer-<i>_final.pt for every peer: each peer continues
-    # from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
-    resume_from: Path | None = None
+    # Where runs write their folders: a local folder or a URI of pyarrow.fs (s3://bucket/prefix, gs://...), whose
+    # endpoint and credentials come from the environment (AWS_ENDPOINT_URL, ...): workers/storage.py
+    storage: str = "results"
+    # A previous run's folder (or its checkpoint_dir), local or a storage URI, with peer-<i>_final.pt for every peer:
+    # each peer continues from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
+    resume_from: Path | str | None = None
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt are written; None: the run's folder
     faults: FaultsConfig = FaultsConfig()
     scenario: list[ScenarioEvent] = []  # scripted churn: kills, leaves, joins, stragglers (Ray runs only)
@@ -294,6 +372,15 @@ class ExperimentConfig(_Section):
     def joins(self) -> int:
         """Peers that join the running swarm (they get indices peers, peers + 1, ...)."""
         return sum(event.event == "join" for event in self.scenario)
+
+    @field_validator("storage", "resume_from")
+    @classmethod
+    def _location_is_a_folder_or_known_uri(cls, value: Path | str | None, info: ValidationInfo) -> Path | str | None:
+        """A remote URI stays a string (a Path would fold its `//`); a local resume_from is a Path, as it was."""
+        if not isinstance(value, str):
+            return value
+        check_location(value)
+        return value if is_remote(value) or info.field_name == "storage" else local_path(value)
 
     @model_validator(mode="after")
     def _peer_resources_match_peers(self) -> ExperimentConfig:
@@ -335,12 +422,26 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _emulation_fits_the_swarm(self) -> ExperimentConfig:
+        if not self.emulation.enabled:
+            return self
+        everyone = self.peers + self.joins
+        if unknown := sorted(peer for peer in self.emulation.links if not 0 <= peer < everyone):
+            raise ValueError(f"emulation.links.{unknown[0]}: the swarm has peers 0..{everyone - 1}")
+        if everyone > MAX_EMULATED_PEERS:
+            raise ValueError(f"emulation: {everyone} peers, at most {MAX_EMULATED_PEERS} (one /24 subnet)")
+        if self.network.host != "auto" or self.network.announce_host:
+            raise ValueError("emulation: each peer listens on and announces its own namespace's address: leave "
+                             "network.host auto and network.announce_host unset")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _swarm_can_form_groups(self) -> ExperimentConfig:
-        if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size > self.peers:
+        if self.gossip.method in ("gossip", "diloco", "optimizer") and self.gossip.min_group_size > self.peers:
             raise ValueError(
                 f"gossip.min_group_size={self.gossip.min_group_size} can never be met by peers={self.peers}"
             )
-        if self.gossip.method in ("gossip", "optimizer") and self.gossip.min_group_size == self.peers > 2:
+        if self.gossip.method in ("gossip", "diloco", "optimizer") and self.gossip.min_group_size == self.peers > 2:
             logger.warning(
                 "gossip.min_group_size=%d = peers: every round needs every peer, so after one peer dies (or falls "
                 "behind by more than gossip.matchmaking_time) every round fails", self.peers,
@@ -351,7 +452,7 @@ class ExperimentConfig(_Section):
     def _every_steps_leaves_rounds(self) -> ExperimentConfig:
         """Rounds come at every `every_steps`-th step of a peer's run: a run with fewer steps has none at all."""
         every = self.gossip.every_steps
-        if every == "epoch" or self.gossip.method not in ("gossip", "allreduce"):
+        if every == "epoch" or self.gossip.method not in ("gossip", "diloco", "allreduce"):
             return self
         per_epoch = steps_per_epoch(self.data, self.peers)
         if every > per_epoch * self.optim.epochs:
@@ -432,71 +533,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return parse_config(apply_overrides(raw, overrides or []))
 
 
-@dataclass(frozen=True)
-class SweepPoint:
-    overrides: tuple[str, ...]  # this point's `key=value` settings from the grid
-    config: ExperimentConfig
-
-
-@dataclass(frozen=True)
-class Sweep:
-    name: str
-    keys: tuple[str, ...]  # the swept dotted keys, in the order written
-    points: tuple[SweepPoint, ...]
-    spec: dict[str, Any]  # the file after --set, `sweep:` included: what to snapshot to rerun it
-
-
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig | Sweep:
     """What `gossip-launch run` takes: one experiment, or a sweep when the file has a `sweep:` section."""
     raw = read_config_file(path)
     if "sweep" not in raw:
         return parse_config(apply_overrides(raw, overrides or []))
+    from workers.sweepconfig import parse_sweep  # it builds on this module
+
     return parse_sweep(raw, overrides or [])
-
-
-def parse_sweep(raw: dict[str, Any], overrides: list[str]) -> Sweep:
-    """Every point of the grid validated now, so a bad point stops the sweep before anything runs."""
-    base = {key: value for key, value in raw.items() if key != "sweep"}
-    grid = raw["sweep"]
-    grid_points = expand_grid(grid)
-    _reject_swept_overrides(overrides, list(grid))
-    base = apply_overrides(base, overrides)
-    points, errors = [], []
-    for number, point in enumerate(grid_points, 1):
-        try:
-            points.append(SweepPoint(tuple(point), parse_config(apply_overrides(base, point))))
-        except ConfigError as err:
-            errors.append(f"sweep point {number}/{len(grid_points)} ({', '.join(point)}): {err}")
-    if errors:
-        raise ConfigError("\n".join(errors))
-    return Sweep(points[0].config.name, tuple(grid), tuple(points), {**base, "sweep": grid})
-
-
-def expand_grid(sweep: dict[str, list]) -> list[list[str]]:
-    """{'a': [1, 2], 'b': [x]} -> [['a=1', 'b=x'], ['a=2', 'b=x']]: the Cartesian product, first key slowest."""
-    if not isinstance(sweep, dict) or not sweep:
-        example = "gossip.alpha: [0.5, 1.0]"
-        raise ConfigError(f"sweep={_short(sweep)}: expected dotted keys with lists of values, e.g. {example}")
-    for key, values in sweep.items():
-        if not isinstance(key, str) or not key.strip():
-            raise ConfigError(f"sweep: key {key!r} is not a dotted config key such as gossip.alpha")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep.{key}={_short(values)}: expected a non-empty list of values")
-    settings = [[f"{key}={_yaml_scalar(value)}" for value in values] for key, values in sweep.items()]
-    return [list(point) for point in itertools.product(*settings)]
-
-
-def _yaml_scalar(value: Any) -> str:
-    """`value` written so that apply_overrides reads back the same value ('1.5' stays a string, 1.5 a float)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).removesuffix("\n...\n").rstrip("\n")
-
-
-def _reject_swept_overrides(overrides: list[str], swept: list[str]) -> None:
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        clash = [s for s in swept if key == s or key.startswith(s + ".") or s.startswith(key + ".")]
-        if clash:
-            raise ConfigError(f"override {item!r}: {clash[0]} is swept; drop it from --set or from the sweep")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -91,7 +91,24 @@ def prepare_data(cfg: DataConfig, archive: Archive | None = None) -> None:
     sharing it wait for each other's download); then check it. `archive`: where from (default: the official one)."""
     if cfg.download and cfg.dataset in ARCHIVES:
         ensure_downloaded(cfg, archive or ARCHIVES[cfg.dataset])
+    if cfg.generate:
+        generate_if_missing(cfg)
     check_files(cfg)
+
+
+def generate_if_missing(cfg: DataConfig) -> None:
+    """`data.generate`: a generated CIFAR-10 (class-coloured images, workers/synthetic.py) where no set is; said loudly,
+    and marked by a GENERATED file, so that nobody mistakes its accuracy for CIFAR-10's."""
+    from workers.synthetic import write_tiny_cifar10  # numpy: only when asked for
+
+    base = cfg.root.expanduser().resolve() / "cifar-10-batches-py"
+    marker, note = base / "GENERATED", f"{cfg.generate} generated training images, not CIFAR-10\n"
+    other_size = marker.exists() and marker.read_text() != note  # generated before with another data.generate
+    if not (base / "test_batch").exists() or other_size:
+        write_tiny_cifar10(cfg.root.expanduser(), n_train=cfg.generate, n_test=max(cfg.generate // 10, 10))
+        marker.write_text(note)
+    if (base / "GENERATED").exists():
+        logger.warning("data: %s holds GENERATED images, not CIFAR-10 (data.generate)", base)
 
 
 def check_files(cfg: DataConfig) -> None:

@@ -29,10 +29,12 @@ from workers.averaging import AllReduceAveraging, Diverged, NoAveraging, Optimiz
 from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
+from workers.diloco import DiLoCoAveraging
 from workers.gossip import GossipAveraging
 from workers.models import build_model
+from workers.netns import NetnsLink, inside, namespace_config
 from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
-from workers.schedule import build_scheduler
+from workers.schedule import build_optimizer, build_scheduler
 from workers.sketch import ParameterSketch
 from workers.state import apply_snapshot, snapshot
 from workers.swarmkey import Anomalies, read_swarm_key
@@ -61,6 +63,17 @@ class PeerStatus:
     hivemind_error: str | None = None  # which of this peer's hivemind processes died, if one did
     anomalies: list[tuple[str, str, int]] = field(default_factory=list)  # (what, who, how often): refusals etc.
     events: list[PeerEvent] = field(default_factory=list)
+    live: LiveProgress | None = None  # where its training is now, within the epoch (the driver's progress display)
+
+
+@dataclass
+class LiveProgress:
+    epoch: int  # the epoch in progress
+    epoch_step: int
+    epoch_steps: int
+    samples_seen: int  # since training began
+    rounds_ok: int
+    rounds_failed: int
 
 
 @dataclass
@@ -77,21 +90,27 @@ class Joined:
 class Peer:
     def __init__(self, cfg: ExperimentConfig, peer: int, run_id: str, checkpoint_dir: str | Path | None = None,
                  port_offset: bool = True, restarts: int = 0, whole_set: bool = False,
-                 swarm_key: bytes | None = None):  # fmt: skip
+                 swarm_key: bytes | None = None, checkpoint_uri: str | None = None,
+                 netns: NetnsLink | None = None):  # fmt: skip
         """`checkpoint_dir`: where this peer writes peer-<i>_{best,final}.pt (the driver passes `cfg.checkpoint_dir`
         or the run folder); None means `cfg.checkpoint_dir`, and no checkpoints when that is unset too.
         `port_offset`: listen on `network.port + peer` (Ray peers, which may share a node) or on `network.port`.
         `restarts`: this peer's incarnation. `whole_set`: train on the whole training set in an order of its own
         (standalone peers of an open swarm) instead of shard `peer % peers`. `swarm_key`: the run's secret (the
-        driver's, through Ray); None: `network.swarm_key_file`'s, or none at all (an open swarm)."""
+        driver's, through Ray); None: `network.swarm_key_file`'s, or none at all (an open swarm). `checkpoint_uri`: the
+        storage folder (workers/storage.py) its checkpoints are uploaded to as they are saved; None: they stay local.
+        `netns`: this peer's network namespace (emulation: launcher/emulation.py), where its DHT, averager and gloo
+        group live, on its shaped link."""
         quiet_hivemind()
         children_die_with_this_process()
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.restarts, self.whole_set = restarts, whole_set
+        self.cfg, self.netns = namespace_config(cfg, netns), netns
         key_file = cfg.network.swarm_key_file
         self.swarm_key = swarm_key or (read_swarm_key(key_file) if key_file else None)
         self.anomalies = Anomalies()  # before hivemind forks its processes, which report into it
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.checkpoint_dir
+        self.checkpoint_uri = checkpoint_uri
         torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()
@@ -113,9 +132,7 @@ class Peer:
             model = model.to(memory_format=torch.channels_last)
         if cfg.optim.amp and not on_gpu:
             logger.info("peer %d: optim.amp is ignored on CPU (bf16 autocast is used on CUDA only)", self.peer)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-        )
+        optimizer = build_optimizer(model.parameters(), cfg.optim)
         train_loader, test_loader = self._loaders(splits)
         setup = TrainSetup(
             run_id=self.run_id,
@@ -133,6 +150,7 @@ class Peer:
             amp=cfg.optim.amp and on_gpu,
             channels_last=cfg.model.channels_last and on_gpu,
             checkpoint_dir=self.checkpoint_dir,
+            checkpoint_uri=self.checkpoint_uri,
             restarts=self.restarts,
             identity=checkpoint_identity(cfg),  # recorded in its checkpoints, checked on resume
         )
@@ -155,7 +173,19 @@ class Peer:
         )
 
     def start_dht(self, initial_peers: list[str]) -> list[str]:
-        """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs."""
+        """Start this peer's DHT (bootstrapping off `initial_peers`) and averager; return its visible multiaddrs.
+        With a network namespace they start inside it, and p2pd (started by the DHT's process) with them."""
+        with self._in_netns():
+            return self._start_dht(initial_peers)
+
+    def _in_netns(self):
+        """The body in this peer's network namespace (a no-op without one): what it forks and opens stays there."""
+        if self.netns is None:
+            return contextlib.nullcontext()
+        os.environ["GLOO_SOCKET_IFNAME"] = self.netns.ifname  # else gloo binds to the host name's address, not there
+        return inside(self.netns.namespace)
+
+    def _start_dht(self, initial_peers: list[str]) -> list[str]:
         import hivemind
 
         from workers.admission import SwarmKeyAuthorizer, publish_membership
@@ -176,10 +206,11 @@ class Peer:
 
     def _hivemind_averaging(self) -> NoAveraging:
         gossip, setup = self.cfg.gossip, self.setup
-        if gossip.method == "gossip":
-            return GossipAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
-                                   swarm_key=self.swarm_key, anomalies=self.anomalies,
-                                   swarm_size=None if self.whole_set else self.cfg.peers + self.cfg.joins)  # fmt: skip
+        if gossip.method in ("gossip", "diloco"):  # diloco: gossip's rounds with an outer step after each
+            rounds = DiLoCoAveraging if gossip.method == "diloco" else GossipAveraging
+            return rounds(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
+                          swarm_key=self.swarm_key, anomalies=self.anomalies,
+                          swarm_size=None if self.whole_set else self.cfg.peers + self.cfg.joins)  # fmt: skip
         if gossip.method == "optimizer":
             swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
@@ -192,11 +223,13 @@ class Peer:
 
     def rendezvous_address(self) -> str:
         """A TCP address on this peer's node for torch.distributed's rendezvous (peer 0 provides it)."""
-        return f"tcp://{announce_host(self.cfg.network)}:{peer_port(self.cfg.network, self.cfg.peers)}"
+        with self._in_netns():  # a free port of the namespace's address
+            return f"tcp://{announce_host(self.cfg.network)}:{peer_port(self.cfg.network, self.cfg.peers)}"
 
     def join_allreduce(self, address: str) -> None:
         """Join the all-reduce baseline's process group; blocks until every peer has joined."""
-        self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
+        with self._in_netns():  # the rendezvous store and gloo's connections: on this peer's link
+            self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
 
     def join(self, initial_peers: list[str], state_timeout: float = 120.0) -> Joined:
         """Join a running swarm: start the DHT off `initial_peers` (any live peers), take the state (see
@@ -210,15 +243,17 @@ class Peer:
 
     def restore_state(self, timeout: float) -> str:
         """One of three sources, the first that has it: a live peer (the swarm's current parameters, optimizer
-        state and position in the run), this peer's own last checkpoint, or its fresh initialisation."""
+        state, the averaging method's own state and position in the run), this peer's own last checkpoint, or its
+        fresh initialisation."""
         downloaded = self.averaging.download_state(timeout)
         if downloaded is not None:
             metadata, tensors = downloaded
-            apply_snapshot(self.setup, metadata, tensors, self.cfg.optim)
+            self.averaging.load_method_state(apply_snapshot(self.setup, metadata, tensors, self.cfg.optim))
             return f"peer {metadata['peer']}"
         own = checkpoint_path(self.checkpoint_dir, self.peer, "final") if self.checkpoint_dir else None
         if own is not None and own.is_file():
             resume(self.setup, self.cfg.model_copy(update={"resume_from": self.checkpoint_dir}))
+            self.averaging.load_method_state(None)  # (DiLoCo: the last sync is the checkpoint's parameters)
             return "checkpoint"
         return "fresh"
 
@@ -231,7 +266,8 @@ class Peer:
 
     def _share_state(self) -> None:
         """Serve this peer's state to newcomers, the most advanced peer first."""
-        self.averaging.share_state(lambda: snapshot(self.setup), priority=lambda: self.setup.progress.step)
+        self.averaging.share_state(lambda: snapshot(self.setup, method_state=self.averaging.method_state),
+                                   priority=lambda: self.setup.progress.step)  # fmt: skip
 
     def _train_thread(self) -> None:
         try:
@@ -282,7 +318,12 @@ class Peer:
         reports, events = drain(self._reports), drain(self._events)
         age = time.monotonic() - self.setup.last_progress if self._state == "running" else 0.0
         return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error(),
-                          self.anomalies.take(), events)  # fmt: skip
+                          self.anomalies.take(), events, self._live())  # fmt: skip
+
+    def _live(self) -> LiveProgress:
+        progress, stats = self.setup.progress, self.averaging.stats
+        return LiveProgress(min(progress.epoch + 1, self.setup.epochs), progress.epoch_step, self.setup.epoch_steps,
+                            progress.samples_seen, stats.ok, stats.failed)  # fmt: skip
 
     def hivemind_error(self) -> str | None:
         """Which of hivemind's processes (DHT, averager, p2pd) died since they started, if any: without them the

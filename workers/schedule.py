@@ -22,6 +22,13 @@ def lr_factor(epochs_done: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
+def build_optimizer(parameters, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The local (DiLoCo: inner) optimizer: SGD with momentum, or AdamW (which has no use for `momentum`)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> LambdaLR:
     """Sets the first epoch's learning rate now; each `step()` (once per epoch) sets the next one's."""
     return LambdaLR(optimizer, lambda epochs_done: lr_factor(epochs_done, cfg))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
     from workers.train import TrainSetup
 
 
-def snapshot(setup: TrainSetup, wait_s: float = 60.0) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def snapshot(
+    setup: TrainSetup, wait_s: float = 60.0, method_state: Callable[[], list[torch.Tensor]] | None = None
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """(metadata, tensors) of this peer now: parameters and float buffers, then every tensor of the optimizer's
-    per-parameter state (e.g. SGD's momentum buffers). Taken under the setup's lock, so never half a step."""
+    per-parameter state (e.g. SGD's momentum buffers), then the averaging method's own (`method_state()`, e.g.
+    DiLoCo's θ_sync and outer momentum). Taken under the setup's lock, so never half a step or half a round."""
     optimizer = setup.scheduler.optimizer  # the torch optimizer, even when a hivemind wrapper steps it
     deadline = time.monotonic() + wait_s
     while setup.epoch_ending and time.monotonic() < deadline:
@@ -39,35 +43,43 @@ def snapshot(setup: TrainSetup, wait_s: float = 60.0) -> tuple[dict[str, Any], l
                 if isinstance(value, torch.Tensor):
                     optimizer_keys.append([index, key])
                     tensors.append(value.detach().to("cpu", copy=True))
+        method_tensors = method_state() if method_state is not None else []
+        tensors += method_tensors
         metadata = {
             "peer": setup.peer,
             "progress": {k: v for k, v in dataclasses.asdict(setup.progress).items() if k != "best_acc"},
             "scheduler": _plain(setup.scheduler.state_dict()),
             "optimizer_keys": optimizer_keys,
+            "method_tensors": len(method_tensors),
             "epoch_ending": setup.epoch_ending,
         }
     return metadata, tensors
 
 
-def apply_snapshot(setup: TrainSetup, metadata: dict[str, Any], tensors: list[torch.Tensor], optim_cfg) -> None:
-    """Make this (freshly built, not yet training) peer continue where the donor is."""
+def apply_snapshot(
+    setup: TrainSetup, metadata: dict[str, Any], tensors: list[torch.Tensor], optim_cfg
+) -> list[torch.Tensor]:
+    """Make this (freshly built, not yet training) peer continue where the donor is. Returns the averaging method's
+    own tensors, for its `load_method_state`."""
     from workers.schedule import resume_schedule
 
-    own = averaged_tensors(setup.model)
-    if len(tensors) != len(own) + len(metadata["optimizer_keys"]):
+    own, method_tensors = averaged_tensors(setup.model), metadata.get("method_tensors", 0)
+    optimizer_end = len(tensors) - method_tensors
+    if optimizer_end != len(own) + len(metadata["optimizer_keys"]):
         raise ValueError(f"peer {metadata['peer']} sent {len(tensors)} tensors for a model of {len(own)}")
     optimizer = setup.scheduler.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
         for dst, src in zip(own, tensors, strict=False):
             dst.copy_(src.to(dst.device).view_as(dst))
-        for (index, key), value in zip(metadata["optimizer_keys"], tensors[len(own) :], strict=True):
+        for (index, key), value in zip(metadata["optimizer_keys"], tensors[len(own) : optimizer_end], strict=True):
             optimizer.state[params[index]][key] = value.to(params[index].device)
     resume_schedule(optimizer, setup.scheduler, metadata["scheduler"], optim_cfg)
     setup.progress = dataclasses.replace(setup.progress, **metadata["progress"])
     if metadata["epoch_ending"]:  # the donor's epoch ends without us: start the next one with the swarm
         setup.progress.epoch, setup.progress.epoch_step = setup.progress.epoch + 1, 0
         setup.scheduler.step()
+    return tensors[optimizer_end:]
 
 
 def _plain(value: Any) -> Any:

@@ -62,6 +62,7 @@ class TrainSetup:
     amp: bool = False  # bf16 autocast of forward passes (CUDA only)
     channels_last: bool = False  # NHWC inputs (the model is converted by whoever builds it)
     checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt go; None: no checkpoints
+    checkpoint_uri: str | None = None  # the storage folder each checkpoint is uploaded to once saved; None: local
     identity: dict[str, Any] = field(default_factory=dict)  # the config's identity, recorded in the checkpoints
     node_id: str = ""  # the Ray node the peer runs on ("" outside Ray)
     restarts: int = 0  # this peer's incarnation: how many times it was restarted before
@@ -73,6 +74,7 @@ class TrainSetup:
     slowdown: float = 1.0  # a scripted straggler: every step takes this many times longer
     lr_factor: float = 1.0  # a scripted learning-rate change (scenario event `lr`), on top of the schedule
     epoch_ending: bool = False  # between an epoch's last step and its report (its round, its evaluation)
+    epoch_steps: int = 0  # steps in the epoch in progress (for the driver's progress display)
 
 
 @dataclass
@@ -127,7 +129,7 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
     """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short. A peer that
     took over another's state mid-epoch starts at that peer's step into the epoch."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
-    steps = averaging.epoch_steps(len(setup.train_loader))
+    steps = setup.epoch_steps = averaging.epoch_steps(len(setup.train_loader))
     left = steps - min(progress.epoch_step, steps)  # a newcomer starts its first epoch where its donor was
     last_round = None if averaging.round_after_epoch() else last_round_step(averaging, progress.step, left)
     model.train()
