@@ -40,11 +40,16 @@ def samples_rate(previous: tuple[float, int] | None, now: float, samples: int) -
     return (samples - previous[1]) / (now - previous[0])
 
 
+def rate_text(samples_per_s: float, unit: str = "") -> str:
+    """A rate as shown: "-" until there are two observations to take it from."""
+    return "-" if math.isnan(samples_per_s) else f"{samples_per_s:.0f}{unit}"
+
+
 def format_line(lines: list[PeerLine], elapsed_s: float) -> str:
     """One compact line for logs: `peer 0 e2/10 37/56 412/s r3` per peer."""
     parts = []
     for line in lines:
-        rate = "-" if line.samples_per_s != line.samples_per_s else f"{line.samples_per_s:.0f}/s"
+        rate = rate_text(line.samples_per_s, "/s")
         failed = f"+{line.rounds_failed}x" if line.rounds_failed else ""
         state = "" if line.phase == "running" else f" {line.phase}"
         parts.append(f"peer {line.peer} e{line.epoch}/{line.epochs} {line.step}/{line.steps} {rate} "
@@ -78,7 +83,7 @@ class Progress:
         previous = self._seen.get(key)
         if previous is None or live.samples_seen != previous[1]:  # a new observation (polls may repeat one)
             rate = samples_rate(previous, now, live.samples_seen)
-            self._rates[key] = rate if rate == rate else self._rates.get(key, rate)
+            self._rates[key] = self._rates.get(key, rate) if math.isnan(rate) else rate
             self._seen[key] = (now, live.samples_seen)
         return PeerLine(peer, restarts, phase, live.epoch, self.epochs, live.epoch_step, live.epoch_steps,
                         self._rates.get(key, float("nan")), live.rounds_ok, live.rounds_failed)  # fmt: skip
@@ -99,7 +104,7 @@ class Progress:
         for column in ("peer", "epoch", "step", "samples/s", "rounds ok", "failed", "state"):
             table.add_column(column, justify="right" if column not in ("state",) else "left")
         for line in lines:
-            rate = "-" if line.samples_per_s != line.samples_per_s else f"{line.samples_per_s:.0f}"
+            rate = rate_text(line.samples_per_s)
             name = f"{line.peer}" + (f" (restart {line.restarts})" if line.restarts else "")
             table.add_row(name, f"{line.epoch}/{line.epochs}", f"{line.step}/{line.steps}", rate,
                           str(line.rounds_ok), str(line.rounds_failed), line.phase)  # fmt: skip

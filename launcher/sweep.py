@@ -31,10 +31,12 @@ import ray
 import yaml
 from ray import tune
 
+from launcher.analyze import epoch_curve
 from launcher.connect import connect_ray
 from launcher.driver import run_experiment
 from launcher.emulation import remove_orphans
 from launcher.placement import TRIAL_CPU, trial_bundles
+from launcher.results import read_metrics
 from launcher.signals import install_interrupt_handlers, signals_ignored
 from workers.config import ConfigError, ExperimentConfig
 from workers.sweepconfig import Distribution, Sweep
@@ -138,14 +140,17 @@ def optuna_search(sweep: Sweep, done: dict[int, dict[str, Any]]):
 
 
 def trial_resources(sweep: Sweep, config: dict[str, Any]):
-    bundles, strategy = trial_bundles(trial_config(sweep, config))
+    bundles, strategy = trial_bundles(trial_point(sweep, config)[1])
     return tune.PlacementGroupFactory(bundles, strategy=strategy)
 
 
-def trial_config(sweep: Sweep, config: dict[str, Any]) -> ExperimentConfig:
+def trial_point(sweep: Sweep, config: dict[str, Any]) -> tuple[tuple[str, ...], ExperimentConfig]:
+    """A trial's overrides and config: a point known up front (grid, random) by its number, else (optuna) the
+    swept values Tune drew."""
     if "point" in config:
-        return sweep.points[config["point"] - 1].config
-    return sweep.trial_config(config)[1]
+        point = sweep.points[config["point"] - 1]
+        return point.overrides, point.config
+    return sweep.trial_config(config)
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep, sweep_dir: str, cwd: str) -> None:
@@ -154,7 +159,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, sweep_dir: str, cwd: str) ->
     os.chdir(cwd)  # Tune moves a trial into its own folder: relative paths in the config are the user's
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = trial_config(sweep, config)
+        cfg = trial_point(sweep, config)[1]
     except ConfigError as err:  # an optuna point that breaks a rule across keys
         tune.report({"exit_code": 2, "run_dir": "", "error": str(err), sweep.settings.metric: math.nan})
         return
@@ -164,12 +169,11 @@ def run_trial(config: dict[str, Any], sweep: Sweep, sweep_dir: str, cwd: str) ->
 
 def last_epoch(run_dir: Path) -> dict[str, float]:
     """The swarm's mean test accuracy and loss in the last epoch every peer reported (NaN without rows)."""
-    path = run_dir / "metrics.csv"
-    metrics = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else pd.DataFrame()
     if metrics.empty:
         return {"epoch": 0, "test_acc": math.nan, "test_loss": math.nan}
-    last = metrics[metrics.epoch == metrics.epoch.max()]
-    return {"epoch": int(last.epoch.iloc[0]), "test_acc": last.test_acc.mean(), "test_loss": last.test_loss.mean()}
+    curve = epoch_curve(metrics)  # the same per-epoch means as `analyze`
+    return {"epoch": int(curve.index[-1]), "test_acc": curve.acc_mean.iloc[-1], "test_loss": curve.loss_mean.iloc[-1]}
 
 
 class IndexCallback(tune.Callback):
@@ -208,17 +212,11 @@ class IndexCallback(tune.Callback):
     def _write(self, trial, result: dict[str, Any], status: str) -> None:
         self.running.pop(trial.trial_id, None)
         number = self.numbers.get(trial.trial_id, 0)
-        overrides, cfg = self._point(number, trial.config)
+        overrides, cfg = trial_point(self.sweep, trial.config)
         row = index_row(self.sweep, cfg, number, str(result.get("run_dir", "")), result.get("exit_code", ""), status)
         row[self.sweep.settings.metric] = result.get(self.sweep.settings.metric, math.nan)
         append_index_row(self.sweep_dir / INDEX_FILE, row)
         logger.info("sweep point %d (%s): %s", number, ", ".join(overrides), status)
-
-    def _point(self, number: int, config: dict[str, Any]) -> tuple[tuple[str, ...], ExperimentConfig]:
-        if "point" in config:
-            point = self.sweep.points[number - 1]
-            return point.overrides, point.config
-        return self.sweep.trial_config(config)
 
 
 def planned(sweep: Sweep) -> int:
