@@ -2,10 +2,13 @@
 (these machines are noisy: only ratios of figures taken minutes apart mean anything).
 
 - G1 throughput: mean samples/s per peer of `gossip` (blocking and with `overlap`) and `allreduce` over `none`, the
-  same config otherwise: cifar10_gossip.yaml's knobs (group 16, min 2, alpha 1, matchmaking 5 s) on `cifar_cnn` with
-  generated CIFAR-format data, 4 peers, at H = 10 and 50 local steps per round.
+  same config otherwise: cifar10_gossip.yaml's knobs (group 16, min 2, alpha 1, matchmaking 5 s), 4 peers, on
+  generated CIFAR-format data: `cifar_cnn` (0.25 MB of parameters) at H = 10 and 50 local steps per round, and
+  `resnet50` (94 MB) for 15 steps at H = 5 (not with --quick: a step is seconds long on a CPU).
 - G2 one round: a hivemind averaging round (matchmaking included; the group is the whole swarm) against one gloo
-  all-reduce of the same bytes, for 1, 10 and 100 MB, groups of 2 and 4, and with float16 and uint8 compression.
+  all-reduce of the same bytes, for 1, 10 and 100 MB, groups of 2 and 4, and with float16 and uint8 compression;
+  with where its time goes: matchmaking and all-reduce apart, the CPU a peer's averager and DHT processes and its
+  p2pd daemon spent on the round, and the time to serialize and deserialize the tensor's parts once.
 - G7 start-up: from the run's start to every peer's first step, against bare Ray starting N no-op actors.
 
 Writes bench.csv (one row per measurement) and bench.md (the tables) in a folder of its own under --out.
@@ -37,6 +40,8 @@ CIFAR = ROOT / "configs" / "experiments" / "cifar10_gossip.yaml"
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"
 G1_METHODS = {"none": [], "allreduce": ["gossip.method=allreduce"], "gossip": [],
               "gossip+overlap": ["gossip.overlap=true"]}  # fmt: skip
+# model, images per peer, batch, epochs, H (quick), H (full): resnet50 steps are seconds long on a CPU
+G1_WORKLOADS = [("cifar_cnn", 2000, 64, 2, (10,), (10, 50)), ("resnet50", 120, 8, 1, (), (5,))]
 REPEATS = 3  # G2: rounds per setting (the median is reported)
 
 
@@ -76,17 +81,22 @@ def cifar_config(data_root: Path, method: str, every_steps: int, *extra: str) ->
 def throughput(bench_dir: Path, quick: bool) -> list[dict]:
     from workers.synthetic import write_tiny_cifar10
 
-    data_root = write_tiny_cifar10(Path(tempfile.mkdtemp(prefix="bench-cifar-")), n_train=8000, n_test=500)
     rows = []
-    for every_steps in (10,) if quick else (10, 50):
-        speeds = {}
-        for method in G1_METHODS:
-            result = run_experiment(cifar_config(data_root, method, every_steps), bench_dir / "g1")
-            metrics = read_metrics(result.run_dir)
-            speeds[method] = metrics.samples_per_s.mean()
-            rows.append(dict(bench="G1", what=method, every_steps=every_steps, samples_per_s=speeds[method],
-                             ratio=speeds[method] / speeds["none"], rounds_ok=int(metrics.avg_rounds_ok.max()),
-                             avg_seconds=metrics.avg_seconds.sum() / 4, run=result.run_dir.name))  # fmt: skip
+    for model, per_peer, batch, epochs, quick_h, full_h in G1_WORKLOADS:
+        data_root = write_tiny_cifar10(Path(tempfile.mkdtemp(prefix="bench-cifar-")), n_train=4 * per_peer,
+                                       n_test=min(500, 8 * batch))  # fmt: skip
+        workload = [f"model.name={model}", f"data.batch_size={batch}", f"data.test_batch_size={8 * batch}",
+                    f"optim.epochs={epochs}"]  # fmt: skip
+        for every_steps in quick_h if quick else full_h:
+            speeds = {}
+            for method in G1_METHODS:
+                result = run_experiment(cifar_config(data_root, method, every_steps, *workload), bench_dir / "g1")
+                metrics = read_metrics(result.run_dir)
+                speeds[method] = metrics.samples_per_s.mean()
+                rows.append(dict(bench="G1", what=method, model=model, every_steps=every_steps,
+                                 samples_per_s=speeds[method], ratio=speeds[method] / speeds["none"],
+                                 rounds_ok=int(metrics.avg_rounds_ok.max()), avg_seconds=metrics.avg_seconds.sum() / 4,
+                                 run=result.run_dir.name))  # fmt: skip
     return rows
 
 
@@ -124,16 +134,19 @@ def one_round(quick: bool) -> list[dict]:
     rows = []
     for megabytes in (1, 10) if quick else (1, 10, 100):
         for group in (2, 4):
-            gloo = median_round(_gloo_rounds, group, megabytes)
+            gloo = median_round(_gloo_rounds, group, megabytes)["seconds"]
             for codec in ("none", "float16", "uint8") if megabytes >= 10 or not quick else ("none",):
-                seconds = median_round(_hivemind_rounds, group, megabytes, codec)
-                rows.append(dict(bench="G2", what=f"{megabytes} MB, group of {group}", compression=codec,
-                                 seconds=seconds, gloo_s=gloo, ratio=seconds / gloo))  # fmt: skip
+                hivemind = median_round(_hivemind_rounds, group, megabytes, codec)
+                serialize_s = serialization_seconds(torch.randn(megabytes * 2**20 // 4), codec)  # here, alone
+                rows.append(dict(bench="G2", what=f"{megabytes} MB, group of {group}", compression=codec, **hivemind,
+                                 gloo_s=gloo, ratio=hivemind["seconds"] / gloo,
+                                 allreduce_ratio=hivemind["allreduce_s"] / gloo, serialize_s=serialize_s))  # fmt: skip
     return rows
 
 
-def median_round(target, group: int, megabytes: int, *args) -> float:
-    """Start `group` processes running `target`; each times REPEATS rounds; a round lasts as long as its slowest."""
+def median_round(target, group: int, megabytes: int, *args) -> dict[str, float]:
+    """Start `group` processes running `target`; each times REPEATS rounds (a dict of figures per round). A round
+    lasts as long as its slowest member: each figure is the median over rounds of its maximum over members."""
     context = mp.get_context("spawn")  # fresh processes: no Ray, no hivemind state of the driver
     times, rendezvous = context.Queue(), context.Queue()
     port = free_port("127.0.0.1")
@@ -148,7 +161,9 @@ def median_round(target, group: int, megabytes: int, *args) -> float:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-    return statistics.median(max(round_times) for round_times in zip(*per_rank, strict=True))
+    rounds = list(zip(*per_rank, strict=True))  # per round: each member's figures
+    return {key: statistics.median(max(member[key] for member in members) for members in rounds)
+            for key in per_rank[0][0]}  # fmt: skip
 
 
 def _gloo_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times) -> None:
@@ -160,13 +175,17 @@ def _gloo_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, t
         dist.barrier()
         began = time.perf_counter()
         dist.all_reduce(tensor)
-        measured.append(time.perf_counter() - began)
+        measured.append(dict(seconds=time.perf_counter() - began))
     times.put(measured)
     dist.destroy_process_group()
 
 
 def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times, codec: str) -> None:
+    """Each round in two phases: matchmaking (hivemind's step with require_trigger, until the group is assembled)
+    and the all-reduce (after allow_allreduce); with the CPU this peer's processes spent on it."""
     import hivemind
+    import psutil
+    from hivemind.averaging.control import AveragingStage
 
     from workers.gossip import compression, swarm_averager_class
 
@@ -176,18 +195,44 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     if rank == 0:
         for _ in range(group - 1):
             rendezvous.put([str(addr) for addr in dht.get_visible_maddrs()])
-    averager = swarm_averager_class()([torch.randn(megabytes * 2**20 // 4)], dht, prefix="bench",
-                                      target_group_size=group, min_group_size=group, min_matchmaking_time=5.0,
-                                      request_timeout=2.0, allreduce_timeout=120, compression=compression(codec),
-                                      start=True)  # fmt: skip
+    tensor = torch.randn(megabytes * 2**20 // 4)
+    averager = swarm_averager_class()([tensor], dht, prefix="bench", target_group_size=group, min_group_size=group,
+                                      min_matchmaking_time=5.0, request_timeout=2.0, allreduce_timeout=120,
+                                      compression=compression(codec), start=True)  # fmt: skip
+    helpers = psutil.Process().children(recursive=True)  # the DHT's and the averager's processes, and p2pd
+
+    def cpu(name_is_p2pd: bool) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in helpers if (p.name() == "p2pd") == name_is_p2pd)
+
     measured = []
     for _ in range(REPEATS):
-        began = time.perf_counter()
-        averager.step(timeout=120)  # the group is the whole swarm: it starts once everyone has joined
-        measured.append(time.perf_counter() - began)
+        python_cpu, p2pd_cpu, began = cpu(False), cpu(True), time.perf_counter()
+        control = averager.step(timeout=120, require_trigger=True, wait=False)  # starts once everyone has joined
+        while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
+            time.sleep(0.001)
+        matched = time.perf_counter()
+        control.allow_allreduce()
+        control.result()
+        ended = time.perf_counter()
+        measured.append(dict(seconds=ended - began, matchmaking_s=matched - began, allreduce_s=ended - matched,
+                             averager_cpu_s=cpu(False) - python_cpu, p2pd_cpu_s=cpu(True) - p2pd_cpu))  # fmt: skip
     times.put(measured)
     averager.shutdown()
     dht.shutdown()
+
+
+def serialization_seconds(tensor: torch.Tensor, codec: str) -> float:
+    """Serialize and deserialize `tensor` once, in the parts hivemind's all-reduce cuts it into, with `codec`."""
+    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    from workers.gossip import compression
+
+    codec_type = compression(codec).compression_type
+    began = time.perf_counter()
+    for part in tensor.split(DEFAULT_PART_SIZE_BYTES // tensor.element_size()):
+        deserialize_torch_tensor(serialize_torch_tensor(part, codec_type))
+    return time.perf_counter() - began
 
 
 # -- report --------------------------------------------------------------------------------------------------------
@@ -195,12 +240,15 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
 
 def markdown(table: pd.DataFrame, device: str) -> str:
     parts = [f"Measured on {device}, {datetime.now():%Y-%m-%d}.\n"]
-    for bench, columns in [("G1", ["what", "every_steps", "samples_per_s", "ratio", "rounds_ok", "avg_seconds"]),
-                           ("G2", ["what", "compression", "seconds", "gloo_s", "ratio"]),
+    for bench, columns in [("G1", ["what", "model", "every_steps", "samples_per_s", "ratio", "rounds_ok",
+                                   "avg_seconds"]),
+                           ("G2", ["what", "compression", "seconds", "gloo_s", "ratio", "matchmaking_s", "allreduce_s",
+                                   "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
                            ("G7", ["what", "seconds", "bare_ray_s", "ratio"])]:  # fmt: skip
         rows = table[table.bench == bench]
         if len(rows):
-            parts.append(f"### {bench}\n\n{markdown_table(rows[columns])}\n")
+            shown = [column for column in columns if column in rows and rows[column].notna().any()]
+            parts.append(f"### {bench}\n\n{markdown_table(rows[shown])}\n")
     return "\n".join(parts)
 
 

@@ -315,3 +315,22 @@ def test_the_bandwidth_study_is_eight_valid_points():
     points = {(p.config.emulation.rate_mbit, p.config.gossip.method) for p in sweep.points}
     assert points == {(rate, method) for rate in (5, 50) for method in ("gossip", "diloco", "allreduce", "none")}
     assert all(p.config.data.generate and p.config.optim.optimizer == "adamw" for p in sweep.points)
+
+
+def test_digits_are_read_as_scikit_learn_reads_them_without_importing_it():
+    """The peers read digits' CSV themselves (scikit-learn's import was a third of a peer's start-up): the same
+    images and labels as load_digits, and sklearn is not imported (checked in a fresh interpreter)."""
+    from sklearn.datasets import load_digits
+
+    from workers.data import digits_arrays
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+    probe = ("import sys; from workers.data import load_dataset; from workers.config import DataConfig; "
+             "s = load_dataset(DataConfig(dataset='digits')); "
+             "print(len(s.train) + len(s.test), 'sklearn' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1797", "False"]

@@ -73,6 +73,22 @@ def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile(dhts):
             torch.testing.assert_close(got, want + 1.0 + index)
 
 
+def test_an_overlapped_round_carries_over_an_epoch_end_but_lands_by_the_last_one(dhts):
+    """Rounds every H steps with overlap: the epoch's end does not wait for the round in flight (it lands in the next
+    epoch, counted there); the peer's last epoch does."""
+    cfg = GossipConfig(group_size=2, matchmaking_time=2.0, round_timeout=10.0, overlap=True, every_steps=1)
+    _, peers = swarm(dhts, cfg, "carry")
+
+    def two_epoch_ends(peer: GossipAveraging) -> tuple:
+        peer.average()
+        peer.after_epoch(final=False)
+        carried = peer.in_flight is not None, peer.stats.ok
+        peer.after_epoch(final=True)
+        return carried, (peer.in_flight is None, peer.stats.ok)
+
+    assert in_parallel(peers, two_epoch_ends) == [((True, 0), (True, 1))] * 2
+
+
 @pytest.mark.parametrize("codec, bytes_per_value", [("float16", 2), ("uint8", 1)])
 def test_compression_cuts_the_bytes_and_stays_close_to_the_exact_mean(dhts, codec, bytes_per_value):
     width = 512  # uint8 parts carry a 1 KiB codebook each: negligible next to 128k values
@@ -92,3 +108,33 @@ def test_compression_cuts_the_bytes_and_stays_close_to_the_exact_mean(dhts, code
     assert sum(plain) == 2 * 4 * values, plain
     assert sum(squeezed) <= sum(plain) * bytes_per_value / 4 * 1.1, (plain, squeezed)
     assert plain_error < 1e-6 and 0 < squeezed_error < 0.05
+
+
+def test_matchmaking_reads_the_dht_at_most_once_per_poll_interval(dhts):
+    """hivemind re-reads the group's key back to back while a peer waits for partners (a CPU burn on a shared
+    machine): paced, reads are at least poll_s apart, and the first read of a round is at once. Real DHT reads
+    through the class hivemind's matchmaking builds its key manager from."""
+    import asyncio
+
+    from hivemind.averaging import matchmaking
+
+    from workers.gossip import MATCHMAKING_POLL_S, paced_matchmaking, swarm_averager_class
+
+    (dht,) = dhts(1)
+    try:
+        paced_matchmaking(0.3)
+        manager = matchmaking.GroupKeyManager(dht, "paced", "", 2)
+
+        async def read_thrice() -> list[float]:
+            began, times = time.monotonic(), []
+            for _ in range(3):
+                await manager.get_averagers(manager.current_key, only_active=True)
+                times.append(time.monotonic() - began)
+            return times
+
+        times = asyncio.run(read_thrice())
+        assert times[0] < 0.3 and all(later - earlier >= 0.3 for earlier, later in zip(times, times[1:], strict=False))
+    finally:
+        paced_matchmaking()
+    swarm_averager_class()  # what every averager is built with
+    assert matchmaking.GroupKeyManager.poll_s == MATCHMAKING_POLL_S

@@ -34,7 +34,7 @@ class EpochEndRound(NoAveraging):
         super().__init__()
         self.seconds = seconds
 
-    def after_epoch(self) -> None:
+    def after_epoch(self, final: bool = True) -> None:
         time.sleep(self.seconds)
         self.stats.record(2, self.seconds)
 
@@ -71,7 +71,7 @@ class HalvingRounds(NoAveraging):
         if self.round_after_step(step):
             self._round(step)
 
-    def after_epoch(self) -> None:
+    def after_epoch(self, final: bool = True) -> None:
         if self.round_after_epoch():
             self._round(f"epoch {len(self.before) + 1}")
 

@@ -110,8 +110,8 @@ class NoAveraging:
     def after_step(self, step: int, left: int = 0) -> None:
         """After optimizer step `step` (counted over the run); `left`: steps left in this epoch."""
 
-    def after_epoch(self) -> None:
-        pass
+    def after_epoch(self, final: bool = True) -> None:
+        """After an epoch's last step, before its evaluation; `final`: no epoch follows on this peer."""
 
     def shutdown(self) -> None:
         pass
@@ -157,7 +157,7 @@ class AllReduceAveraging(NoAveraging):
         if self.round_after_step(step):
             self._all_reduce_mean(self.tensors)
 
-    def after_epoch(self) -> None:
+    def after_epoch(self, final: bool = True) -> None:
         if self.round_after_epoch():
             self._all_reduce_mean(self.tensors)
 

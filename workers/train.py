@@ -107,7 +107,8 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
         if averaging.round_after_epoch():
             totals.sketch_before = setup.sketch(flat_parameters(setup.model))
-        averaging.after_epoch()
+        last = setup.epochs if setup.leave_after is None else min(setup.epochs, setup.leave_after)
+        averaging.after_epoch(final=epoch >= last)
         trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
                                        heartbeat=lambda: setattr(setup, "last_progress", time.monotonic()))  # fmt: skip
