@@ -94,10 +94,12 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     assert (at_first.consensus_peers == 4).all() and reborn.avg_group_size.iloc[0] >= 2
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
     assert at_first.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
-    # the others' rows went on: no gap of more than 3 epoch-times between the driver's epoch lines
+    # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
+    # round that lost the peer (it waits out its matchmaking deadline: 1.5 s + a 0.75 s request timeout), not
+    # the restart's 10 s or more
     gaps = [b - a for a, b in zip(epoch_lines, epoch_lines[1:], strict=False)]
     typical = sorted(gaps)[len(gaps) // 2]
-    assert max(gaps) <= 3 * typical + 1, f"epoch lines {gaps}"
+    assert max(gaps) <= 3 * typical + 2.25 + 1, f"epoch lines {gaps}"
     final = metrics[metrics.epoch == EPOCHS]
     assert len(final) == 4 and final.test_acc.mean() >= 0.93
     assert leftover == [], "no p2pd left behind"
