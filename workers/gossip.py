@@ -5,7 +5,10 @@ A round has two phases: `start_round` (snapshot the tensors, hand them to hivemi
 result, record it). Blocking gossip calls both at once. With `gossip.overlap` the round runs in the background
 while local steps go on, and lands as a correction that keeps those steps: θ ← θ + (avg(θ_sent) − θ_sent), as
 Stochastic Gradient Push's overlap and hivemind's delayed averaging do; at most one round is in flight (the next
-one waits for it), and the epoch's last round lands before the epoch's evaluation.
+one waits for it). A round per epoch lands before the epoch's evaluation; a round every H steps may carry over an
+epoch's end, but not past the peer's last epoch.
+
+Matchmaking is paced (`paced_matchmaking`): hivemind re-read the DHT back to back while a peer waited for its group.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
     """hivemind 1.1.12's matchmaking reads the group's key from the DHT (`get_averagers`, a DHT get that asks every
     node holding it) back to back for as long as a peer waits for its group: a leader waiting for a partner 0.3 s
     late burnt 0.29 s of CPU in its averager, DHT and p2pd processes, against 0.055 s for a round whose peers
-    arrive at once (4 peers, 250 KB; the CPU a 2-core machine's training needs). Paced, a peer reads at most once
+    arrive at once (4 peers, 250 KB): CPU that training loses where peers share cores. Paced, a peer reads at most once
     per `poll_s`; the first read of a round is at once, so a peer that arrives finds the waiting leader at once. Set
     in hivemind's matchmaking module, before hivemind forks the averager's process, which inherits it."""
     from hivemind.averaging import matchmaking
