@@ -187,7 +187,7 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     import psutil
     from hivemind.averaging.control import AveragingStage
 
-    from workers.gossip import compression, swarm_averager_class
+    from workers.gossip import PART_SIZE_BYTES, compression, swarm_averager_class
 
     mp.set_start_method("fork", force=True)  # hivemind forks its DHT and averager processes (a spawned child spawns)
     initial = [] if rank == 0 else rendezvous.get(timeout=120)
@@ -198,7 +198,8 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     tensor = torch.randn(megabytes * 2**20 // 4)
     averager = swarm_averager_class()([tensor], dht, prefix="bench", target_group_size=group, min_group_size=group,
                                       min_matchmaking_time=5.0, request_timeout=2.0, allreduce_timeout=120,
-                                      compression=compression(codec), start=True)  # fmt: skip
+                                      compression=compression(codec), part_size_bytes=PART_SIZE_BYTES,
+                                      start=True)  # fmt: skip
     helpers = psutil.Process().children(recursive=True)  # the DHT's and the averager's processes, and p2pd
 
     def cpu(name_is_p2pd: bool) -> float:
@@ -222,15 +223,14 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
 
 
 def serialization_seconds(tensor: torch.Tensor, codec: str) -> float:
-    """Serialize and deserialize `tensor` once, in the parts hivemind's all-reduce cuts it into, with `codec`."""
-    from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+    """Serialize and deserialize `tensor` once, in the parts the gossip all-reduce cuts it into, with `codec`."""
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
-    from workers.gossip import compression
+    from workers.gossip import PART_SIZE_BYTES, compression
 
     codec_type = compression(codec).compression_type
     began = time.perf_counter()
-    for part in tensor.split(DEFAULT_PART_SIZE_BYTES // tensor.element_size()):
+    for part in tensor.split(PART_SIZE_BYTES // tensor.element_size()):
         deserialize_torch_tensor(serialize_torch_tensor(part, codec_type))
     return time.perf_counter() - began
 

@@ -30,6 +30,9 @@ from workers.config import GossipConfig
 logger = logging.getLogger(__name__)
 
 MATCHMAKING_POLL_S = 0.1  # the least time between two reads of the group's key in the DHT while matchmaking
+# the all-reduce's parts: 4 MiB instead of hivemind's 512 KiB. A 100 MB round of 4 peers on 2 cores took 2.0 s
+# instead of 2.5-2.8 s (1.0 s of CPU per peer instead of 1.3-1.5 s: fewer messages through protobuf and p2pd)
+PART_SIZE_BYTES = 2**22
 STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
 
 
@@ -140,6 +143,7 @@ class GossipAveraging(NoAveraging):
             request_timeout=request_timeout,
             allreduce_timeout=cfg.round_timeout,
             compression=compression(cfg.compression),
+            part_size_bytes=PART_SIZE_BYTES,
             allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
             # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
             next_chunk_timeout=STATE_WAIT_S,
