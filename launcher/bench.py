@@ -137,7 +137,7 @@ def one_round(quick: bool) -> list[dict]:
             gloo = median_round(_gloo_rounds, group, megabytes)["seconds"]
             for codec in ("none", "float16", "uint8") if megabytes >= 10 or not quick else ("none",):
                 hivemind = median_round(_hivemind_rounds, group, megabytes, codec)
-                serialize_s = serialization_seconds(torch.randn(megabytes * 2**20 // 4), codec)  # here, alone
+                serialize_s = serialization_seconds(bench_tensor(megabytes), codec)  # here, alone
                 rows.append(dict(bench="G2", what=f"{megabytes} MB, group of {group}", compression=codec, **hivemind,
                                  gloo_s=gloo, ratio=hivemind["seconds"] / gloo,
                                  allreduce_ratio=hivemind["allreduce_s"] / gloo, serialize_s=serialize_s))  # fmt: skip
@@ -166,11 +166,16 @@ def median_round(target, group: int, megabytes: int, *args) -> dict[str, float]:
             for key in per_rank[0][0]}  # fmt: skip
 
 
+def bench_tensor(megabytes: int) -> torch.Tensor:
+    """The float32 tensor of `megabytes` MiB that G2 averages."""
+    return torch.randn(megabytes * 2**20 // 4)
+
+
 def _gloo_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=group)
-    tensor, measured = torch.randn(megabytes * 2**20 // 4), []
+    tensor, measured = bench_tensor(megabytes), []
     for _ in range(REPEATS):
         dist.barrier()
         began = time.perf_counter()
@@ -195,7 +200,7 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     if rank == 0:
         for _ in range(group - 1):
             rendezvous.put([str(addr) for addr in dht.get_visible_maddrs()])
-    tensor = torch.randn(megabytes * 2**20 // 4)
+    tensor = bench_tensor(megabytes)
     averager = swarm_averager_class()([tensor], dht, prefix="bench", target_group_size=group, min_group_size=group,
                                       min_matchmaking_time=5.0, request_timeout=2.0, allreduce_timeout=120,
                                       compression=compression(codec), part_size_bytes=PART_SIZE_BYTES,

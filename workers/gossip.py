@@ -201,8 +201,8 @@ class GossipAveraging(NoAveraging):
         carry_over = self.cfg.overlap and not self.round_after_epoch() and not final
         if self.in_flight is not None and not carry_over:
             self.finish_round()
-        elif self.in_flight is None and self.round_after_epoch():  # (with overlap, it started `lead_steps` before
-            self.start_round()  # the end, unless the epoch was too short for that)
+        elif self.round_after_epoch():  # (with overlap, it started `lead_steps` before the end, unless the epoch
+            self.start_round()  # was too short for that)
             self.finish_round()
         self._previous_step = None  # the evaluation is no step
         if self.averager.allow_state_sharing:

@@ -76,6 +76,10 @@ class TrainSetup:
     epoch_ending: bool = False  # between an epoch's last step and its report (its round, its evaluation)
     epoch_steps: int = 0  # steps in the epoch in progress (for the driver's progress display)
 
+    def is_last(self, epoch: int) -> bool:
+        """No epoch follows `epoch` on this peer: the run's end, or its scripted leave."""
+        return epoch >= self.epochs or (self.leave_after is not None and epoch >= self.leave_after)
+
 
 @dataclass
 class EpochTotals:
@@ -107,8 +111,7 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
         if averaging.round_after_epoch():
             totals.sketch_before = setup.sketch(flat_parameters(setup.model))
-        last = setup.epochs if setup.leave_after is None else min(setup.epochs, setup.leave_after)
-        averaging.after_epoch(final=epoch >= last)
+        averaging.after_epoch(final=setup.is_last(epoch))
         trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
                                        heartbeat=lambda: setattr(setup, "last_progress", time.monotonic()))  # fmt: skip
@@ -122,7 +125,7 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         row = epoch_row(setup, averaging, totals, (test_loss, test_acc), seconds)
         save_epoch(setup, row, improved)
         yield Report(row, setup.sketch(flat_parameters(setup.model)), totals.sketch_before)
-        if setup.leave_after is not None and epoch >= setup.leave_after:
+        if setup.is_last(epoch):
             return
 
 
