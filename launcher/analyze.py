@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from launcher.results import read_metrics
+from launcher.results import read_metrics, round_totals
 
 GOSSIP_KNOBS = ("group_size", "min_group_size", "alpha", "matchmaking_time", "every_steps")
 
@@ -137,7 +137,7 @@ def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
         "best_acc": curve["acc_mean"].max(),
         **({} if target_acc is None else _to_target(curve, target_acc)),
         "samples_per_s": run["samples_per_s"].mean(),
-        **_rounds(last),
+        **_rounds(run),
         "final_consensus_dist": curve["consensus_dist"].iloc[-1],
         "swarm_mb": curve["swarm_mb"].iloc[-1],
         "wall_time_s": last["wall_time_s"].max(),
@@ -167,16 +167,11 @@ def _to_target(curve: pd.DataFrame, target_acc: float) -> dict[str, float]:
             "mb_to_target": first["swarm_mb"]}  # fmt: skip
 
 
-def _rounds(last: pd.DataFrame) -> dict[str, float]:
-    """The round counters are cumulative per peer, so each peer's last row holds its total."""
-    peers = len(last)
-    ok, failed = last["avg_rounds_ok"].sum(), last["avg_rounds_failed"].sum()
-    return {
-        "rounds_ok": int(ok),
-        "rounds_failed": int(failed),
-        "rounds_ok_per_peer": ok / peers,
-        "rounds_failed_per_peer": failed / peers,
-    }
+def _rounds(run: pd.DataFrame) -> dict[str, float]:
+    """The run's averaging rounds, all incarnations of each peer counted (launcher/results.py: round_totals)."""
+    totals, peers = round_totals(run), run["peer"].nunique()
+    counts = {name: int(totals[name].sum()) for name in totals.columns}
+    return {**counts, **{f"{name}_per_peer": count / peers for name, count in counts.items()}}
 
 
 def format_comparison(table: pd.DataFrame, width: int = 120) -> str:

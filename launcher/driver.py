@@ -22,7 +22,16 @@ from launcher.emulation import Emulation, EmulationError
 from launcher.placement import PlacementError
 from launcher.policy import decide, exit_code, restart_support
 from launcher.progress import Progress
-from launcher.results import EVENT_COLUMNS, MetricsWriter, format_summary, read_events, read_metrics, summarize
+from launcher.results import (
+    EVENT_COLUMNS,
+    MetricsWriter,
+    averaging_verdict,
+    format_summary,
+    read_events,
+    read_metrics,
+    round_totals,
+    summarize,
+)
 from launcher.scenario import Action, Clock, Scenario
 from launcher.signals import install_interrupt_handlers, raise_if_interrupted, signals_ignored
 from launcher.sinks import Sink, run_sinks
@@ -42,6 +51,7 @@ TICK_S = 0.5
 class RunResult:
     run_dir: Path
     exit_code: int  # 0 all peers finished (restarts within the budget), 1 a peer was given up, 130 interrupted
+    polls_per_peer_s: float = float("nan")  # how often each peer answered the driver's status polls
 
 
 def make_run_id(cfg: ExperimentConfig) -> str:
@@ -85,7 +95,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
     mirror = FolderMirror(run_dir, remote_of(cfg.storage, run_dir))  # a storage URI: uploads after epochs, at the end
     swarm = Swarm(cfg, run_id, checkpoint_dir=run_checkpoint_dir(cfg, run_id, run_dir), checkpoint_uri=mirror.remote)
-    files, code = RunFiles(run_dir, run_sinks(cfg, run_id, run_dir) + [mirror]), 130
+    files, code, polls = RunFiles(run_dir, run_sinks(cfg, run_id, run_dir) + [mirror]), 130, float("nan")
     emulation = Emulation(cfg.emulation, cfg.peers + cfg.joins) if cfg.emulation.enabled else None
     swarm.netns = emulation.links if emulation else {}
     try:
@@ -93,6 +103,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
             emulation.start(run_dir)  # shaped links, measured into links.csv before any peer starts
         swarm.start()
         code = follow(swarm, files, cfg)
+        polls = swarm.polls_per_peer_s()
     except (ray.exceptions.RayError, TimeoutError, PlacementError, EmulationError) as err:
         logger.error("the peers could not be started: %s", err)
         code = 1
@@ -114,10 +125,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
                         emulation.teardown()  # after the peers: namespaces, veths and bridge, also on errors
                     if connected:
                         ray.shutdown()
-    finish(run_dir, files.metrics.rows_written)
+    if finish(run_dir, files.metrics.rows_written, cfg.gossip.method):
+        code = code or 1  # the run's averaging mostly failed: not a success, whatever else went well
     if not mirror.finish():  # summary.csv too; a run whose results did not reach its storage is no success
         code = code or 1
-    return RunResult(run_dir, code)
+    return RunResult(run_dir, code, polls)
 
 
 def write_last(files: RunFiles, swarm: Swarm, cfg: ExperimentConfig) -> None:
@@ -154,8 +166,8 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
 
 
 def clock(swarm: Swarm) -> Clock:
-    epochs = {inc.peer: inc.epoch for inc in swarm.peers.values() if inc.phase == "running"}
-    return Clock(time.monotonic() - (swarm.training_since or time.monotonic()), swarm.collector.swarm_epoch, epochs)
+    elapsed = time.monotonic() - (swarm.training_since or time.monotonic())
+    return Clock(elapsed, swarm.collector.swarm_epoch, swarm.running_epochs())
 
 
 def play(swarm: Swarm, action: Action) -> None:
@@ -183,11 +195,18 @@ def log_epoch(rows: list[MetricsRow], cfg: ExperimentConfig, elapsed: float) -> 
     )  # fmt: skip
 
 
-def finish(run_dir: Path, rows_written: int) -> None:
+def finish(run_dir: Path, rows_written: int, method: str) -> str | None:
+    """summary.csv and the per-peer table; returns why the run's averaging cannot be trusted (most of its rounds
+    failed), or None."""
     if rows_written == 0:
         logger.warning("no metrics were reported; nothing to summarize in %s", run_dir)
-        return
-    summary = summarize(read_metrics(run_dir), read_events(run_dir))
+        return None
+    metrics = read_metrics(run_dir)
+    summary = summarize(metrics, read_events(run_dir))
     summary.to_csv(run_dir / "summary.csv", index=False)
     logger.info("per-peer summary:\n%s", format_summary(summary))
+    verdict = averaging_verdict(round_totals(metrics), method)
+    if verdict:
+        logger.error("%s (exit status 1)", verdict)
     logger.info("results: %s (on %s)", run_dir, socket.gethostname())
+    return verdict

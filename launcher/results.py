@@ -58,12 +58,39 @@ def read_events(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(EVENT_COLUMNS))
 
 
+ROUND_COUNTS = {"rounds_ok": "avg_rounds_ok", "rounds_failed": "avg_rounds_failed",
+                "rounds_partial": "averaging_rounds_partial"}  # fmt: skip
+
+
+def round_totals(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per peer, its averaging rounds that succeeded, failed and lost a part, over all its incarnations: the counters
+    are cumulative within an incarnation and start again with each restart, so each incarnation's last row holds
+    its share. The one count that summary.csv, `analyze` and the run's verdict use."""
+    last = metrics.sort_values("epoch").groupby(["peer", "restarts"] if "restarts" in metrics else "peer").tail(1)
+    present = {name: column for name, column in ROUND_COUNTS.items() if column in last}  # older runs: no partial
+    totals = last.groupby("peer")[list(present.values())].sum().rename(columns={v: k for k, v in present.items()})
+    return totals.reindex(columns=list(ROUND_COUNTS), fill_value=0).astype(int)
+
+
+MOSTLY_FAILED = 0.5  # a run whose peers averaged in fewer than this share of their rounds did not really average
+
+
+def averaging_verdict(totals: pd.DataFrame, method: str) -> str | None:
+    """Why the run's averaging cannot be trusted (most of its rounds failed or lost a part), or None."""
+    rounds = int(totals.to_numpy().sum())
+    ok = int(totals["rounds_ok"].sum())
+    if method == "none" or rounds == 0 or ok >= MOSTLY_FAILED * rounds:
+        return None
+    return (f"averaging mostly failed: {ok} of {rounds} rounds succeeded ({totals['rounds_failed'].sum()} failed, "
+            f"{totals['rounds_partial'].sum()} partial): the peers did not really average")  # fmt: skip
+
+
 def summarize(metrics: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per peer: its last evaluation, its best accuracy, its averaging record (summed over its
     incarnations: the round counters start again with each), and its deaths, restarts and time to rejoin."""
     by_peer = metrics.sort_values(["peer", "epoch"]).groupby("peer")
     last = by_peer.tail(1).set_index("peer")
-    incarnations = metrics.sort_values("epoch").groupby(["peer", "restarts"]).tail(1).groupby("peer")
+    rounds = round_totals(metrics)
     events = events if events is not None else pd.DataFrame(columns=list(EVENT_COLUMNS))
     per_event = events.groupby(["peer", "event"]).size().unstack(fill_value=0) if len(events) else pd.DataFrame()
     rejoin = events[events.event == "restarted"].groupby("peer").seconds.mean() if len(events) else pd.Series()
@@ -75,8 +102,9 @@ def summarize(metrics: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.D
             "best_test_acc": by_peer["test_acc"].max(),
             "final_test_loss": last["test_loss"],
             "final_train_loss": last["train_loss"],
-            "rounds_ok": incarnations["avg_rounds_ok"].sum(),
-            "rounds_failed": incarnations["avg_rounds_failed"].sum(),
+            "rounds_ok": rounds["rounds_ok"],
+            "rounds_failed": rounds["rounds_failed"],
+            "rounds_partial": rounds["rounds_partial"],
             "mean_group_size": by_peer["avg_group_size"].mean(),
             "samples_per_s": by_peer["samples_per_s"].mean(),
             "wall_time_s": last["wall_time_s"],

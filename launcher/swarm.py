@@ -1,9 +1,12 @@
-"""The peers' actors and what they report: started in bootstrap order, polled without ever blocking on one peer,
-killed, restarted in their own placement-group bundle, joined, told to leave or slow down, and stopped at the end
-without leftovers. Each peer is a sequence of incarnations (its restarts); rows and events name both."""
+"""The peers' actors and what they report: started in bootstrap order, polled at a steady rate without ever blocking
+on one peer, killed, restarted in their own placement-group bundle, joined, told to leave or slow down, and stopped
+at the end without leftovers. Each peer is a sequence of incarnations (its restarts); rows and events name both.
+A peer's phase changes only through `_signal` (the table of launcher/lifecycle.py); the decisions are
+launcher/policy.py's; this module does the I/O."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,14 +20,15 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from launcher.collect import EpochCollector
+from launcher.lifecycle import DHT_UP, FINISHED, LIVE, Phase, Signal, advance
 from launcher.placement import reserve, resolve_network
-from launcher.policy import FINISHED, Decision, PeerView, Phase
+from launcher.policy import Decision, PeerView
 from launcher.results import Event
 from workers.checkpoint import atomic_write_bytes, checkpoint_path
 from workers.config import ExperimentConfig
 from workers.metrics import MetricsRow
 from workers.netns import NetnsLink
-from workers.peer import Joined, LiveProgress, Peer, PeerStatus
+from workers.peer import Effects, Joined, LiveProgress, Peer, PeerEvent, PeerStatus
 from workers.storage import forwarded_env, is_remote
 from workers.swarmkey import new_swarm_key, read_swarm_key
 
@@ -33,7 +37,6 @@ logger = logging.getLogger("launcher")
 STOP_TIMEOUT_S = 15.0  # a peer's graceful stop at the end (a blocking round may be under way)
 DRAIN_TIMEOUT_S = 5.0
 FETCH_TIMEOUT_S = 20.0  # all final models from other nodes together
-STATE_TIMEOUT_S = 120.0  # a newcomer's state download (the donor answers once its epoch has ended)
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Incarnation:
     restarts: int
     actor: ray.actor.ActorHandle
     node_id: str
-    phase: Phase = "starting"
+    phase: Phase = Phase.STANDBY
     since: float = field(default_factory=time.monotonic)  # when it entered `phase`
     launch: ray.ObjectRef | None = None  # a newcomer's join() call in flight
     poll: ray.ObjectRef | None = None  # the status poll in flight
@@ -55,9 +58,8 @@ class Incarnation:
     epoch: int = 0  # the last epoch it reported
     epoch_s: float | None = None  # its longest epoch so far, as seen from here
     waiting_since: float | None = None  # a newcomer: since its predecessor died, or since its join was due
-
-    def enter(self, phase: Phase, reason: str = "") -> None:
-        self.phase, self.since, self.reason = phase, time.monotonic(), reason or self.reason
+    donor: int | None = None  # a newcomer that restarts the swarm from this peer's checkpoint (policy: reseed)
+    waiting: bool = False  # dead, and told to wait for a peer's DHT to be up (the event is written once)
 
 
 class Swarm:
@@ -68,6 +70,7 @@ class Swarm:
         self.peers: dict[int, Incarnation] = {}  # each peer's current incarnation
         self.retired: list[Incarnation] = []  # earlier incarnations: their leftovers are reaped at the end
         self.standby: dict[int, Incarnation] = {}  # scripted joiners, built ahead (data, model) but not in the swarm
+        self.effects: dict[int, Effects] = {}  # what the scenario set on each peer: every incarnation carries it
         self.collector = EpochCollector(range(cfg.peers))
         self.events: list[Event] = []  # not yet written
         self.placement_group, self.bundles, self.bundle_nodes, self.first_bundle = None, [], {}, 0
@@ -75,6 +78,8 @@ class Swarm:
         self.training_since: float | None = None  # when every initial peer was training
         self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
         self.netns: dict[int, NetnsLink] = {}  # peer -> its network namespace (emulation; set before `start`)
+        self.swarm_size = 0  # running peers, as last told to them (a group aims at that many)
+        self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
         self.here = ray.get_runtime_context().get_node_id()
         self.peer_actor = ray.remote(Peer)
         # the run's secret (workers/admission.py): to the actors through Ray only, never in a log, a file or a name
@@ -90,6 +95,8 @@ class Swarm:
         timeout = cfg.faults.start_timeout_s
         self.peers = {i: self._create(i, restarts=0) for i in range(cfg.peers)}
         self.standby = {i: self._create(i, restarts=0) for i in range(cfg.peers, cfg.peers + cfg.joins)}
+        for incarnation in self.peers.values():
+            self._signal(incarnation, Signal.LAUNCHED)
         bootstrap = ray.get(self.peers[0].actor.start_dht.remote([]), timeout=timeout)
         logger.info("peer 0 is up at %s", bootstrap)
         others = ray.get(
@@ -101,11 +108,14 @@ class Swarm:
             address = ray.get(self.peers[0].actor.rendezvous_address.remote())
             ray.get([p.actor.join_allreduce.remote(address) for p in self.peers.values()], timeout=timeout)
         pids = ray.get([p.actor.process_ids.remote() for p in self.peers.values()], timeout=timeout)
+        self.state_timeout_s = ray.get(self.peers[0].actor.state_timeout.remote(), timeout=timeout)
+        self.swarm_size = cfg.peers
+        ray.get([p.actor.set_swarm_size.remote(cfg.peers) for p in self.peers.values()], timeout=timeout)
         ray.get([p.actor.start_training.remote() for p in self.peers.values()], timeout=timeout)
         self.training_since = time.monotonic()
         for incarnation, processes in zip(self.peers.values(), pids, strict=True):
             incarnation.processes = processes
-            incarnation.enter("running")
+            self._signal(incarnation, Signal.JOINED)
             self._event(incarnation, "started")
         logger.info("all %d peers joined the DHT and started training", cfg.peers)
 
@@ -136,15 +146,17 @@ class Swarm:
     # -- watching --------------------------------------------------------------------------------------------------
 
     def tick(self, wait_s: float) -> list[list[MetricsRow]]:
-        """Send a status poll to every live peer that has none in flight, wait up to `wait_s` for answers, and
-        return the epochs that became complete. A peer that does not answer is not waited for."""
+        """One tick of `wait_s`: send a status poll to every running peer that has none in flight, take the answers
+        (and the newcomers' join results) that come within the tick, and return the epochs that became complete. A
+        tick lasts `wait_s` even when every peer answered at once: each answer costs a peer's main thread (and the
+        GIL its training needs), so a peer is polled once a tick, not back to back. A peer that does not answer is
+        not waited for."""
+        ends = time.monotonic() + wait_s
         for incarnation in self.live():
             if incarnation.phase == "running" and incarnation.poll is None:
                 incarnation.poll, incarnation.poll_sent = incarnation.actor.poll.remote(), time.monotonic()
         calls = {inc.poll: inc for inc in self.live() if inc.poll} | {i.launch: i for i in self.live() if i.launch}
         ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=wait_s) if calls else ([], [])
-        if not calls:
-            time.sleep(wait_s)
         epochs = []
         for ref in ready:
             incarnation = calls[ref]
@@ -153,6 +165,7 @@ class Swarm:
             else:
                 incarnation.poll = None
                 epochs += self._answered(incarnation, ref)
+        time.sleep(max(0.0, ends - time.monotonic()))
         return epochs
 
     def _answered(self, incarnation: Incarnation, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
@@ -164,26 +177,31 @@ class Swarm:
         for what, who, count in status.anomalies:  # refused strangers, oversized groups: never a silent "round ok"
             self._event(incarnation, "anomaly", f"{what}: {who} ({count}x)")
             logger.warning("peer %d: %s: %s (%dx)", incarnation.peer, what, who, count)
-        for event in status.events:  # diverged, reloaded (it may skip epochs: they no longer wait for it)
-            self._event(incarnation, event.event, event.detail)
-            logger.warning("peer %d %s: %s", incarnation.peer, event.event, event.detail)
-            if event.first_epoch is not None:
-                epochs += self.collector.expect(incarnation.peer, event.first_epoch)
-        for report in status.reports:
-            now = time.monotonic()
-            if incarnation.last_report is not None:
-                incarnation.epoch_s = max(incarnation.epoch_s or 0.0, now - incarnation.last_report)
-            incarnation.last_report, incarnation.epoch = now, report.row.epoch
-            epochs += self.collector.add(report)
+        for item in status.outbox:  # in the order they happened: a report before an event is finished before it
+            epochs += self._report(incarnation, item) if not isinstance(item, PeerEvent) else self._peer_event(
+                incarnation, item)  # fmt: skip
         if status.state == "failed":
             return epochs + self._died(incarnation, "training failed: " + (status.error or "").strip().splitlines()[-1])
         if status.state in ("done", "left", "stopped"):
-            incarnation.enter("left" if status.state == "left" else "done")
+            self._signal(incarnation, Signal.LEFT if status.state == "left" else Signal.FINISHED)
             self._event(incarnation, incarnation.phase)
-            if incarnation.phase == "left":  # gone from the swarm: its DHT and averager too
+            if incarnation.phase == Phase.LEFT:  # gone from the swarm: its DHT and averager too
                 incarnation.actor.stop.remote(STOP_TIMEOUT_S - 5)
             epochs += self.collector.drop_peer(incarnation.peer)
         return epochs
+
+    def _report(self, incarnation: Incarnation, report) -> list[list[MetricsRow]]:
+        now = time.monotonic()
+        if incarnation.last_report is not None:
+            incarnation.epoch_s = max(incarnation.epoch_s or 0.0, now - incarnation.last_report)
+        incarnation.last_report, incarnation.epoch = now, report.row.epoch
+        return self.collector.add(report)
+
+    def _peer_event(self, incarnation: Incarnation, event: PeerEvent) -> list[list[MetricsRow]]:
+        """diverged, reloaded (it may skip epochs: they no longer wait for it)."""
+        self._event(incarnation, event.event, event.detail)
+        logger.warning("peer %d %s: %s", incarnation.peer, event.event, event.detail)
+        return self.collector.expect(incarnation.peer, event.first_epoch) if event.first_epoch is not None else []
 
     def _joined(self, incarnation: Incarnation, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
         incarnation.launch = None
@@ -192,7 +210,7 @@ class Swarm:
         except ray.exceptions.RayError as err:
             return self._died(incarnation, f"could not join the swarm: {str(err).strip().splitlines()[-1]}")
         incarnation.maddrs, incarnation.processes = joined.maddrs, joined.processes
-        incarnation.enter("running")
+        self._signal(incarnation, Signal.JOINED)
         incarnation.last_report, incarnation.epoch = time.monotonic(), joined.first_epoch - 1
         self.collector.expect(incarnation.peer, joined.first_epoch)
         if joined.source.startswith("peer"):
@@ -205,7 +223,7 @@ class Swarm:
         return []
 
     def _died(self, incarnation: Incarnation, reason: str, event: str = "died") -> list[list[MetricsRow]]:
-        incarnation.enter("dead", reason)
+        self._signal(incarnation, Signal.DIED, reason)
         incarnation.poll = incarnation.launch = None
         killed_at = self.killed_at.pop(incarnation.peer, None)
         detected = time.monotonic() - killed_at if killed_at is not None else float("nan")
@@ -214,6 +232,17 @@ class Swarm:
         self._reap(incarnation)
         return self.collector.drop_peer(incarnation.peer)
 
+    def _signal(self, incarnation: Incarnation, signal_: Signal, reason: str = "") -> None:
+        """The one place a phase changes (launcher/lifecycle.py). The swarm's size follows its running peers: each
+        running peer is told, so that its rounds aim at the peers that are there."""
+        incarnation.phase, incarnation.since = advance(incarnation.phase, signal_), time.monotonic()
+        incarnation.reason = reason or incarnation.reason
+        running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
+        if self.training_since is not None and len(running) != self.swarm_size:
+            self.swarm_size = len(running)
+            for inc in running:
+                inc.actor.set_swarm_size.remote(self.swarm_size)
+
     def views(self) -> list[PeerView]:
         now = time.monotonic()
         return [
@@ -221,12 +250,15 @@ class Swarm:
                 peer=inc.peer,
                 phase=inc.phase,
                 restarts=inc.restarts,
+                epoch=inc.epoch,
+                reseeding=inc.donor is not None,
                 reason=inc.reason,
                 phase_s=now - inc.since,
                 progress_age_s=inc.status.progress_age_s if inc.status else 0.0,
                 poll_age_s=now - inc.poll_sent if inc.poll else 0.0,
                 epoch_s=inc.epoch_s,
                 hivemind_error=inc.status.hivemind_error if inc.status else None,
+                start_s=self.state_timeout_s,
             )
             for inc in self.peers.values()
         ]
@@ -235,12 +267,22 @@ class Swarm:
         """(peer, restarts, phase, where its training is) of every live incarnation: the progress display's input."""
         return [(inc.peer, inc.restarts, inc.phase, inc.status.live if inc.status else None) for inc in self.live()]
 
+    def polls_per_peer_s(self) -> float:
+        """How often, on average, each peer answered a status poll while the swarm trained."""
+        polls = sum(inc.status.polls for inc in [*self.peers.values(), *self.retired] if inc.status)
+        seconds = time.monotonic() - (self.training_since or time.monotonic())
+        return polls / max(len(self.peers), 1) / seconds if seconds > 0 else float("nan")
+
     def live(self) -> list[Incarnation]:
-        return [inc for inc in self.peers.values() if inc.phase in ("starting", "running")]
+        return [inc for inc in self.peers.values() if inc.phase in LIVE]
 
     def active(self) -> bool:
         """Anything still to train or to decide."""
         return any(inc.phase not in FINISHED for inc in self.peers.values())
+
+    def running_epochs(self) -> dict[int, int]:
+        """The last epoch each running peer reported (the scenario's clock)."""
+        return {inc.peer: inc.epoch for inc in self.peers.values() if inc.phase == Phase.RUNNING}
 
     # -- acting ------------------------------------------------------------------------------------------------------
 
@@ -250,26 +292,42 @@ class Swarm:
             self._kill(incarnation)
             return self._died(incarnation, decision.reason, event="wedged")
         if decision.action == "give_up":
-            incarnation.enter("given_up", decision.reason)
+            self._signal(incarnation, Signal.GAVE_UP, decision.reason)
             self._event(incarnation, "gave_up", decision.reason)
             logger.error("peer %d given up: %s", decision.peer, decision.reason)
-            return []
-        self._launch(decision.peer, incarnation.restarts + 1, waiting_since=incarnation.since)
+        elif decision.action == "wait":
+            if not incarnation.waiting:
+                incarnation.waiting = True
+                self._event(incarnation, "waiting", decision.reason)
+                logger.warning("peer %d waits: %s", decision.peer, decision.reason)
+        else:  # restart, reseed
+            if decision.action == "reseed":
+                self._event(incarnation, "reseeded", decision.reason)
+                logger.warning("peer %d restarts the swarm: %s", decision.peer, decision.reason)
+            self._launch(decision.peer, incarnation.restarts + 1, waiting_since=incarnation.since,
+                         donor=decision.donor)  # fmt: skip
         return []
 
     def join(self, peer: int) -> None:
         """A new peer (a scripted join) in its reserved bundle."""
         self._launch(peer, restarts=0)
 
-    def _launch(self, peer: int, restarts: int, waiting_since: float | None = None) -> None:
-        """A newcomer: bootstraps off every live peer, takes the state, trains the rest of the run."""
+    def _launch(self, peer: int, restarts: int, waiting_since: float | None = None, donor: int | None = None) -> None:
+        """A newcomer: bootstraps off every peer whose DHT is up (never a swarm of its own, unless `donor` says it
+        restarts the swarm from that peer's checkpoint), takes the state, trains the rest of the run."""
+        initial_peers = [maddr for inc in self.peers.values() if inc.phase in DHT_UP for maddr in inc.maddrs]
+        if not initial_peers and donor is None:
+            raise RuntimeError(f"peer {peer} would start a swarm of its own: no peer's DHT is up")  # policy's bug
         if peer in self.peers:
             self.retired.append(self.peers[peer])
             ray.kill(self.peers[peer].actor, no_restart=True)  # frees its bundle, whatever state it was in
+        previous = self.peers[peer].phase if peer in self.peers else Phase.STANDBY
         incarnation = self.standby.pop(peer, None) or self._create(peer, restarts)
+        incarnation.phase, incarnation.donor = previous, donor
         incarnation.waiting_since = waiting_since or time.monotonic()
-        initial_peers = [maddr for inc in self.live() if inc.phase == "running" for maddr in inc.maddrs]
-        incarnation.launch = incarnation.actor.join.remote(initial_peers, STATE_TIMEOUT_S)
+        self._signal(incarnation, Signal.LAUNCHED)
+        effects = self.effects.setdefault(peer, Effects())
+        incarnation.launch = incarnation.actor.join.remote(initial_peers, effects, max(self.swarm_size, 1), donor)
         self.peers[peer] = incarnation
 
     def kill(self, peer: int, process: str = "peer") -> None:
@@ -284,17 +342,21 @@ class Swarm:
             self._kill(incarnation)
 
     def leave(self, peer: int, after_epoch: int | None) -> None:
-        self.peers[peer].actor.leave_after.remote(after_epoch)
-        detail = f"after epoch {after_epoch}" if after_epoch else "after its current epoch"
-        self._event(self.peers[peer], "leave_requested", detail)
+        """A scripted leave after `after_epoch` (None: the epoch in progress)."""
+        after_epoch = after_epoch or self.peers[peer].epoch + 1
+        self._set_effects(peer, f"after epoch {after_epoch}", "leave_requested", leave_after=after_epoch)
 
     def slow(self, peer: int, factor: float) -> None:
-        self.peers[peer].actor.set_slowdown.remote(factor)
-        self._event(self.peers[peer], "slow", f"steps take {factor:g}x as long")
+        self._set_effects(peer, f"steps take {factor:g}x as long", "slow", slowdown=factor)
 
     def scale_lr(self, peer: int, factor: float) -> None:
-        self.peers[peer].actor.scale_lr.remote(factor)
-        self._event(self.peers[peer], "lr", f"learning rate x{factor:g}")
+        self._set_effects(peer, f"learning rate x{factor:g}", "lr", lr_factor=factor)
+
+    def _set_effects(self, peer: int, detail: str, event: str, **changes) -> None:
+        """A scenario effect on `peer`: on its running incarnation now, and on every one after it."""
+        effects = self.effects[peer] = dataclasses.replace(self.effects.get(peer, Effects()), **changes)
+        self.peers[peer].actor.apply_effects.remote(effects)
+        self._event(self.peers[peer], event, detail)
 
     def _kill(self, incarnation: Incarnation) -> None:
         actor_process = incarnation.processes[:1]
@@ -318,23 +380,28 @@ class Swarm:
     # -- the end ---------------------------------------------------------------------------------------------------
 
     def stop(self) -> list[list[MetricsRow]]:
-        """Stop every peer whose actor is up (each finishes its step or round and shuts hivemind down; finished
-        peers kept theirs up to serve their state), then collect what they reported up to there; a peer that does
-        not stop in time is killed later all the same."""
-        live = self.live()
-        up = live + [inc for inc in self.peers.values() if inc.phase == "done"]
+        """Take the answers of the polls in flight, stop every peer whose actor is up (each finishes its step or
+        round and shuts hivemind down; finished peers kept theirs up to serve their state), then collect what they
+        reported up to there; a peer that does not stop in time is killed later all the same."""
+        running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
+        in_flight = {inc.poll: inc for inc in running if inc.poll is not None}
+        ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=DRAIN_TIMEOUT_S) if in_flight else (
+            [], [])  # fmt: skip
+        epochs = [rows for ref in ready for rows in self._last_reports(ref)]
+        up = self.live() + [inc for inc in self.peers.values() if inc.phase == Phase.DONE]
         stops = [inc.actor.stop.remote(STOP_TIMEOUT_S - 5) for inc in up]
         if stops:
             ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
-        polls = {inc.actor.poll.remote(): inc for inc in live if inc.phase == "running"}
-        ready, _ = ray.wait(list(polls), num_returns=len(polls), timeout=DRAIN_TIMEOUT_S) if polls else ([], [])
-        epochs = []
-        for ref in ready:
-            try:
-                epochs += [rows for report in ray.get(ref).reports for rows in self.collector.add(report)]
-            except ray.exceptions.RayError:
-                pass
+        polls = [inc.actor.poll.remote() for inc in running]
+        ready, _ = ray.wait(polls, num_returns=len(polls), timeout=DRAIN_TIMEOUT_S) if polls else ([], [])
+        epochs += [rows for ref in ready for rows in self._last_reports(ref)]
         return epochs + self.collector.flush()
+
+    def _last_reports(self, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
+        try:
+            return [rows for report in ray.get(ref).reports for rows in self.collector.add(report)]
+        except ray.exceptions.RayError:
+            return []
 
     def fetch_final_models(self) -> None:
         """Copy peer-<i>_final.pt of the peers on other nodes into this machine's checkpoint folder (the run folder

@@ -3,7 +3,9 @@ the run's id (its DHT prefix) and peer 0's address, and averages tensors of the 
 holds no key. It tries for `--seconds`: rounds through the DHT, and matchmaking and a state download sent straight to
 peer 0 (whose PeerID is in its address). Prints one JSON line: what it got.
 
-    python -m tests.stranger RUN_ID MADDR [MADDR ...] [--seconds S]
+    python -m tests.stranger RUN_ID MADDR [MADDR ...] [--seconds S] [--method gossip|optimizer]
+
+With `--method optimizer` it asks hivemind.Optimizer's state averager (`<RUN_ID>_state_averager`) directly.
 """
 
 from __future__ import annotations
@@ -38,12 +40,22 @@ def model_tensors() -> list[torch.Tensor]:
     return [torch.full_like(t, POISON) for t in averaged_tensors(model)]
 
 
-async def ask_directly(dht: hivemind.DHT, run_id: str, peer0: PeerID, schema_hash: bytes) -> dict:
+def target(run_id: str, method: str) -> tuple[type, str]:
+    """The class whose handlers peer 0 serves (hivemind names them after it) and their namespace."""
+    if method == "optimizer":
+        from workers.hivemind_layout import ContiguousStateAverager
+
+        return ContiguousStateAverager, f"{run_id}_state_averager"
+    return Averager, run_id
+
+
+async def ask_directly(dht: hivemind.DHT, run_id: str, peer0: PeerID, schema_hash: bytes, method: str) -> dict:
     """Matchmaking and a state download sent to peer 0 itself, not found through the DHT."""
     p2p = await dht.replicate_p2p()
-    stub = Averager.get_stub(p2p, peer0, namespace=run_id)
+    servicer, namespace = target(run_id, method)
+    stub = servicer.get_stub(p2p, peer0, namespace=namespace)
     request = averaging_pb2.JoinRequest(schema_hash=schema_hash, expiration=get_dht_time() + 5,
-                                        group_key=f"{run_id}.0b")  # fmt: skip
+                                        group_key=f"{namespace}.0b")  # fmt: skip
     codes, state_parts = [], 0
     try:
         async for message in await stub.rpc_join_group(request):
@@ -64,6 +76,7 @@ def main() -> None:
     parser.add_argument("run_id")
     parser.add_argument("maddrs", nargs="+")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--method", choices=("gossip", "optimizer"), default="gossip")
     args = parser.parse_args()
     dht = hivemind.DHT(initial_peers=args.maddrs, start=True, ensure_bootstrap_success=False)
     tensors = model_tensors()
@@ -76,7 +89,7 @@ def main() -> None:
             rounds_ok += bool(averager.step(timeout=2.0))
         except Exception:  # noqa: BLE001 (no group: what a stranger should get)
             pass
-        direct.append(asyncio.run(ask_directly(dht, args.run_id, peer0, averager.schema_hash)))
+        direct.append(asyncio.run(ask_directly(dht, args.run_id, peer0, averager.schema_hash, args.method)))
     state = averager.load_state_from_peers(timeout=5.0)
     print(json.dumps({"rounds_ok": rounds_ok, "direct": direct, "state_downloaded": state is not None}), flush=True)
     averager.shutdown()

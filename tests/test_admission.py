@@ -93,20 +93,24 @@ def test_anomalies_are_counted_and_sent_at_most_once_a_second():
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env):
+@pytest.mark.parametrize("method", ["gossip", "optimizer"])
+def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env, method):
     """The attack of issue #9: a plain hivemind peer with peer 0's address, the run id and the model's shapes, all
     set to 50.0. It gets no round, no answer to matchmaking sent straight to peer 0, no state; the run ends at its
-    normal accuracy, and the refusals are in events.csv."""
+    normal accuracy, and the refusals are in events.csv. For `optimizer`, the requests go to hivemind.Optimizer's
+    state averager, whose name is as predictable."""
     log_path = tmp_path / "log.txt"
     with log_path.open("w") as log:
         # 20 epochs: the run outlasts the stranger's attempts (a round of 4 starts at once: epochs take a second)
-        args = [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--set", "optim.epochs=20"]
+        args = [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--set", "optim.epochs=20",
+                "--set", f"gossip.method={method}"]  # fmt: skip
         run = subprocess.Popen([*args, "--out", str(tmp_path)], cwd=ROOT, env=private_ray_env, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip
         try:
             run_id, maddrs = wait_for_bootstrap(log_path, run, timeout=120)
-            stranger = subprocess.run([sys.executable, "-m", "tests.stranger", run_id, *maddrs, "--seconds", "10"],
-                                      cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+            stranger = subprocess.run([sys.executable, "-m", "tests.stranger", run_id, *maddrs, "--seconds", "10",
+                                       "--method", method], cwd=ROOT, capture_output=True, text=True,
+                                      timeout=120)  # fmt: skip
             assert run.wait(timeout=180) == 0, log_path.read_text()[-3000:]
         finally:
             if run.poll() is None:
@@ -149,7 +153,7 @@ def test_a_member_that_shares_nan_poisons_nobody():
     import torch
     from torch import nn
 
-    from workers.admission import membership_gather, publish_membership
+    from workers.admission import publish_membership
     from workers.averaging import averaged_tensors
     from workers.config import GossipConfig
     from workers.gossip import GossipAveraging, swarm_averager_class
@@ -174,8 +178,8 @@ def test_a_member_that_shares_nan_poisons_nobody():
     before = [[t.clone() for t in averaged_tensors(m)] for m in models]
     rounds = {}
     threads = [threading.Thread(target=lambda i=i: rounds.setdefault(i, honest[i].average())) for i in range(2)]
-    proof = membership_gather(key, dhts[2].peer_id)  # a member: it holds the key, only its parameters are bad
-    threads.append(threading.Thread(target=lambda: rounds.setdefault("rogue", rogue.step(gather=proof, timeout=6))))
+    # a member (it holds the key and published its proof): only its parameters are bad
+    threads.append(threading.Thread(target=lambda: rounds.setdefault("rogue", rogue.step(timeout=6))))
     try:
         for thread in threads:
             thread.start()
@@ -195,3 +199,23 @@ def test_a_member_that_shares_nan_poisons_nobody():
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_membership_that_cannot_be_published_is_retried_then_fatal(dhts):
+    """A peer whose proof is in no DHT would be refused by every other member: its incarnation must not train on as if
+    it were one. A DHT that is down takes no proof: every try fails, then MembershipError."""
+    import hivemind
+
+    from workers.admission import MembershipError, publish_membership
+
+    (up,) = dhts(1)
+    publish_membership(up, "run", new_swarm_key())  # a DHT that is up takes it at the first try
+    down = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    assert down.peer_id  # (read while it is up, and kept)
+    down.shutdown()
+    started = time.monotonic()
+    with pytest.raises(MembershipError, match="after 3 tries"):
+        publish_membership(down, "run", new_swarm_key(), tries=3)
+    assert time.monotonic() - started >= 0.5 + 1.0, "retried with a pause"

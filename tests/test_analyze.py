@@ -206,3 +206,42 @@ def test_the_per_peer_plot_marks_the_runs_churn_events(tmp_path):
     summary = summarize(load_run(run_dir), events).set_index("peer")
     assert summary.loc[1, "deaths"] == 1 and summary.loc[0, "deaths"] == 0
     assert summary.loc[1, "mean_rejoin_s"] == 3.0
+
+
+def test_summary_and_comparison_count_the_rounds_of_every_incarnation(tmp_path):
+    """Round counters start again with each restart: peer 1 averaged 2 rounds, died, and its restarted incarnation 1
+    more. summary.csv and comparison.csv both count 3 for it (and partial rounds apart)."""
+    from launcher.results import summarize
+
+    run_dir = tmp_path / "restarted"
+    run_dir.mkdir()
+    cfg = parse_config({"name": "restarted", "peers": 2})
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    writer = MetricsWriter(run_dir / "metrics.csv")
+    for epoch, (ok0, ok1, restarts1) in enumerate([(1, 1, 0), (2, 2, 0), (3, 1, 1)], start=1):
+        for peer, ok, restarts in ((0, ok0, 0), (1, ok1, restarts1)):
+            writer.write([MetricsRow(run_id="restarted", peer=peer, epoch=epoch, step=epoch, samples_seen=epoch,
+                                     wall_time_s=epoch, train_loss=1, train_acc=0.5, test_loss=1, test_acc=0.5,
+                                     samples_per_s=1, train_s=1, eval_s=0, avg_rounds_ok=ok,
+                                     avg_rounds_failed=0, avg_group_size=2, avg_seconds=0, restarts=restarts,
+                                     averaging_rounds_partial=peer)])  # fmt: skip
+    writer.close()
+    summary = summarize(load_run(run_dir)).set_index("peer")
+    assert summary.rounds_ok.tolist() == [3, 3] and summary.rounds_partial.tolist() == [0, 2]
+    table = compare_runs(load_run(run_dir))
+    assert table.rounds_ok.iloc[0] == summary.rounds_ok.sum() == 6
+    assert table.rounds_partial.iloc[0] == summary.rounds_partial.sum() == 2
+
+
+def test_a_run_whose_rounds_mostly_failed_is_called_out():
+    """The verdict behind the run's exit status: fewer than half the rounds succeeded (partial ones do not count)."""
+    from launcher.results import averaging_verdict
+
+    def totals(ok, failed, partial):
+        return pd.DataFrame({"rounds_ok": ok, "rounds_failed": failed, "rounds_partial": partial})
+
+    assert averaging_verdict(totals([0, 0], [48, 48], [0, 0]), "gossip").startswith("averaging mostly failed: 0 of 96")
+    assert averaging_verdict(totals([2, 2], [1, 1], [2, 2]), "gossip") is not None, "partial rounds are no success"
+    assert averaging_verdict(totals([5, 5], [5, 5], [0, 0]), "diloco") is None, "half is not most"
+    assert averaging_verdict(totals([0, 0], [0, 0], [0, 0]), "gossip") is None, "no round: nothing to judge"
+    assert averaging_verdict(totals([0], [9], [0]), "none") is None

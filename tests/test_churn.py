@@ -141,3 +141,89 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     final = metrics[metrics.epoch == EPOCHS]
     assert sorted(final.peer) == [0, 1, 3, 4] and (final.consensus_peers == 4).all()
     assert final.consensus_dist.iloc[0] < 1e-4
+    # the group target follows the live swarm: before the joiner is there and after the leave, a round of the peers
+    # that are there does not wait out matchmaking_time (1.5 s) for a peer that is not
+    assert metrics[metrics.epoch == 1].avg_seconds.max() < 1.0
+    assert metrics[metrics.epoch > 6].avg_seconds.median() < 1.0
+
+
+def test_a_run_whose_averaging_mostly_failed_exits_1_and_says_so(ray_local, tmp_path, caplog):
+    """Every round needs all 3 peers (min_group_size 3), and one leaves after epoch 1: the two others' rounds all
+    fail from then on. The run finishes every epoch, but it is no gossip run: exit 1, and the log says why."""
+    cfg = quick_config("peers=3", "optim.epochs=4", "gossip.min_group_size=3",
+                       "scenario=[{at_epoch: 1, peer: 2, event: leave}]")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="launcher"):
+        result = run_experiment(cfg, tmp_path)
+    metrics = read_metrics(result.run_dir)
+    assert sorted(metrics[metrics.peer < 2].epoch) == [1, 1, 2, 2, 3, 3, 4, 4], "training itself went on"
+    final = metrics[metrics.epoch == 4]
+    assert (final.avg_rounds_ok == 1).all() and (final.avg_rounds_failed == 3).all()
+    assert result.exit_code == 1
+    assert any("averaging mostly failed: 3 of 9 rounds succeeded" in r.getMessage() for r in caplog.records)
+
+
+def restarted_rows(metrics, peer: int):
+    return metrics[(metrics.peer == peer) & (metrics.restarts >= 1)].sort_values("epoch")
+
+
+def test_two_kills_in_one_tick_restart_one_swarm_from_the_newest_checkpoint(ray_local, tmp_path):
+    """Both peers of a 2-peer swarm die at once: no DHT is up to bootstrap off. One peer restarts the swarm from the
+    run's newest checkpoint, the other waits for it and joins it: one swarm that averages again, never two."""
+    # both slowed down (an epoch of about 1 s) so that the kills come after a few epochs, and in the same tick
+    kills = ("scenario=[{peer: 0, event: slow, factor: 4}, {peer: 1, event: slow, factor: 4}, "
+             "{at_s: 4, peer: 0, event: kill}, {at_s: 4, peer: 1, event: kill}]")  # fmt: skip
+    result = run_experiment(churn_config("peers=2", kills), tmp_path)
+    metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
+    print(events.to_string())
+    assert result.exit_code == 0
+    (reseeded,) = events[events.event == "reseeded"].itertuples()
+    assert "no peer's DHT is up" in reseeded.detail and "checkpoint" in reseeded.detail
+    (waiting,) = events[events.event == "waiting"].itertuples()
+    assert waiting.peer != reseeded.peer
+    restarts = events[events.event == "restarted"].set_index("peer").detail
+    assert restarts[reseeded.peer].startswith("state from checkpoint of peer ")
+    assert restarts[waiting.peer].startswith(f"state from peer {reseeded.peer}"), "it joined the reseeded swarm"
+    for peer in (0, 1):
+        reborn = restarted_rows(metrics, peer)
+        assert reborn.epoch.tolist() == list(range(int(reborn.epoch.iloc[0]), EPOCHS + 1))
+    final = metrics[metrics.epoch == EPOCHS]
+    assert (final.avg_group_size == 2).all() and final.consensus_dist.iloc[0] < 1e-4, "averaging together again"
+
+
+def test_a_kill_after_the_others_are_done_joins_their_swarm(ray_local, tmp_path):
+    """Peers 0 and 1 finish while peer 2, a straggler, is at epoch 2; then peer 2 is killed. Finished peers keep
+    their DHT and averager up: the restart bootstraps off them and takes their final state, no swarm of its own."""
+    scenario = "scenario=[{peer: 2, event: slow, factor: 60}, {at_epoch: 2, peer: 2, event: kill}]"
+    result = run_experiment(churn_config("peers=3", "optim.epochs=4", scenario), tmp_path)
+    metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
+    print(events.to_string())
+    assert result.exit_code == 0
+    done_at = events[(events.event == "done") & (events.peer < 2)].time_s.max()
+    assert done_at < events[events.event == "killed"].time_s.iloc[0], "the others were done before the kill"
+    (restart,) = events[events.event == "restarted"].itertuples()
+    assert restart.peer == 2 and restart.detail.startswith("state from peer "), restart.detail
+    assert restart.detail.endswith("first epoch 5"), "it took the swarm's final state: nothing left to train"
+
+
+def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path):
+    """Peer 1 is to leave after epoch 8 and is killed at epoch 2: its restarted incarnation still leaves after epoch
+    8 (a scenario's effects belong to the peer, not to one incarnation: the slowdown too). And summary.csv and
+    analyze count the rounds of both of peer 1's incarnations alike."""
+    from launcher.analyze import compare_runs, load_run
+    from launcher.results import read_events as events_of
+    from launcher.results import summarize
+
+    slow = ", ".join(f"{{peer: {peer}, event: slow, factor: 30}}" for peer in range(4))  # epochs of about 2 s
+    scenario = f"scenario=[{slow}, {{at_epoch: 8, peer: 1, event: leave}}, {{at_epoch: 2, peer: 1, event: kill}}]"
+    result = run_experiment(churn_config(scenario), tmp_path)
+    metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
+    print(events.to_string())
+    assert result.exit_code == 0
+    assert "restarted" in set(events[events.peer == 1].event)
+    reborn = restarted_rows(metrics, 1)
+    assert reborn.epoch.max() == 8 and "left" in set(events[events.peer == 1].event), "the restart left as planned"
+    others = metrics[(metrics.peer != 1) & metrics.epoch.isin(reborn.epoch)].train_s.median()
+    assert reborn.train_s.median() > 0.5 * others, "still slowed down like the others (unslowed: 30x faster)"
+    summary = summarize(metrics, events_of(result.run_dir))
+    table = compare_runs(load_run(result.run_dir))
+    assert table.rounds_ok.iloc[0] == summary.rounds_ok.sum() > metrics.groupby("peer").avg_rounds_ok.last().sum()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator  # noqa: UP035 (hivemind's ServicerBase finds streams by typing's _name)
 
 import pytest
 import torch
+from hivemind.proto import averaging_pb2
 from torch import nn
 
 from workers.averaging import averaged_tensors
@@ -21,6 +23,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 def linear(seed: int, width: int = 64) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Linear(width, width // 2)
+
+
+def layers(seed: int, count: int = 15, width: int = 64) -> nn.Module:
+    """Many small tensors (30 here): hivemind cuts its parts at tensor boundaries, so every member of a group of a
+    few reduces a share (a single Linear's two tensors may leave one member with none)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*(nn.Linear(width, width) for _ in range(count)))
 
 
 def swarm(dhts, cfg: GossipConfig, prefix: str, size: int = 2, width: int = 64):
@@ -138,3 +147,63 @@ def test_matchmaking_reads_the_dht_at_most_once_per_poll_interval(dhts):
         paced_matchmaking()
     swarm_averager_class()  # what every averager is built with
     assert matchmaking.GroupKeyManager.poll_s == MATCHMAKING_POLL_S
+
+
+def test_overlap_with_one_round_per_epoch_makes_exactly_one_round_per_epoch(dhts):
+    """An epoch-end round started early (overlap) that lands before the epoch's last step is that epoch's round:
+    the epoch's end must not run a second, blocking one. Long epochs (40 steps of 20 ms) and a fast round make the
+    early round land well before the end."""
+    cfg = GossipConfig(group_size=2, matchmaking_time=2.0, round_timeout=10.0, overlap=True, every_steps="epoch")
+    _, peers = swarm(dhts, cfg, "epoch-overlap")
+    epochs, steps = 4, 40
+
+    def train(peer: GossipAveraging) -> int:
+        step = 0
+        for epoch in range(1, epochs + 1):
+            for left in range(steps - 1, -1, -1):
+                time.sleep(0.02)
+                step += 1
+                peer.after_step(step, left)
+            peer.after_epoch(final=epoch == epochs)
+        return peer.stats.ok + peer.stats.failed
+
+    assert in_parallel(peers, train) == [epochs, epochs]
+    assert [peer.stats.ok for peer in peers] == [epochs, epochs]
+
+
+def test_a_round_whose_reducer_failed_counts_as_partial_not_ok(dhts):
+    """hivemind reports a round as a success even when a reducer failed for some of a peer's parts (the peer keeps
+    their local values). Here the third member of a group of 3 is a real averager whose reducer fails every part it
+    is sent: the two others' rounds are partial, not ok, and their group sizes are not counted."""
+    from hivemind.averaging.allreduce import AllreduceException
+
+    from workers.gossip import swarm_averager_class
+
+    class BrokenReducer(swarm_averager_class()):
+        async def rpc_aggregate_part(
+            self, stream: AsyncIterator[averaging_pb2.AveragingData], context
+        ) -> AsyncIterator[averaging_pb2.AveragingData]:
+            raise AllreduceException("this reducer is broken")
+            yield  # an async generator, as hivemind's handler is
+
+    BrokenReducer.__name__ = swarm_averager_class().__name__  # hivemind names the handlers after the class
+
+    cfg = GossipConfig(group_size=3, min_group_size=3, matchmaking_time=2.0, round_timeout=5.0)
+    first, second, third = dhts(3)
+    models = [layers(seed) for seed in range(2)]
+    peers = [GossipAveraging(m, d, cfg, "partial", swarm_size=3) for m, d in zip(models, (first, second), strict=True)]
+    broken = BrokenReducer(averaged_tensors(layers(2)), third, prefix="partial", target_group_size=3,
+                           min_group_size=3, min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=5.0,
+                           start=True)  # fmt: skip
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            rounds = pool.submit(lambda: broken.step(timeout=10, allow_retries=False))
+            results = list(pool.map(lambda peer: peer.average(), peers))
+            rounds.exception(timeout=30)  # (the broken member itself may or may not see its round fail)
+        stats = [(p.stats.ok, p.stats.partial, p.stats.failed) for p in peers]
+        assert stats == [(0, 1, 0)] * 2, stats
+        assert results == [None, None] and all(p.stats.take_window()[0] != p.stats.take_window()[0] for p in peers)
+    finally:
+        for peer in peers:
+            peer.shutdown()
+        broken.shutdown()

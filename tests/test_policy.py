@@ -18,10 +18,36 @@ FAULTS = FaultsConfig(max_restarts=2, stall_factor=3, stall_min_s=20, poll_timeo
 
 def test_a_dead_peer_is_restarted_until_its_budget_is_used_then_given_up():
     dead = [PeerView(0, "dead", restarts=0, reason="killed"), PeerView(1, "dead", restarts=2, reason="oom")]
-    assert decide(dead, FAULTS) == [
+    assert decide([*dead, PeerView(2, "running")], FAULTS) == [
         Decision("restart", 0, "killed"),
         Decision("give_up", 1, "oom; faults.max_restarts=2 used up"),
     ]
+
+
+@pytest.mark.parametrize("up", ["running", "done"])
+def test_a_newcomer_bootstraps_off_any_peer_whose_dht_is_up(up):
+    """A peer that finished keeps its DHT and averager up to serve its state: a restart joins through it."""
+    views = [PeerView(0, "dead", reason="killed", epoch=3), PeerView(1, up, epoch=10)]
+    assert decide(views, FAULTS) == [Decision("restart", 0, "killed")]
+
+
+def test_when_every_peer_died_at_once_one_restarts_the_swarm_from_the_newest_checkpoint_and_the_others_wait():
+    views = [PeerView(0, "dead", reason="killed", epoch=3), PeerView(1, "dead", reason="killed", epoch=4),
+             PeerView(2, "left", epoch=2)]  # fmt: skip
+    first, second = decide(views, FAULTS)
+    assert (first.action, first.peer, first.donor) == ("reseed", 0, 1), "peer 1's checkpoint of epoch 4 is newest"
+    assert "no peer's DHT is up" in first.reason and "epoch 4" in first.reason
+    assert (second.action, second.peer) == ("wait", 1)
+    reseeding = [PeerView(0, "starting", restarts=1, reseeding=True), views[1]]
+    assert [d.action for d in decide(reseeding, FAULTS)] == ["wait"], "until the reseeded peer's DHT is up"
+    up = [PeerView(0, "running", restarts=1), views[1]]
+    assert [d.action for d in decide(up, FAULTS)] == ["restart"]
+
+
+def test_without_any_checkpoint_a_swarm_that_died_is_given_up_not_started_afresh():
+    views = [PeerView(0, "dead", reason="killed"), PeerView(1, "dead", reason="killed")]
+    assert [(d.action, "no peer saved a checkpoint" in d.reason) for d in decide(views, FAULTS)] == [
+        ("give_up", True), ("give_up", True)]  # fmt: skip
 
 
 def test_a_method_that_cannot_replace_peers_gives_up_at_once():
@@ -39,6 +65,7 @@ def test_a_method_that_cannot_replace_peers_gives_up_at_once():
         (PeerView(0, "running", progress_age_s=21), "no training progress for 21 s (deadline 20 s)"),
         (PeerView(0, "running", progress_age_s=31, epoch_s=10), "no training progress for 31 s (deadline 30 s)"),
         (PeerView(0, "starting", phase_s=101), "did not start within faults.start_timeout_s=100 s"),
+        (PeerView(0, "starting", phase_s=181, start_s=80), "start_timeout_s=100 s + 80 s for its state's download"),
     ],
 )
 def test_a_wedged_peer_is_killed_with_the_reason(view, expected):
@@ -51,6 +78,7 @@ def test_a_wedged_peer_is_killed_with_the_reason(view, expected):
     [
         PeerView(0, "running", progress_age_s=29, epoch_s=10, poll_age_s=9.9),  # a slow epoch, not a stall
         PeerView(0, "starting", phase_s=99, poll_age_s=50),  # a starting peer answers no polls yet
+        PeerView(0, "starting", phase_s=179, start_s=80),  # a big state on a slow link takes that long
         PeerView(0, "done", progress_age_s=1000),
         PeerView(0, "left"),
         PeerView(0, "given_up"),
@@ -166,3 +194,18 @@ def test_a_late_report_for_a_finished_epoch_is_measured_against_that_epochs_rows
     (row,) = late
     assert row.peer == 2 and row.consensus_peers == 3
     assert row.consensus_dist == pytest.approx(np.sqrt((1 + 1 + 4) / 3))
+
+
+def test_every_phase_change_is_in_the_one_table():
+    from launcher.lifecycle import TRANSITIONS, InvalidTransition, Phase, Signal, advance
+
+    assert advance(Phase.STANDBY, Signal.LAUNCHED) == advance(Phase.DEAD, Signal.LAUNCHED) == Phase.STARTING
+    assert advance(Phase.STARTING, Signal.JOINED) == Phase.RUNNING
+    assert advance(Phase.RUNNING, Signal.FINISHED) == Phase.DONE and advance("running", "left") == Phase.LEFT
+    assert advance(Phase.RUNNING, Signal.DIED) == advance(Phase.STARTING, Signal.DIED) == Phase.DEAD
+    assert advance(Phase.DEAD, Signal.GAVE_UP) == Phase.GIVEN_UP
+    for phase, signal in [(Phase.DONE, Signal.JOINED), (Phase.GIVEN_UP, Signal.LAUNCHED), (Phase.LEFT, Signal.DIED),
+                          (Phase.RUNNING, Signal.LAUNCHED), (Phase.STANDBY, Signal.JOINED)]:  # fmt: skip
+        with pytest.raises(InvalidTransition, match=f"phase {phase} cannot take signal {signal}"):
+            advance(phase, signal)
+    assert {phase for phase, _ in TRANSITIONS} | set(TRANSITIONS.values()) == set(Phase), "every phase is reachable"

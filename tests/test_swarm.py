@@ -35,6 +35,12 @@ def test_every_peer_reports_every_epoch_and_really_averaged(gossip_and_none):
     assert (final.consensus_peers == 4).all()
 
 
+def test_the_driver_polls_each_peer_a_few_times_a_second_not_back_to_back(gossip_and_none):
+    """Every status poll is answered on the peer's main thread, competing with its training for the GIL."""
+    for result in gossip_and_none[::2]:
+        assert 0.5 <= result.polls_per_peer_s <= 3.0, result.polls_per_peer_s
+
+
 def test_gossip_reaches_consensus_that_no_communication_does_not(gossip_and_none):
     _, gossip, _, none = gossip_and_none
     assert (none.avg_rounds_ok == 0).all() and none.avg_group_size.isna().all()

@@ -5,10 +5,10 @@ the rule "this PeerID belongs to this run". Here a peer's proof of membership is
 make for a PeerID of their own without the key, and which is worthless to anyone who copies it (it names one PeerID):
 - DHT: every request and response carries an HMAC over the message with the key (`SwarmKeyAuthorizer`, hivemind's
   own authorizer hook), so a peer without the key gets no answer from any peer's DHT and its answers are ignored.
-- Averaging: a member's proof travels with its matchmaking request and its entry in the group, and is published
-  under `<prefix>.members` in that closed DHT for state downloads; the averager (`AdmittingAverager`) refuses
-  matchmaking and state downloads from a PeerID without a valid proof, and any group with such a member. It also
-  refuses a member's part that is not finite (NaN, Inf).
+- Averaging: a member's proof is published under `<prefix>.members` in that closed DHT; the averager
+  (`AdmittingAverager`, on every hivemind averager the project makes, hivemind.Optimizer's included) refuses
+  matchmaking and state downloads from a PeerID without a valid proof there, and any group with such a member. It
+  also refuses a member's part that is not finite (NaN, Inf).
 A peer holding the key is trusted: admission keeps strangers out, it does not defend against a member gone rogue.
 """
 
@@ -18,7 +18,9 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import multiprocessing as mp
 import secrets
+import time
 from typing import AsyncIterator  # noqa: UP035 (hivemind's ServicerBase finds streams by typing's _name)
 
 from hivemind.averaging.allreduce import AllreduceException
@@ -33,16 +35,30 @@ from workers.swarmkey import MEMBERSHIP_S, Anomalies, is_member, members_key, me
 logger = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW_S = 60.0  # a signed DHT request older than this is a replay (hivemind's own limit too)
-GATHER_KEY = "member"  # where a member's proof goes in hivemind's gather data
 
 
-def publish_membership(dht, prefix: str, key: bytes) -> None:
-    """Store this peer's proof in the (closed) DHT, where the other peers' averagers look it up."""
+class MembershipError(RuntimeError):
+    """A peer could not publish its proof: every other member would refuse its rounds and its state downloads."""
+
+
+PUBLISH_TRIES = 5
+
+
+def publish_membership(dht, prefix: str, key: bytes, tries: int = PUBLISH_TRIES) -> None:
+    """Store this peer's proof in the (closed) DHT, where the other peers' averagers look it up; retried, and then
+    MembershipError: a peer whose proof nobody can find is no member, and must not train as if it were."""
     peer_id = dht.peer_id.to_bytes()
-    stored = dht.store(members_key(prefix), subkey=peer_id, value=membership_proof(key, peer_id),
-                       expiration_time=get_dht_time() + MEMBERSHIP_S)  # fmt: skip
-    if not stored:
-        logger.warning("could not publish this peer's membership in the DHT; other peers will refuse its rounds")
+    for attempt in range(tries):
+        try:
+            if dht.store(members_key(prefix), subkey=peer_id, value=membership_proof(key, peer_id),
+                         expiration_time=get_dht_time() + MEMBERSHIP_S):  # fmt: skip
+                return
+            problem = "the DHT took it nowhere"
+        except Exception as err:  # noqa: BLE001 (a DHT that is down, a timeout: all retried alike)
+            problem = repr(err)
+        logger.warning("could not publish this peer's membership (try %d of %d): %s", attempt + 1, tries, problem)
+        time.sleep(0.5 * (attempt + 1))
+    raise MembershipError(f"could not publish this peer's membership in the DHT after {tries} tries: {problem}")
 
 
 class SwarmKeyAuthorizer(AuthorizerBase):
@@ -94,28 +110,38 @@ class SwarmKeyAuthorizer(AuthorizerBase):
 
 
 class AdmittingAverager:
-    """For hivemind's DecentralizedAverager (as its first base). A member's proof comes with its matchmaking
-    request and with its entry in the group (hivemind's `gather` data, see `membership_gather`), and for a state
-    download from `<prefix>.members` in the DHT. Refused: matchmaking and state downloads from a PeerID without a
-    valid proof, and any group with such a member; all-reduce parts then come only from admitted members, since
-    hivemind takes parts only from the members of a group the peer has entered. No `swarm_key`: an open swarm,
-    everyone is answered (standalone peers without --swarm_key)."""
+    """For a hivemind averager (as its first base: DecentralizedAverager, or hivemind.Optimizer's state and gradient
+    averagers). A PeerID is admitted when the (closed) DHT holds a valid proof for it under `<members_prefix>.members`
+    (libp2p has authenticated the PeerID; `publish_membership` stored the proof); admitted PeerIDs are remembered.
+    Refused: matchmaking and state downloads from a PeerID without a proof, and any group with such a member;
+    all-reduce parts then come only from admitted members, since hivemind takes parts only from the members of a
+    group the peer has entered. No `swarm_key`: an open swarm, everyone is answered (standalone peers without
+    --swarm_key). It also counts the bytes through this peer's reducer and the rounds whose all-reduce lost a part."""
 
-    swarm_key: bytes | None = None
-    anomalies: Anomalies | None = None
+    def __init__(self, *args, swarm_key: bytes | None = None, anomalies: Anomalies | None = None,
+                 members_prefix: str | None = None, **kwargs):  # fmt: skip
+        """`members_prefix`: the run's prefix, where its proofs are published (None: this averager's own prefix;
+        hivemind.Optimizer's averagers have prefixes of their own)."""
+        self.swarm_key, self.anomalies, self.members_prefix = swarm_key, anomalies, members_prefix
+        fork = mp.get_context("fork")  # set before hivemind forks the averager's process, which writes them
+        self.part_bytes = fork.Value("q", 0, lock=False)  # bytes through this peer's reducer, both ways
+        self.partial_rounds = fork.Value("q", 0, lock=False)  # rounds whose all-reduce lost a part
+        self._admitted: set[PeerID] = set()
+        super().__init__(*args, **kwargs)
 
-    def _proven(self, peer_id: PeerID, data_for_gather: bytes) -> bool:
-        """Whether hivemind's gather data (bandwidth, mode, the peer's own gather) holds a proof for `peer_id`."""
-        try:
-            own = self.serializer.loads(self.serializer.loads(data_for_gather)[2])
-        except Exception:  # noqa: BLE001 (anything unreadable proves nothing)
-            return False
-        return isinstance(own, dict) and is_member(self.swarm_key, peer_id.to_bytes(), own.get(GATHER_KEY))
+    async def _is_member(self, peer_id: PeerID) -> bool:
+        if self.swarm_key is None or peer_id in self._admitted:
+            return True
+        if await self._published(peer_id):
+            self._admitted.add(peer_id)
+            return True
+        return False
 
     async def _published(self, peer_id: PeerID) -> bool:
         """Whether the DHT holds a valid proof for `peer_id` (a newcomer's may take a moment to appear)."""
+        key = members_key(self.members_prefix or self.prefix)
         for attempt in range(3):
-            found = await self.dht.get(members_key(self.prefix), latest=True, return_future=True)
+            found = await self.dht.get(key, latest=True, return_future=True)
             proofs = found.value if found is not None and isinstance(found.value, dict) else {}
             proof = proofs.get(peer_id.to_bytes())
             if proof is not None and is_member(self.swarm_key, peer_id.to_bytes(), proof.value):
@@ -130,7 +156,7 @@ class AdmittingAverager:
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if self.swarm_key is not None and not self._proven(context.remote_id, request.gather):
+        if not await self._is_member(context.remote_id):
             self._refuse("matchmaking", context.remote_id)
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
@@ -138,11 +164,22 @@ class AdmittingAverager:
             yield response
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
-        for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            if self.swarm_key is not None and not self._proven(peer_id, gathered):
+        for peer_id in group_info.peer_ids:
+            if not await self._is_member(peer_id):
                 self._refuse("a group with a stranger", peer_id)
                 raise AllreduceException(f"group refused: {peer_id} is no member of this run")
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
+        """hivemind's all-reduce, which reports a round as a success even when a reducer failed for some of this
+        peer's parts (it keeps their local values) or a sender's parts never reached this peer's reducer (its part
+        is averaged without them): such a round is counted in `partial_rounds`."""
+        group_id = group_info.group_id if group_id is None else group_id
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        runner = self._running_groups[group_id].result()
+        senders_failed = any(after != float("inf") for after in runner.tensor_part_reducer.sender_failed_after)
+        if runner.tensor_part_container.failed_size or senders_failed:
+            self.partial_rounds.value += 1
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -163,21 +200,14 @@ class AdmittingAverager:
             yield message
 
     def _count(self, message: averaging_pb2.AveragingData) -> None:
-        """Bytes through this peer's reducer, both ways (workers/metrics.py: avg_bytes)."""
-        counter = getattr(self, "part_bytes", None)
-        if counter is not None:
-            counter.value += len(message.tensor_part.buffer)
+        """Bytes through this peer's reducer, both ways (the metrics' averaging_bytes)."""
+        self.part_bytes.value += len(message.tensor_part.buffer)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        if self.swarm_key is not None and not await self._published(context.remote_id):
+        if not await self._is_member(context.remote_id):
             self._refuse("a state download", context.remote_id)
             return
         async for message in super().rpc_download_state(request, context):
             yield message
-
-
-def membership_gather(swarm_key: bytes | None, peer_id) -> dict | None:
-    """What a member passes as `gather` to `averager.step()`: its proof, for the others' checks above."""
-    return {GATHER_KEY: membership_proof(swarm_key, peer_id.to_bytes())} if swarm_key else None

@@ -22,14 +22,17 @@ logger = logging.getLogger(__name__)
 class RoundStats:
     ok: int = 0
     failed: int = 0
+    partial: int = 0  # rounds that ran, but whose all-reduce lost a part: not averaged through (not in `ok`)
     seconds: float = 0.0
     _window_groups: list[int] = field(default_factory=list)
     _window_seconds: float = 0.0
     _window_bytes: int = 0
 
-    def record(self, group_size: int | None, seconds: float) -> None:
-        """One round: its group size on success, None on failure."""
-        if group_size is None:
+    def record(self, group_size: int | None, seconds: float, partial: bool = False) -> None:
+        """One round: its group size on success, None on failure; `partial`: it ran, but lost a part."""
+        if partial:
+            self.partial += 1
+        elif group_size is None:
             self.failed += 1
         else:
             self.ok += 1
@@ -69,8 +72,16 @@ def averaged_tensors(model: nn.Module) -> list[torch.Tensor]:
 class NoAveraging:
     """The baseline: the same harness with no communication."""
 
+    shares_state = False  # whether its peers serve their state to newcomers (share_state, download_state)
+
     def __init__(self) -> None:
         self.stats = RoundStats()
+
+    def set_swarm_size(self, peers: int) -> None:
+        """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many."""
+
+    def drop_round(self) -> None:
+        """Forget a round in flight without applying it (the parameters are about to be replaced)."""
 
     def share_state(self, provider, priority) -> None:
         """Let newcomers download this peer's state from `provider()` -> (metadata, tensors), preferring the peer
@@ -202,13 +213,15 @@ class OptimizerAveraging(NoAveraging):
     ROUND_FAILED = re.compile(r"Averaging failed with")
 
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
-                 target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0):  # fmt: skip
+                 target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0,
+                 swarm_key: bytes | None = None, anomalies=None):  # fmt: skip
+        """`swarm_key`, `anomalies`: hivemind's averagers admit only the run's members (workers/admission.py)."""
         from workers.hivemind_layout import ContiguousGradientAverager, ContiguousOptimizer
 
         super().__init__()
         self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
         self.background = cfg.background_averaging
-        self._step_started, self._rounds_before = 0.0, 0
+        self._step_started, self._rounds_before, self._partial_seen = 0.0, 0, 0
         self._counter = _RoundLogCounter(self)
         self.optimizer = ContiguousOptimizer(  # hivemind.Optimizer, its averagers' copies made contiguous
             dht=dht,
@@ -227,6 +240,7 @@ class OptimizerAveraging(NoAveraging):
             ),
             delay_state_averaging=cfg.background_averaging,
             grad_averager_factory=None if cfg.local_updates else ContiguousGradientAverager,
+            admission=dict(swarm_key=swarm_key, anomalies=anomalies, members_prefix=prefix),
             verbose=True,  # hivemind logs round outcomes at INFO only when verbose; the counter needs them
         )
 
@@ -251,6 +265,12 @@ class OptimizerAveraging(NoAveraging):
             logger.warning("hivemind sees %d of %d peers after %.0f s; training anyway",
                            tracker.global_progress.num_peers, self.peers, self.join_timeout)  # fmt: skip
 
+    def partial_since_last(self) -> int:
+        """Rounds of the state averager whose all-reduce lost a part, since the last call (workers/admission.py)."""
+        total = self.optimizer.state_averager.partial_rounds.value
+        delta, self._partial_seen = total - self._partial_seen, total
+        return delta
+
     def shutdown(self) -> None:
         self.optimizer.shutdown()
         self._counter.detach()
@@ -270,7 +290,7 @@ class _RoundLogCounter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()  # the time is added by OptimizerAveraging.after_step (blocking rounds only)
         if match := OptimizerAveraging.ROUND_OK.search(message):
-            self.owner.stats.record(int(match.group(1)), 0.0)
+            self.owner.stats.record(int(match.group(1)), 0.0, partial=self.owner.partial_since_last() > 0)
         elif OptimizerAveraging.ROUND_FAILED.search(message):
             self.owner.stats.record(None, 0.0)
         elif record.levelno >= logging.WARNING:

@@ -283,17 +283,25 @@ def training_state(setup: TrainSetup, row: MetricsRow) -> dict[str, Any]:
 
 def resume(setup: TrainSetup, cfg: ExperimentConfig) -> None:
     """Load this peer's final checkpoint from `cfg.resume_from` into a freshly built `setup`."""
-    from workers.schedule import resume_schedule
-
     path = checkpoint_path(resume_dir(cfg.resume_from, [setup.peer], refresh=False), setup.peer, "final")
     state = load_checkpoint(path)
     check_identity(state.get("identity"), cfg, path)
-    progress = dataclasses.replace(setup.progress, **state["progress"])
-    if progress.epoch >= cfg.optim.epochs:
+    if state["progress"]["epoch"] >= cfg.optim.epochs:
         raise ConfigError(
-            f"resume_from={str(cfg.resume_from)!r}: {path.name} has finished epoch {progress.epoch}, and "
+            f"resume_from={str(cfg.resume_from)!r}: {path.name} has finished epoch {state['progress']['epoch']}, and "
             f"optim.epochs={cfg.optim.epochs} (the total) leaves nothing to train; raise optim.epochs"
         )
+    load_training_state(setup, state, cfg, path)
+    _carry_best(path.parent, setup)
+
+
+def load_training_state(setup: TrainSetup, state: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
+    """A checkpoint's parameters, optimizer, schedule, counters and RNG streams into a freshly built `setup` (this
+    peer's own, or another peer's when a dead swarm restarts from its newest checkpoint)."""
+    from workers.schedule import resume_schedule
+
+    check_identity(state.get("identity"), cfg, path)
+    progress = dataclasses.replace(setup.progress, **state["progress"])
     try:
         setup.model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -302,7 +310,6 @@ def resume(setup: TrainSetup, cfg: ExperimentConfig) -> None:
     resume_schedule(setup.scheduler.optimizer, setup.scheduler, state["scheduler"], cfg.optim)
     setup.progress = progress
     restore_rng(setup, state["rng"])
-    _carry_best(path.parent, setup)
     logger.info("peer %d: resumed from %s at epoch %d, step %d", setup.peer, path, progress.epoch, progress.step)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from workers.averaging import Diverged, NoAveraging, all_finite, averaged_tensors
 from workers.config import GossipConfig
+from workers.state import DONOR_WAIT_S
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ MATCHMAKING_POLL_S = 0.1  # the least time between two reads of the group's key 
 # the all-reduce's parts: 4 MiB instead of hivemind's 512 KiB. A 100 MB round of 4 peers on 2 cores took 2.0 s
 # instead of 2.5-2.8 s (1.0 s of CPU per peer instead of 1.3-1.5 s: fewer messages through protobuf and p2pd)
 PART_SIZE_BYTES = 2**22
-STATE_WAIT_S = 90.0  # at most a round, an evaluation and a checkpoint of the donor (see workers/state.py)
 
 
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,7 @@ def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
 
     if getattr(matchmaking.GroupKeyManager, "poll_s", None) == poll_s:
         return
+    hivemind_internals("paced_matchmaking")
 
     class PacedGroupKeyManager(GroupKeyManager):
         last_read = -math.inf
@@ -99,6 +100,54 @@ def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
     matchmaking.GroupKeyManager = PacedGroupKeyManager
 
 
+TESTED_HIVEMIND = ("1.1.12",)  # the versions whose internals these substitutions were written against
+
+
+def hivemind_internals(what: str) -> None:
+    """A guard before touching one of hivemind's internals: a version it was not written for gets a warning."""
+    import hivemind
+
+    if hivemind.__version__ not in TESTED_HIVEMIND and what not in _warned:
+        _warned.add(what)
+        logger.warning("%s touches hivemind internals tested with hivemind %s only; this is hivemind %s",
+                       what, ", ".join(TESTED_HIVEMIND), hivemind.__version__)  # fmt: skip
+
+
+_warned: set[str] = set()
+
+
+def live_target_matchmaking() -> None:
+    """hivemind's Matchmaking takes its group target once, when the averager's process starts; the swarm's size
+    changes as peers die, restart, join and leave. A leader whose target is a peer that is not there waits out
+    `matchmaking_time` every round. Here the target may be a shared value (multiprocessing.Value) that the training
+    process changes and the matchmaking reads each time. Set in hivemind's averager module before the averager's
+    process forks. (hivemind 1.1.12 starts every group in one bucket, `initial_group_bits=""`, so the key manager's
+    own target is unused.)"""
+    from hivemind.averaging import averager, matchmaking
+
+    if getattr(averager.Matchmaking, "follows_live_target", False):
+        return
+    hivemind_internals("live_target_matchmaking")
+
+    class LiveTargetMatchmaking(matchmaking.Matchmaking):
+        follows_live_target = True
+
+        def __init__(self, *args, target_group_size=None, **kwargs):
+            self._live = target_group_size if hasattr(target_group_size, "value") else None
+            size = self._live.value if self._live is not None else target_group_size
+            super().__init__(*args, target_group_size=size, **kwargs)
+
+        @property
+        def target_group_size(self) -> int | None:
+            return self._live.value if self._live is not None else self._fixed
+
+        @target_group_size.setter
+        def target_group_size(self, size: int | None) -> None:
+            self._fixed = size
+
+    averager.Matchmaking = LiveTargetMatchmaking
+
+
 @dataclass
 class Round:
     """A round in flight: the tensors as they were sent, hivemind's handle, the training thread's time so far."""
@@ -110,22 +159,26 @@ class Round:
 
 
 class GossipAveraging(NoAveraging):
+    shares_state = True
+
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
                  swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
-        """`swarm_size`: the peers the run knows of. A group aims at min(group_size, swarm_size): a round starts as
-        soon as they have all joined, not after matchmaking_time. `swarm_key`: only the run's members take part
-        (workers/admission.py); `anomalies` hears of refusals and of a group larger than the swarm."""
-        from workers.admission import membership_gather
-
+        """`swarm_size`: the most peers the swarm can have (the run's peers and scripted joiners; None: unknown, an
+        open swarm). A group aims at min(group_size, the peers in the swarm now: `set_swarm_size`, at first
+        `swarm_size`): a round starts as soon as they are all there, not after matchmaking_time. `swarm_key`: only
+        the run's members take part (workers/admission.py); `anomalies` hears of refusals and of a group larger than
+        the swarm can be."""
         super().__init__()
         self.cfg, self.lock = cfg, lock or threading.Lock()
         self.anomalies, self.swarm_size = anomalies, swarm_size
-        self.gather = membership_gather(swarm_key, dht.peer_id)  # this peer's proof, for the others' averagers
+        # the group target, read by hivemind's matchmaking in the averager's process (live_target_matchmaking)
+        self.target = mp.get_context("fork").Value("i", min(cfg.group_size, swarm_size or cfg.group_size), lock=False)
         self.tensors = averaged_tensors(model)
         self.in_flight: Round | None = None
-        self.bytes_seen = 0
+        self.bytes_seen = self.partial_seen = 0
         self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
         self.longest_epoch = 0  # the most steps an epoch had so far
+        self.epoch_round_started = False  # overlap, a round per epoch: this epoch's round was started early
         self._previous_step: float | None = None
         request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
         # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
@@ -136,7 +189,7 @@ class GossipAveraging(NoAveraging):
             [host_copy(t) for t in self.tensors],
             dht,
             prefix=prefix,
-            target_group_size=min(cfg.group_size, swarm_size or cfg.group_size),
+            target_group_size=self.target,
             min_group_size=cfg.min_group_size,
             averaging_alpha=cfg.alpha,
             min_matchmaking_time=cfg.matchmaking_time,
@@ -146,12 +199,21 @@ class GossipAveraging(NoAveraging):
             part_size_bytes=PART_SIZE_BYTES,
             allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
             # a donor answers a state download once its epoch has ended (workers/state.py): wait that long for it
-            next_chunk_timeout=STATE_WAIT_S,
+            next_chunk_timeout=DONOR_WAIT_S + 30.0,
             sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
             swarm_key=swarm_key,
             anomalies=anomalies,
             start=True,
         )
+
+    def set_swarm_size(self, peers: int) -> None:
+        self.target.value = min(self.cfg.group_size, max(peers, self.cfg.min_group_size))
+
+    def drop_round(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.control.cancel()
+            self.in_flight = None
+        self.epoch_round_started = False
 
     def share_state(self, provider, priority) -> None:
         self.averager.state_provider, self._priority = provider, priority
@@ -174,9 +236,11 @@ class GossipAveraging(NoAveraging):
         self._time_step()
         if self.in_flight is not None and self.in_flight.control.done():
             self.finish_round()
-        epoch_round_due = self.cfg.overlap and self.round_after_epoch() and left == self.lead_steps(left)
+        epoch_round_due = (self.cfg.overlap and self.round_after_epoch() and not self.epoch_round_started
+                           and left <= self.lead_steps(left))  # fmt: skip
         if self.round_after_step(step) or epoch_round_due:
             self.average()
+            self.epoch_round_started = epoch_round_due
 
     def _time_step(self) -> None:
         now, previous = time.perf_counter(), self._previous_step
@@ -198,11 +262,11 @@ class GossipAveraging(NoAveraging):
         """A round in flight lands first, so that the epoch's row and evaluation see the rounds started in it; with
         overlap and a round every H steps it carries over into the next epoch instead (the training thread never
         waits for it there; the row counts it when it lands), but not past the peer's last epoch."""
+        if self.round_after_epoch() and not self.epoch_round_started:  # (with overlap it started `lead_steps`
+            self.start_round()  # before the end, unless the epoch was too short for that; it may have landed already)
+        self.epoch_round_started = False
         carry_over = self.cfg.overlap and not self.round_after_epoch() and not final
         if self.in_flight is not None and not carry_over:
-            self.finish_round()
-        elif self.round_after_epoch():  # (with overlap, it started `lead_steps` before the end, unless the epoch
-            self.start_round()  # was too short for that)
             self.finish_round()
         self._previous_step = None  # the evaluation is no step
         if self.averager.allow_state_sharing:
@@ -227,11 +291,12 @@ class GossipAveraging(NoAveraging):
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, src in zip(shared, self.tensors, strict=True):
                 dst.copy_(src)
-        control = self.averager.step(gather=self.gather, timeout=self.matchmaking_deadline, wait=False)
+        control = self.averager.step(timeout=self.matchmaking_deadline, wait=False)
         self.in_flight = Round(sent, control, time.perf_counter() - started, started)
 
     def finish_round(self) -> int | None:
-        """Wait for the round in flight, apply its result, record it; the group size, or None if it failed."""
+        """Wait for the round in flight, apply its result, record it; the group size, or None if it failed or was
+        partial."""
         started, flight = time.perf_counter(), self.in_flight
         self.in_flight = None
         try:
@@ -242,12 +307,16 @@ class GossipAveraging(NoAveraging):
         if gathered and not self._take_result(flight.sent):
             gathered = None
         group_size = len(gathered) if gathered else None
+        partial = self._partial_since_last()
+        if partial and group_size:
+            logger.warning("averaging round with %d peers lost part of its all-reduce (counted as partial)", group_size)
         self.last_round_s = time.perf_counter() - flight.started
         if group_size and self.swarm_size and group_size > self.swarm_size:
             self._anomaly("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
-        self.stats.record(group_size, flight.blocked_s + time.perf_counter() - started)
+        seconds = flight.blocked_s + time.perf_counter() - started
+        self.stats.record(group_size, seconds, partial=bool(partial and group_size))
         self.stats.add_bytes(self._bytes_since_last())
-        return group_size
+        return None if partial else group_size
 
     def _take_result(self, sent: list[torch.Tensor]) -> bool:
         """Copy the round's result into the model (with overlap, as a correction that keeps the steps taken since
@@ -263,6 +332,12 @@ class GossipAveraging(NoAveraging):
                 else:
                     dst.copy_(src)
         return True
+
+    def _partial_since_last(self) -> int:
+        """Rounds whose all-reduce lost a part since the last call (counted in the averager's process)."""
+        total = self.averager.partial_rounds.value
+        delta, self.partial_seen = total - self.partial_seen, total
+        return delta
 
     def _bytes_since_last(self) -> int:
         total = self.averager.part_bytes.value
@@ -289,14 +364,10 @@ def swarm_averager_class():
     from workers.admission import AdmittingAverager
 
     paced_matchmaking()
+    live_target_matchmaking()
 
     class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
         state_provider = None
-
-        def __init__(self, *args, swarm_key: bytes | None = None, anomalies=None, **kwargs):
-            self.swarm_key, self.anomalies = swarm_key, anomalies  # before hivemind forks its process
-            self.part_bytes = mp.get_context("fork").Value("q", 0, lock=False)  # written by that process only
-            super().__init__(*args, **kwargs)
 
         def get_current_state(self):
             if self.state_provider is None:

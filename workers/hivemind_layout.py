@@ -1,4 +1,5 @@
-"""hivemind.Optimizer's averagers with contiguous buffers, so that a channels_last model can be averaged.
+"""hivemind.Optimizer's averagers with contiguous buffers, so that a channels_last model can be averaged, admitting
+only the run's members (workers/admission.py) as the gossip averager does.
 
 hivemind splits every averaged tensor with `view(-1)`, which raises on channels_last strides. The state averager
 copies the parameters with `.to(copy=True)` and the gradient averager the gradients with `.clone()`, and both keep
@@ -13,8 +14,10 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from workers.admission import AdmittingAverager
 
-class ContiguousStateAverager(TrainingStateAverager):
+
+class ContiguousStateAverager(AdmittingAverager, TrainingStateAverager):
     def _make_host_tensor(self, source_tensor: torch.Tensor, force_copy: bool = False) -> torch.Tensor:
         tensor = super()._make_host_tensor(source_tensor, force_copy)
         if tensor is source_tensor or tensor.is_contiguous():
@@ -22,7 +25,7 @@ class ContiguousStateAverager(TrainingStateAverager):
         return tensor.detach().contiguous().share_memory_().requires_grad_(tensor.requires_grad)
 
 
-class ContiguousGradientAverager(GradientAverager):
+class ContiguousGradientAverager(AdmittingAverager, GradientAverager):
     """hivemind.Optimizer takes it as `grad_averager_factory` (used without local updates)."""
 
     def __init__(self, parameters, **kwargs):
@@ -32,7 +35,15 @@ class ContiguousGradientAverager(GradientAverager):
 
 
 class ContiguousOptimizer(hivemind.Optimizer):
-    """hivemind offers no hook for its state averager but this method; the arguments are hivemind 1.1.12's own."""
+    """hivemind offers no hook for its state averager but this method; the arguments are hivemind 1.1.12's own.
+    `admission`: AdmittingAverager's keywords (swarm_key, anomalies, members_prefix), for both averagers."""
+
+    def __init__(self, *args, admission: dict | None = None, **kwargs):
+        self.admission = admission or {}  # before hivemind.Optimizer's __init__ makes the averagers
+        super().__init__(*args, **kwargs)
+
+    def _make_gradient_averager(self, factory, **kwargs) -> GradientAverager:
+        return super()._make_gradient_averager(factory or ContiguousGradientAverager, **kwargs, **self.admission)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         return ContiguousStateAverager(
@@ -49,4 +60,5 @@ class ContiguousOptimizer(hivemind.Optimizer):
             auxiliary=self.auxiliary,
             start=True,
             **kwargs,
+            **self.admission,
         )

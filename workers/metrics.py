@@ -29,6 +29,9 @@ class MetricsRow:
     # gossip: bytes through this peer's reducer since the previous row, parts in and averages out (summed over the
     # peers: the swarm's averaging traffic, every part once each way)
     avg_bytes: int = 0
+    # cumulative rounds that ran but whose all-reduce lost a part (a reducer or a sender failed): neither ok nor
+    # failed, and not in avg_group_size
+    averaging_rounds_partial: int = 0
     consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
     consensus_before: float = math.nan  # the same, just before each peer's last round of the epoch (nan: no round)
     consensus_peers: int = 0  # how many peers' parameters that figure covers

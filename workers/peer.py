@@ -25,8 +25,8 @@ import psutil
 import torch
 from torch.utils.data import DataLoader
 
-from workers.averaging import AllReduceAveraging, Diverged, NoAveraging, OptimizerAveraging
-from workers.checkpoint import checkpoint_identity, checkpoint_path, resume
+from workers.averaging import AllReduceAveraging, Diverged, NoAveraging, OptimizerAveraging, averaged_tensors
+from workers.checkpoint import checkpoint_identity, checkpoint_path, load_checkpoint, load_training_state, resume
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.diloco import DiLoCoAveraging
@@ -36,14 +36,11 @@ from workers.netns import NetnsLink, inside, namespace_config
 from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
 from workers.schedule import build_optimizer, build_scheduler
 from workers.sketch import ParameterSketch
-from workers.state import apply_snapshot, snapshot
+from workers.state import apply_snapshot, snapshot, state_timeout_s
 from workers.swarmkey import Anomalies, read_swarm_key
 from workers.train import Report, TrainSetup, train
 
 logger = logging.getLogger(__name__)
-
-
-RELOAD_TIMEOUT_S = 120.0  # a diverged peer's state download from a live peer
 
 
 @dataclass
@@ -54,16 +51,31 @@ class PeerEvent:
 
 
 @dataclass
+class Effects:
+    """What the scenario set on a peer. They belong to the peer, not to one incarnation: the driver hands them to
+    every incarnation it starts, and a reload keeps them."""
+
+    leave_after: int | None = None  # stop gracefully after this epoch (a scripted leave)
+    slowdown: float = 1.0  # a scripted straggler: every step takes this many times longer
+    lr_factor: float = 1.0  # a scripted learning-rate change, on top of the schedule
+
+
+@dataclass
 class PeerStatus:
     peer: int
     state: str  # "ready" | "running" | "done" | "failed" | "stopped" | "left"
-    reports: list[Report] = field(default_factory=list)
+    # reports and events in the order they happened (a report written before an event is handled before it)
+    outbox: list[Report | PeerEvent] = field(default_factory=list)
     error: str | None = None
     progress_age_s: float = 0.0  # heartbeat: seconds since the training thread last finished a step or a round
     hivemind_error: str | None = None  # which of this peer's hivemind processes died, if one did
     anomalies: list[tuple[str, str, int]] = field(default_factory=list)  # (what, who, how often): refusals etc.
-    events: list[PeerEvent] = field(default_factory=list)
     live: LiveProgress | None = None  # where its training is now, within the epoch (the driver's progress display)
+    polls: int = 0  # status polls this incarnation has answered, this one included (the driver's polling rate)
+
+    @property
+    def reports(self) -> list[Report]:
+        return [item for item in self.outbox if isinstance(item, Report)]
 
 
 @dataclass
@@ -82,9 +94,13 @@ class Joined:
 
     maddrs: list[str]
     first_epoch: int  # the first epoch it trains (its rows start there)
-    source: str  # "peer N" (downloaded from a live peer), "checkpoint", or "fresh"
+    source: str  # "peer N" (downloaded), "checkpoint of peer N" (a reseed, or a method without shared state), "fresh"
     seconds: float  # from the call to training
     processes: list[tuple[int, float]]  # see Peer.process_ids
+
+
+class StateUnavailable(RuntimeError):
+    """A newcomer could not take the swarm's state: it must not train from its fresh initialisation instead."""
 
 
 class Peer:
@@ -116,11 +132,11 @@ class Peer:
         self.setup = self._build_setup()
         self.dht = None
         self.averaging: NoAveraging = NoAveraging()
-        self._reports: queue.Queue[Report] = queue.Queue()
-        self._events: queue.Queue[PeerEvent] = queue.Queue()
+        self._outbox: queue.Queue[Report | PeerEvent] = queue.Queue()  # reports and events, in order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state, self._error = "ready", None
+        self._polls = 0
         self._hivemind: list[tuple[psutil.Process, str]] = []  # hivemind's processes: their death wedges the peer
 
     def _build_setup(self) -> TrainSetup:
@@ -216,7 +232,8 @@ class Peer:
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
                                            batch_size=self.cfg.data.batch_size,
                                            target_batch_size=gossip.target_batch_size or swarm_epoch,
-                                           peers=self.cfg.peers, stop=self._stop)  # fmt: skip
+                                           peers=self.cfg.peers, stop=self._stop, swarm_key=self.swarm_key,
+                                           anomalies=self.anomalies)  # fmt: skip
             setup.optimizer = averaging.optimizer  # the loop steps hivemind.Optimizer, which steps ours
             return averaging
         return NoAveraging()
@@ -231,31 +248,55 @@ class Peer:
         with self._in_netns():  # the rendezvous store and gloo's connections: on this peer's link
             self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
 
-    def join(self, initial_peers: list[str], state_timeout: float = 120.0) -> Joined:
-        """Join a running swarm: start the DHT off `initial_peers` (any live peers), take the state (see
-        `restore_state`), then train the rest of the run."""
+    def join(self, initial_peers: list[str], effects: Effects, swarm_size: int, donor: int | None = None) -> Joined:
+        """Join a running swarm: start the DHT off `initial_peers` (peers whose DHT is up), take the state (see
+        `restore_state`), then train the rest of the run with the peer's scenario `effects`. `donor`: no peer's
+        DHT was up, so this peer restarts the swarm from `donor`'s last checkpoint (`initial_peers` is empty)."""
         started = time.monotonic()
         maddrs = self.start_dht(initial_peers)
-        source = self.restore_state(state_timeout)
+        self.set_swarm_size(swarm_size)
+        source = self.restore_state(self.state_timeout(), donor)
+        self.apply_effects(effects)
         self.start_training()
         seconds = time.monotonic() - started
         return Joined(maddrs, self.setup.progress.epoch + 1, source, seconds, self.process_ids())
 
-    def restore_state(self, timeout: float) -> str:
-        """One of three sources, the first that has it: a live peer (the swarm's current parameters, optimizer
-        state, the averaging method's own state and position in the run), this peer's own last checkpoint, or its
-        fresh initialisation."""
-        downloaded = self.averaging.download_state(timeout)
-        if downloaded is not None:
+    def state_timeout(self) -> float:
+        """How long a state download may take: this peer's state's bytes at the slowest emulated link's rate."""
+        state_bytes = sum(t.numel() * t.element_size() for t in averaged_tensors(self.setup.model)) * 2  # + momentum
+        links = [self.cfg.emulation.rate_mbit, *(rate for link in self.cfg.emulation.links.values()
+                                                  for rate in (link.rate_mbit, link.up_mbit, link.down_mbit))]
+        rates = [rate for rate in links if rate]
+        return state_timeout_s(state_bytes, min(rates) if rates else None)
+
+    def restore_state(self, timeout: float, donor: int | None = None) -> str:
+        """Where the newcomer's state comes from, said in the return value. A method whose peers share their state
+        (gossip, DiLoCo): a live peer's (the swarm's current parameters, optimizer state, the method's own state
+        and position in the run), or StateUnavailable (never its fresh initialisation, which would be averaged into
+        a trained swarm); `donor`: that peer's last checkpoint (the swarm restarts from it). A method without
+        shared state (`none`, `optimizer`, which catches up through hivemind): its own last checkpoint, or its fresh
+        initialisation when it has none."""
+        if donor is not None:
+            return self._resume_from(donor)
+        if self.averaging.shares_state:
+            downloaded = self.averaging.download_state(timeout)
+            if downloaded is None:
+                raise StateUnavailable(f"no live peer served its state within {timeout:.0f} s")
             metadata, tensors = downloaded
             self.averaging.load_method_state(apply_snapshot(self.setup, metadata, tensors, self.cfg.optim))
             return f"peer {metadata['peer']}"
         own = checkpoint_path(self.checkpoint_dir, self.peer, "final") if self.checkpoint_dir else None
-        if own is not None and own.is_file():
-            resume(self.setup, self.cfg.model_copy(update={"resume_from": self.checkpoint_dir}))
-            self.averaging.load_method_state(None)  # (DiLoCo: the last sync is the checkpoint's parameters)
-            return "checkpoint"
-        return "fresh"
+        return self._resume_from(self.peer) if own is not None and own.is_file() else "fresh"
+
+    def _resume_from(self, donor: int) -> str:
+        if self.checkpoint_dir is None:
+            raise StateUnavailable(f"no checkpoint folder to take peer {donor}'s checkpoint from")
+        path = checkpoint_path(self.checkpoint_dir, donor, "final")
+        if not path.is_file():
+            raise StateUnavailable(f"peer {donor}'s checkpoint {path} is not on this node")
+        load_training_state(self.setup, load_checkpoint(path), self.cfg, path)
+        self.averaging.load_method_state(None)  # (DiLoCo: the last sync is the checkpoint's parameters)
+        return f"checkpoint of peer {donor}"
 
     def start_training(self) -> None:
         self._state = "running"
@@ -274,51 +315,55 @@ class Peer:
             while not self._train_unless_diverged():
                 pass
             left = self.setup.leave_after is not None and self.setup.progress.epoch < self.setup.epochs
-            self._state = "stopped" if self._stop.is_set() else "left" if left else "done"
+            state = "stopped" if self._stop.is_set() else "left" if left else "done"
         except Exception:
-            self._error, self._state = traceback.format_exc(), "failed"
+            self._error, state = traceback.format_exc(), "failed"
             logger.error("peer %d failed:\n%s", self.peer, self._error)
+        self._state = state  # after its last report: a poll that sees it has every report in the outbox
 
     def _train_unless_diverged(self) -> bool:
         """Train to the end (True), or until the peer diverges: then it takes a live peer's state (False: train on
         from there), or stops (`faults.on_divergence: stop`, Diverged raised: the driver restarts it)."""
         try:
             for report in train(self.setup, self.averaging, self._stop):
-                self._reports.put(report)
+                self._outbox.put(report)
             return True
         except Diverged as err:
-            self._events.put(PeerEvent("diverged", str(err)))
+            self._outbox.put(PeerEvent("diverged", str(err)))
             if self.cfg.faults.on_divergence == "stop":
                 raise
         self.averaging.withhold_state()  # nobody downloads what diverged
-        self.setup.lr_factor = 1.0
-        source = self.restore_state(RELOAD_TIMEOUT_S)
+        self.averaging.drop_round()  # a round in flight carries the diverged trajectory: never applied
+        try:
+            source = self.restore_state(self.state_timeout())
+        except StateUnavailable as err:
+            raise Diverged(f"diverged, and it could not reload the swarm's state: {err}") from err
         if source == "fresh":
             raise Diverged("diverged, and neither a live peer nor a checkpoint had a state to reload")
         self._share_state()
         first = self.setup.progress.epoch + 1
-        self._events.put(PeerEvent("reloaded", f"state from {source}, training on from epoch {first}", first))
+        self._outbox.put(PeerEvent("reloaded", f"state from {source}, training on from epoch {first}", first))
         return False
 
-    def scale_lr(self, factor: float) -> None:
-        """Every step from now on uses `factor` times the scheduled learning rate."""
-        self.setup.lr_factor = factor
+    def apply_effects(self, effects: Effects) -> None:
+        """The scenario's effects on this peer: a leave after an epoch, a slowdown, a learning-rate factor."""
+        self.setup.leave_after, self.setup.slowdown, self.setup.lr_factor = (
+            effects.leave_after, effects.slowdown, effects.lr_factor)  # fmt: skip
 
-    def leave_after(self, epoch: int | None = None) -> None:
-        """Finish epoch `epoch` (None: the current one), report it, and stop: a graceful leave."""
-        self.setup.leave_after = epoch if epoch is not None else self.setup.progress.epoch + 1
-
-    def set_slowdown(self, factor: float) -> None:
-        """Every step from now on takes `factor` times as long (a straggler)."""
-        self.setup.slowdown = factor
+    def set_swarm_size(self, peers: int) -> None:
+        """How many peers the swarm has now: a group aims at that many (workers/gossip.py)."""
+        self.averaging.set_swarm_size(peers)
 
     def poll(self) -> PeerStatus:
         """Everything reported since the last poll, the current state and the heartbeat. Never waits on the
-        training thread or on hivemind."""
-        reports, events = drain(self._reports), drain(self._events)
-        age = time.monotonic() - self.setup.last_progress if self._state == "running" else 0.0
-        return PeerStatus(self.peer, self._state, reports, self._error, age, self.hivemind_error(),
-                          self.anomalies.take(), events, self._live())  # fmt: skip
+        training thread or on hivemind. The state is read before the outbox: the training thread sets it after its
+        last report, so a poll that sees a final state also takes every report."""
+        state = self._state
+        outbox = drain(self._outbox)
+        age = time.monotonic() - self.setup.last_progress if state == "running" else 0.0
+        self._polls += 1
+        return PeerStatus(self.peer, state, outbox, self._error, age, self.hivemind_error(), self.anomalies.take(),
+                          self._live(), self._polls)  # fmt: skip
 
     def _live(self) -> LiveProgress:
         progress, stats = self.setup.progress, self.averaging.stats

@@ -227,7 +227,7 @@ def run_peer(
     """`whole_set`: an open swarm's peer (see the module's doc): it takes the state of a live peer when it joins
     one, and never waits for others."""
     from workers.checkpoint import run_checkpoint_dir
-    from workers.peer import Peer  # torch and hivemind: only once the config is known good
+    from workers.peer import Peer, StateUnavailable  # torch and hivemind: only once the config is known good
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -243,7 +243,7 @@ def run_peer(
                 print(f"VISIBLE_MADDRS: {maddrs}", flush=True)  # the one stdout line: what the others join
             logger.info("peer %d of %d is up at %s; metrics -> %s", peer_index, cfg.peers, maddrs, metrics.path)
             if whole_set and initial_peers:
-                source = peer.restore_state(timeout=120.0)
+                source = peer.restore_state(peer.state_timeout())
                 logger.info("state from %s: training from epoch %d", source, peer.setup.progress.epoch + 1)
             elif cfg.gossip.method != "none":  # peers that never communicate need not wait for each other
                 wait_for_swarm(peer.dht, f"{run_id}/joined", peer_index, cfg.peers, join_timeout)
@@ -251,7 +251,7 @@ def run_peer(
             exit_code = follow(peer, metrics, cfg.optim.epochs)
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping after %d rows", metrics.rows_written)
-        except JoinError as err:
+        except (JoinError, StateUnavailable) as err:
             logger.error("%s", err)
             exit_code = 1
         except ConfigError as err:  # found while building the peer, e.g. a checkpoint that does not fit

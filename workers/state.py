@@ -24,9 +24,20 @@ from workers.averaging import averaged_tensors
 if TYPE_CHECKING:
     from workers.train import TrainSetup
 
+DONOR_WAIT_S = 60.0  # the longest a donor waits for its epoch's end (a round, an evaluation) before it answers
+UNKNOWN_LINK_MBIT = 100.0  # the rate assumed for a state download where no link rate is configured
+
+
+def state_timeout_s(state_bytes: int, rate_mbit: float | None) -> float:
+    """The one timeout of a state download (a newcomer's, a diverged peer's reload): the donor's wait for its epoch's
+    end, plus three times the transfer at the link's rate (emulation's, else UNKNOWN_LINK_MBIT), plus 30 s.
+    ResNet-50's state (parameters and momentum, 188 MB) at 5 Mbit/s: 60 + 3 x 301 + 30 = 993 s."""
+    transfer_s = 8 * state_bytes / ((rate_mbit or UNKNOWN_LINK_MBIT) * 1e6)
+    return DONOR_WAIT_S + 3 * transfer_s + 30.0
+
 
 def snapshot(
-    setup: TrainSetup, wait_s: float = 60.0, method_state: Callable[[], list[torch.Tensor]] | None = None
+    setup: TrainSetup, wait_s: float = DONOR_WAIT_S, method_state: Callable[[], list[torch.Tensor]] | None = None
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """(metadata, tensors) of this peer now: parameters and float buffers, then every tensor of the optimizer's
     per-parameter state (e.g. SGD's momentum buffers), then the averaging method's own (`method_state()`, e.g.

@@ -211,6 +211,7 @@ def epoch_row(
         avg_group_size=group_size,
         avg_seconds=avg_seconds,
         avg_bytes=avg_bytes,
+        averaging_rounds_partial=averaging.stats.partial,
         node=setup.node,
         node_id=setup.node_id,
         restarts=setup.restarts,
