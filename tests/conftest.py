@@ -70,7 +70,12 @@ def ray_started(env: dict[str, str]) -> list[str]:
     """What a CLI run under `env` (a `private_ray_env`) started of Ray: its session folders, and the live processes
     that inherited its private temp folder. Unlike a census of the machine, blind to other users' Ray runs."""
     temp_dir = env["RAY_TMPDIR"]
-    found = [str(path) for path in Path(temp_dir).glob("ray/session_*")]
+    return [str(path) for path in Path(temp_dir).glob("ray/session_*")] + ray_processes_left(env)
+
+
+def ray_processes_left(env: dict[str, str]) -> list[str]:
+    """The live processes of the Ray that a CLI run under `env` started ("pid: command line"): none may outlive it."""
+    temp_dir, found = env["RAY_TMPDIR"], []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if proc.environ().get("RAY_TMPDIR") == temp_dir or temp_dir in " ".join(proc.info["cmdline"] or []):

@@ -226,3 +226,24 @@ def test_a_resumed_run_starts_with_the_previous_best_in_its_own_folder(tmp_path,
     previous = load_checkpoint(checkpoint_path(tmp_path / "first", 0, "best"))
     assert carried["progress"] == previous["progress"] and carried["metrics"]["run_id"] == "first"
     assert not checkpoint_path(tmp_path / "resumed", 0, "final").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_newcomer_that_gets_no_state_never_starts_from_its_initial_weights(torch_threads, tmp_path):
+    """A gossip newcomer whose swarm serves no state (here: the only other peer has not started training, so it
+    shares nothing) must not train from its fresh initialisation: that would be averaged into a trained swarm, and
+    its rows would land in long-finished epochs. It raises, and the driver decides (restart or give up)."""
+    from workers.peer import Peer, StateUnavailable
+
+    cfg = quick_config("peers=2")
+    other, newcomer = Peer(cfg, 0, "no-state", checkpoint_dir=tmp_path), Peer(cfg, 1, "no-state", tmp_path)
+    try:
+        newcomer.start_dht(other.start_dht([]))
+        with pytest.raises(StateUnavailable, match="no live peer served its state within 3 s"):
+            newcomer.restore_state(timeout=3)
+        assert newcomer.setup.progress.epoch == 0
+    finally:
+        for peer in (other, newcomer):  # not Peer.stop: it kills this process's children (torch's shm manager)
+            peer.averaging.shutdown()
+            peer.dht.shutdown()

@@ -198,6 +198,7 @@ def test_a_kill_after_the_others_are_done_joins_their_swarm(ray_local, tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())
     assert result.exit_code == 0
+    assert metrics[metrics.peer == 2].epoch.tolist() == [1, 2], "its restart had no epoch left to train"
     done_at = events[(events.event == "done") & (events.peer < 2)].time_s.max()
     assert done_at < events[events.event == "killed"].time_s.iloc[0], "the others were done before the kill"
     (restart,) = events[events.event == "restarted"].itertuples()

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import QUICKSTART, ROOT, ray_started, run_processes
+from tests.conftest import QUICKSTART, ROOT, ray_processes_left, ray_started, run_processes
 from workers.checkpoint import checkpoint_path
 from workers.metrics import CSV_COLUMNS
 
@@ -104,7 +104,7 @@ def test_ctrl_c_stops_a_run_with_wedged_peers_within_60_s(tmp_path, private_ray_
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(2)
     assert [p for p in run_processes() if int(p.split(":")[0]) not in before] == []
-    assert ray_started(private_ray_env) == [] or all("session_" in p for p in ray_started(private_ray_env))
+    assert ray_processes_left(private_ray_env) == [], "no process of the run's Ray is left"
 
 
 def wait_for_rows(out_dir, at_least: int, timeout: float) -> str:

@@ -27,7 +27,7 @@ from launcher.emulation import (
     support_problem,
 )
 from launcher.linkmeter import MAX_BYTES, MIN_BYTES, Measured, probe_bytes, steady_rate_mbit
-from tests.conftest import QUICKSTART, ROOT, quick_config, ray_started
+from tests.conftest import QUICKSTART, ROOT, quick_config, ray_processes_left, ray_started
 from tests.test_cli import wait_for_rows
 from workers.config import ConfigError, EmulationConfig, parse_config
 from workers.netns import NetnsLink, inside, namespace_config
@@ -285,7 +285,7 @@ def test_a_quickstart_run_trains_on_measured_links_and_leaves_nothing(support, t
     token = links.namespace[0].split("-")[1]
     assert system_leftovers(token) == [], "namespaces, veths or the bridge left behind"
     time.sleep(2)  # Ray's own processes of this run (its session folders stay): none left running
-    assert [found for found in ray_started(private_ray_env) if not found.startswith("/")] == []
+    assert ray_processes_left(private_ray_env) == [], "no process of the run's Ray is left"
 
 
 @pytest.mark.parametrize(

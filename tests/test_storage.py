@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from launcher.cli import main as cli_main
-from tests.conftest import QUICKSTART, ROOT, private_token, quick_config, ray_started
+from tests.conftest import QUICKSTART, ROOT, private_token, quick_config, ray_processes_left
 from workers.config import ConfigError
 from workers.storage import FolderMirror, check_location, is_remote, join, remote_of, staging_dir
 
@@ -183,7 +183,7 @@ def runs(s3_server, tmp_path_factory):
     (resumed,) = {key.split("/")[0] for key in keys(client, "runs/")} - {first}
     print(f"two runs on S3 storage: {time.monotonic() - started:.1f} s")
     yield first, resumed, env, staging
-    assert ray_started(env) == [] or all("session_" in p for p in ray_started(env))
+    assert ray_processes_left(env) == [], "no process of the run's Ray is left"
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

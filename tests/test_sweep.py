@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from launcher import cli
-from tests.conftest import QUICKSTART, ROOT, ray_started
+from tests.conftest import QUICKSTART, ROOT, ray_processes_left
 from workers.config import ConfigError, ExperimentConfig, apply_overrides, load_config, load_experiment
 from workers.sweepconfig import Sweep, expand_grid
 
@@ -236,7 +236,7 @@ def test_two_swarms_at_once_ctrl_c_then_resume_runs_only_the_rest(tmp_path, priv
     overlap = run_span(sweep_dir / done_run), others[0]
     assert overlap[1][0] < overlap[0][1], "the second swarm started before the first one ended"
     time.sleep(2)
-    left = [p for p in ray_started(private_ray_env) if not p.startswith("/")]  # processes, not session folders
+    left = ray_processes_left(private_ray_env)
     assert left == [], "Ctrl-C leaves nothing behind: no trial, peer, p2pd or Ray process of this sweep's Ray"
 
     resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=private_ray_env, capture_output=True, text=True,

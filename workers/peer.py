@@ -264,8 +264,14 @@ class Peer:
     def state_timeout(self) -> float:
         """How long a state download may take: this peer's state's bytes at the slowest emulated link's rate."""
         state_bytes = sum(t.numel() * t.element_size() for t in averaged_tensors(self.setup.model)) * 2  # + momentum
-        links = [self.cfg.emulation.rate_mbit, *(rate for link in self.cfg.emulation.links.values()
-                                                  for rate in (link.rate_mbit, link.up_mbit, link.down_mbit))]
+        links = [
+            self.cfg.emulation.rate_mbit,
+            *(
+                rate
+                for link in self.cfg.emulation.links.values()
+                for rate in (link.rate_mbit, link.up_mbit, link.down_mbit)
+            ),
+        ]
         rates = [rate for rate in links if rate]
         return state_timeout_s(state_bytes, min(rates) if rates else None)
 
