@@ -54,11 +54,12 @@ def test_throughput_counts_training_and_averaging_but_not_evaluation(torch_threa
 
 class HalvingRounds(NoAveraging):
     """A stand-in for averaging that halves the parameters in each round (every `every` steps, or after the epoch),
-    and keeps the parameters it found before each round."""
+    and keeps the parameters it found before each round. `early`: a round per epoch that starts this many steps
+    before the epoch's end and lands at its end (overlap): what it shares are the parameters at its start."""
 
-    def __init__(self, model: torch.nn.Module, every: int | None):
+    def __init__(self, model: torch.nn.Module, every: int | None, early: int = 0):
         super().__init__()
-        self.model, self.every = model, every
+        self.model, self.every, self.early = model, every, early
         self.before: dict[int | str, torch.Tensor] = {}  # step, or "epoch <n>" -> parameters before that round
 
     def round_after_step(self, step: int) -> bool:
@@ -69,24 +70,32 @@ class HalvingRounds(NoAveraging):
 
     def after_step(self, step: int, left: int = 0) -> None:
         if self.round_after_step(step):
-            self._round(step)
+            self._start(step)
+            self._land()
+        elif self.round_after_epoch() and self.early and left == self.early:
+            self._start(f"epoch {len(self.before) + 1}")
 
     def after_epoch(self, final: bool = True) -> None:
         if self.round_after_epoch():
-            self._round(f"epoch {len(self.before) + 1}")
+            if not self.early:
+                self._start(f"epoch {len(self.before) + 1}")
+            self._land()
+
+    def _start(self, key: int | str) -> None:
+        self.round_starts()
+        self.before[key] = flat_parameters(self.model).clone()
 
     @torch.no_grad()
-    def _round(self, key: int | str) -> None:
-        self.before[key] = flat_parameters(self.model).clone()
+    def _land(self) -> None:
         for parameter in self.model.parameters():
             parameter.mul_(0.5)
 
 
-@pytest.mark.parametrize("every", [4, None])
-def test_the_sketch_before_is_taken_right_before_the_epochs_last_round(torch_threads, every):
+@pytest.mark.parametrize("every, early", [(4, 0), (None, 0), (None, 3)])
+def test_the_sketch_before_is_taken_as_the_epochs_last_round_starts(torch_threads, every, early):
     peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=2"), 0, "before")
     setup = peer.setup
-    averaging = HalvingRounds(setup.model, every)
+    averaging = HalvingRounds(setup.model, every, early)
     steps = len(setup.train_loader)
     assert steps % 4 != 0, "rounds at steps 4, 8, ...: the epochs' last rounds are not at their last steps"
     reports = list(train(setup, averaging, threading.Event()))

@@ -76,6 +76,14 @@ class NoAveraging:
 
     def __init__(self) -> None:
         self.stats = RoundStats()
+        # the training loop's check before this peer shares anything in a round (workers/train.py: RoundWatch): a
+        # peer whose training blew up raises Diverged there; None outside the loop
+        self.before_round = None
+
+    def round_starts(self, check: bool = True) -> None:
+        """Call as a round starts, before anything is shared; `check`: skipping is possible (not in a collective)."""
+        if self.before_round is not None:
+            self.before_round(check)
 
     def set_swarm_size(self, peers: int) -> None:
         """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many."""
@@ -177,6 +185,8 @@ class AllReduceAveraging(NoAveraging):
         import torch.distributed as dist
 
         started = time.perf_counter()
+        if tensors is self.tensors:  # the parameters (not the gradients): the drift this round repairs
+            self.round_starts(check=False)  # every peer must enter the collective: no skipping here
         flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
         dist.all_reduce(flat)
         flat /= self.world_size

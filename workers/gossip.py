@@ -284,9 +284,12 @@ class GossipAveraging(NoAveraging):
     def start_round(self) -> None:
         """Hand the tensors to hivemind. Parameters that are not finite are never shared: Diverged."""
         started = time.perf_counter()
-        if not all_finite(self.tensors):
-            self.stats.record(None, 0.0)
-            raise Diverged("its parameters are not finite: it skipped the round")
+        try:  # a skipped round is no averaging round (neither ok nor failed): the `diverged` event says it
+            if not all_finite(self.tensors):
+                raise Diverged("its parameters are not finite")
+            self.round_starts()  # the training loop's guard: a finite blow-up raises Diverged too
+        except Diverged as err:
+            raise Diverged(f"{err}: it skipped the round") from None
         sent = [host_copy(t) for t in self.tensors] if self.cfg.overlap else []
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, src in zip(shared, self.tensors, strict=True):

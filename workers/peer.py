@@ -99,6 +99,9 @@ class Joined:
     processes: list[tuple[int, float]]  # see Peer.process_ids
 
 
+MAX_RELOADS_IN_A_ROW = 3  # a peer that diverges again this often before it reports an epoch cannot train
+
+
 class StateUnavailable(RuntimeError):
     """A newcomer could not take the swarm's state: it must not train from its fresh initialisation instead."""
 
@@ -136,6 +139,7 @@ class Peer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state, self._error = "ready", None
+        self._reported = 0  # epochs reported (see MAX_RELOADS_IN_A_ROW)
         self._polls = 0
         self._hivemind: list[tuple[psutil.Process, str]] = []  # hivemind's processes: their death wedges the peer
 
@@ -282,6 +286,11 @@ class Peer:
         a trained swarm); `donor`: that peer's last checkpoint (the swarm restarts from it). A method without
         shared state (`none`, `optimizer`, which catches up through hivemind): its own last checkpoint, or its fresh
         initialisation when it has none."""
+        source = self._take_state(timeout, donor)
+        self.setup.took_state()
+        return source
+
+    def _take_state(self, timeout: float, donor: int | None) -> str:
         if donor is not None:
             return self._resume_from(donor)
         if self.averaging.shares_state:
@@ -318,8 +327,12 @@ class Peer:
 
     def _train_thread(self) -> None:
         try:
+            reloads, reported = 0, self._reported  # in a row: without an epoch reported in between
             while not self._train_unless_diverged():
-                pass
+                reloads, reported = (reloads + 1 if self._reported == reported else 1), self._reported
+                if reloads >= MAX_RELOADS_IN_A_ROW:
+                    raise Diverged(f"diverged {reloads} times in a row, each time right after reloading the swarm's "
+                                   "state: it cannot train (restarted as after a death, then given up)")  # fmt: skip
             left = self.setup.leave_after is not None and self.setup.progress.epoch < self.setup.epochs
             state = "stopped" if self._stop.is_set() else "left" if left else "done"
         except Exception:
@@ -333,6 +346,7 @@ class Peer:
         try:
             for report in train(self.setup, self.averaging, self._stop):
                 self._outbox.put(report)
+                self._reported += 1
             return True
         except Diverged as err:
             self._outbox.put(PeerEvent("diverged", str(err)))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from workers.averaging import Diverged, NoAveraging
 from workers.checkpoint import save_epoch
+from workers.guard import DivergenceGuard
 from workers.metrics import MetricsRow
 from workers.sketch import ParameterSketch
 
@@ -31,7 +32,7 @@ class Report:
 
     row: MetricsRow
     sketch: np.ndarray
-    sketch_before: np.ndarray | None = None  # the parameters just before the epoch's last round (None: no round)
+    sketch_before: np.ndarray | None = None  # the parameters as the epoch's last round started (None: no round)
 
 
 @dataclass
@@ -75,6 +76,11 @@ class TrainSetup:
     lr_factor: float = 1.0  # a scripted learning-rate change (scenario event `lr`), on top of the schedule
     epoch_ending: bool = False  # between an epoch's last step and its report (its round, its evaluation)
     epoch_steps: int = 0  # steps in the epoch in progress (for the driver's progress display)
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # its own history, kept across reloads
+
+    def took_state(self) -> None:
+        """The parameters were just replaced (a donor's state, a checkpoint): the guard's history starts there."""
+        self.guard.seed(float(flat_parameters(self.model).float().norm()))
 
     def is_last(self, epoch: int) -> bool:
         """No epoch follows `epoch` on this peer: the run's end, or its scripted leave."""
@@ -83,13 +89,11 @@ class TrainSetup:
 
 @dataclass
 class EpochTotals:
-    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step.
-    And the parameters' sketch just before the epoch's last averaging round: consensus before it, for drift."""
+    """Sums kept on the device, read once per epoch: a `.item()` per step would wait for the GPU at every step."""
 
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seen: int = 0
-    sketch_before: np.ndarray | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + loss.detach().float() * len(targets)
@@ -97,20 +101,44 @@ class EpochTotals:
         self.seen += len(targets)
 
 
+class RoundWatch:
+    """What the training loop does as a round starts (the strategy calls it before this peer shares anything): the
+    divergence guard, so that a peer whose loss or parameters blew up shares nothing (Diverged), and a sketch of the
+    parameters as they were sent, for consensus_before (the drift each round repairs)."""
+
+    def __init__(self, setup: TrainSetup):
+        self.setup, self.guard = setup, setup.guard
+        self.loss_sum: torch.Tensor | float = 0.0  # the steps' losses since the last round, on the device
+        self.steps = 0
+        self.sketch_before: np.ndarray | None = None  # at the epoch's last round start (None: no round yet)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.loss_sum, self.steps = self.loss_sum + loss.detach().float(), self.steps + 1
+
+    def __call__(self, check: bool = True) -> None:
+        """`check`: False where a peer cannot skip a round (an all-reduce collective every peer must enter)."""
+        flat = flat_parameters(self.setup.model)
+        if check:
+            loss = float(self.loss_sum) / self.steps if self.steps else None
+            if reason := self.guard.check(loss, float(flat.float().norm())):
+                raise Diverged(reason)
+        self.loss_sum, self.steps = 0.0, 0
+        self.sketch_before = self.setup.sketch(flat)
+
+
 def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> Iterator[Report]:
     """Train from the epoch after `setup.progress.epoch` to `setup.epochs`; one report per epoch."""
     progress = setup.progress
     started = time.perf_counter() - progress.wall_time_s
+    watch = averaging.before_round = RoundWatch(setup)
     for epoch in range(progress.epoch + 1, setup.epochs + 1):
-        epoch_started = time.perf_counter()
+        epoch_started, watch.sketch_before = time.perf_counter(), None
         totals = train_epoch(setup, averaging, stop)
         if totals is None:
             return
         if not math.isfinite(float(totals.loss_sum)):
             raise Diverged(f"its training loss in epoch {epoch} is not finite")
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
-        if averaging.round_after_epoch():
-            totals.sketch_before = setup.sketch(flat_parameters(setup.model))
         averaging.after_epoch(final=setup.is_last(epoch))
         trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
@@ -124,7 +152,7 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         progress.best_acc = test_acc if improved else progress.best_acc
         row = epoch_row(setup, averaging, totals, (test_loss, test_acc), seconds)
         save_epoch(setup, row, improved)
-        yield Report(row, setup.sketch(flat_parameters(setup.model)), totals.sketch_before)
+        yield Report(row, setup.sketch(flat_parameters(setup.model)), watch.sketch_before)
         if setup.is_last(epoch):
             return
 
@@ -134,8 +162,6 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
     took over another's state mid-epoch starts at that peer's step into the epoch."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
     steps = setup.epoch_steps = averaging.epoch_steps(len(setup.train_loader))
-    left = steps - min(progress.epoch_step, steps)  # a newcomer starts its first epoch where its donor was
-    last_round = None if averaging.round_after_epoch() else last_round_step(averaging, progress.step, left)
     model.train()
     for inputs, targets in islice(setup.train_loader, progress.epoch_step, steps):
         if stop.is_set():
@@ -153,10 +179,9 @@ def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event
             progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
             progress.epoch_step += 1
         totals.add(loss, logits, targets)
+        averaging.before_round.step(loss)
         if setup.slowdown > 1:  # a straggler: its step takes `slowdown` times as long
             stop.wait((setup.slowdown - 1) * (time.perf_counter() - step_started))
-        if progress.step == last_round:
-            totals.sketch_before = setup.sketch(flat_parameters(model))
         averaging.after_step(progress.step, steps - progress.epoch_step)
         setup.last_progress = time.monotonic()
     return totals
@@ -175,11 +200,6 @@ def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]
     finally:
         for group in optimizer.param_groups:
             group["lr"] /= factor
-
-
-def last_round_step(averaging: NoAveraging, first_step: int, steps: int) -> int | None:
-    """The step after which the last round of an epoch of `steps` steps after `first_step` runs (None: none)."""
-    return next((s for s in range(first_step + steps, first_step, -1) if averaging.round_after_step(s)), None)
 
 
 def epoch_row(
