@@ -100,7 +100,7 @@ def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
 def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
     """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
     time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
-    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else 0.0)  # older runs: no column
+    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else np.nan)  # older runs: unknown
     by_epoch = run.groupby("epoch")
     curve = by_epoch.agg(
         acc_mean=("test_acc", "mean"),
@@ -112,9 +112,9 @@ def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
         wall_time_s=("wall_time_s", "max"),
         samples_seen=("samples_seen", "mean"),
         consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
-        swarm_bytes=("avg_bytes", "sum"),
+        swarm_bytes=("avg_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known
     ).sort_index()
-    curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum() / 1e6  # the swarm's averaging traffic so far
+    curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum(skipna=False) / 1e6  # the swarm's averaging traffic so far
     return curve
 
 
@@ -140,6 +140,7 @@ def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
         **_rounds(run),
         "final_consensus_dist": curve["consensus_dist"].iloc[-1],
         "swarm_mb": curve["swarm_mb"].iloc[-1],
+        "bytes_source": "/".join(sorted(run["bytes_source"].dropna().unique())) if "bytes_source" in run else "unknown",
         "wall_time_s": last["wall_time_s"].max(),
         "run_dir": run["run_dir"].iloc[0] if "run_dir" in run.columns else "",
     }

@@ -35,6 +35,17 @@ class EpochCollector:
         self.pending[epoch][report.row.peer] = report
         return self._complete_epochs()
 
+    def take(self, peer: int, outbox: list) -> list[list[MetricsRow]]:
+        """A peer's reports and events (PeerEvent) in the order they happened: a report written before an event is
+        finished before the event changes what the collector waits for (a reload that skips epochs)."""
+        epochs = []
+        for item in outbox:
+            if isinstance(item, Report):
+                epochs += self.add(item)
+            elif item.first_epoch is not None:
+                epochs += self.expect(peer, item.first_epoch)
+        return epochs
+
     def expect(self, peer: int, first_epoch: int) -> list[list[MetricsRow]]:
         """A peer (re)joined, or took a live peer's state: wait for its reports from `first_epoch` on (the
         epochs before, which it skipped, are no longer waiting for it)."""

@@ -177,9 +177,13 @@ class Swarm:
         for what, who, count in status.anomalies:  # refused strangers, oversized groups: never a silent "round ok"
             self._event(incarnation, "anomaly", f"{what}: {who} ({count}x)")
             logger.warning("peer %d: %s: %s (%dx)", incarnation.peer, what, who, count)
-        for item in status.outbox:  # in the order they happened: a report before an event is finished before it
-            epochs += self._report(incarnation, item) if not isinstance(item, PeerEvent) else self._peer_event(
-                incarnation, item)  # fmt: skip
+        for item in status.outbox:  # reports time the peer's epochs; events (diverged, reloaded) are logged
+            if isinstance(item, PeerEvent):
+                self._event(incarnation, item.event, item.detail)
+                logger.warning("peer %d %s: %s", incarnation.peer, item.event, item.detail)
+            else:
+                self._timed(incarnation, item.row.epoch)
+        epochs += self.collector.take(incarnation.peer, status.outbox)  # in the order they happened
         if status.state == "failed":
             return epochs + self._died(incarnation, "training failed: " + (status.error or "").strip().splitlines()[-1])
         if status.state in ("done", "left", "stopped"):
@@ -190,18 +194,11 @@ class Swarm:
             epochs += self.collector.drop_peer(incarnation.peer)
         return epochs
 
-    def _report(self, incarnation: Incarnation, report) -> list[list[MetricsRow]]:
+    def _timed(self, incarnation: Incarnation, epoch: int) -> None:
         now = time.monotonic()
         if incarnation.last_report is not None:
             incarnation.epoch_s = max(incarnation.epoch_s or 0.0, now - incarnation.last_report)
-        incarnation.last_report, incarnation.epoch = now, report.row.epoch
-        return self.collector.add(report)
-
-    def _peer_event(self, incarnation: Incarnation, event: PeerEvent) -> list[list[MetricsRow]]:
-        """diverged, reloaded (it may skip epochs: they no longer wait for it)."""
-        self._event(incarnation, event.event, event.detail)
-        logger.warning("peer %d %s: %s", incarnation.peer, event.event, event.detail)
-        return self.collector.expect(incarnation.peer, event.first_epoch) if event.first_epoch is not None else []
+        incarnation.last_report, incarnation.epoch = now, epoch
 
     def _joined(self, incarnation: Incarnation, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
         incarnation.launch = None

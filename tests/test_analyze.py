@@ -245,3 +245,15 @@ def test_a_run_whose_rounds_mostly_failed_is_called_out():
     assert averaging_verdict(totals([5, 5], [5, 5], [0, 0]), "diloco") is None, "half is not most"
     assert averaging_verdict(totals([0, 0], [0, 0], [0, 0]), "gossip") is None, "no round: nothing to judge"
     assert averaging_verdict(totals([0], [9], [0]), "none") is None
+
+
+def test_bytes_nobody_counted_are_unknown_not_zero(tmp_path):
+    """A run written before the byte count (no avg_bytes column): its swarm_mb is NaN, never 0 (which would read as
+    'no traffic'); a run's bytes_source says whether its bytes were measured or modelled (the all-reduce ring)."""
+    run_dir = make_run(tmp_path, "old")
+    metrics = pd.read_csv(run_dir / "metrics.csv").drop(columns=["avg_bytes", "bytes_source"])
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+    (row,) = compare_runs(load_run(run_dir)).to_dict("records")
+    assert math.isnan(row["swarm_mb"]) and row["bytes_source"] == "unknown"
+    (row,) = compare_runs(load_run(make_run(tmp_path, "new"))).to_dict("records")
+    assert row["swarm_mb"] == pytest.approx(5.0) and row["bytes_source"] == "measured"

@@ -87,3 +87,19 @@ def test_summary_takes_each_peers_last_row_and_best_accuracy(tmp_path):
     summary = summarize(read_metrics(tmp_path)).set_index("peer")
     assert summary.loc[0, "final_test_acc"] == 0.8 and summary.loc[0, "best_test_acc"] == 0.9
     assert summary.loc[1, "rounds_ok"] == 3 and summary.loc[1, "epochs"] == 2
+
+
+def test_a_report_before_a_reload_is_finished_before_the_reload_skips_epochs():
+    """Peer 1 reported epoch 2, then diverged and reloaded a state of epoch 3 (its next report is epoch 4). Taken in
+    that order, epoch 2 waits for its report and gets the consensus over both peers; the reload only stops epoch 3
+    from waiting for peer 1. (Taken event first, epoch 2 would finish without it and its row come late, alone.)"""
+    from workers.peer import PeerEvent
+
+    collector = EpochCollector(range(2))
+    assert collector.add(report(0, 2, 0.0)) == []
+    assert collector.add(report(0, 3, 0.0)) == []
+    reloaded = PeerEvent("reloaded", "state from peer 0, training on from epoch 4", first_epoch=4)
+    epoch2, epoch3 = collector.take(1, [report(1, 2, 2.0), reloaded])
+    assert [r.peer for r in epoch2] == [0, 1] and all(r.consensus_peers == 2 for r in epoch2)
+    assert epoch2[0].consensus_dist == 1.0
+    assert [r.peer for r in epoch3] == [0] and epoch3[0].consensus_peers == 1

@@ -207,3 +207,28 @@ def test_a_round_whose_reducer_failed_counts_as_partial_not_ok(dhts):
         for peer in peers:
             peer.shutdown()
         broken.shutdown()
+
+
+def test_a_round_in_flight_is_dropped_before_a_reload_replaces_the_parameters(dhts):
+    """A diverged peer reloads the swarm's state while an overlapped round it started is in flight: that round's
+    correction comes from the diverged trajectory and must never be added to the reloaded parameters."""
+    cfg = GossipConfig(group_size=2, matchmaking_time=2.0, round_timeout=10.0, overlap=True, every_steps=1)
+    models, peers = swarm(dhts, cfg, "dropped")
+    reloaded = [torch.full_like(t, 7.0) for t in averaged_tensors(models[0])]
+
+    def reload_midway(peer: GossipAveraging) -> bool:
+        peer.average()  # starts a round, returns at once
+        if peers.index(peer) == 0:
+            peer.drop_round()  # what Peer does before it takes a donor's state
+            with torch.no_grad():
+                for tensor, state in zip(peer.tensors, reloaded, strict=True):
+                    tensor.copy_(state)
+            time.sleep(1.0)  # the other peer's round completes meanwhile
+            peer.after_epoch(final=True)  # the epoch's end lands whatever round is in flight: none
+        else:
+            peer.finish_round()
+        return peer.in_flight is None
+
+    assert in_parallel(peers, reload_midway) == [True, True]
+    for got, want in zip(averaged_tensors(models[0]), reloaded, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

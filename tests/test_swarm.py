@@ -13,6 +13,7 @@ from launcher.results import read_events, read_metrics
 from launcher.swarm import actor_name
 from tests.conftest import quick_config, run_processes
 from workers.config import load_config
+from workers.models import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -176,6 +177,10 @@ def test_hivemind_optimizer_mode_really_moves_peers_together(ray_local, tmp_path
     none = read_metrics(run_experiment(quick_config(*short, "gossip.method=none"), tmp_path).run_dir)
     assert (optimizer[optimizer.epoch == 4].avg_rounds_ok >= 8).all(), "rounds every target_batch_size samples"
     assert (optimizer.avg_group_size.dropna() == 2).all()
+    # its bytes are counted on the wire too (hivemind.Optimizer's averagers), not written as 0: a round of 2 peers
+    # moves the parameters (digits' small_cnn) once each way through the reducers
+    params = 4 * sum(p.numel() for p in build_model(cfg.model, 10, (1, 8, 8)).parameters())
+    assert (optimizer.bytes_source == "measured").all() and optimizer.avg_bytes.sum() >= 8 * params
     late, late_none = (m[m.epoch >= 3].consensus_dist.mean() for m in (optimizer, none))
     print(f"consensus, epochs 3-4: optimizer {late:.3f}, none {late_none:.3f}")
     assert late < late_none / 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -109,3 +110,50 @@ def test_no_round_no_sketch_before(torch_threads):
     peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "none")
     (report,) = train(peer.setup, NoAveraging(), threading.Event())
     assert report.sketch_before is None
+
+
+class FinishesWhenDrained(queue.Queue):
+    """A peer's outbox whose training thread puts its last report and ends exactly when a poll has just drained
+    it: the worst moment for a poll that read the state after draining."""
+
+    def __init__(self, peer: Peer, last: object):
+        super().__init__()
+        self.peer, self.last = peer, last
+
+    def get_nowait(self):
+        try:
+            return super().get_nowait()
+        except queue.Empty:
+            if self.last is not None:
+                last, self.last = self.last, None
+                self.put(last)
+                self.peer._state = "done"
+            raise
+
+
+def test_a_poll_that_sees_a_finished_peer_has_every_report(torch_threads):
+    """The driver stops polling a peer that says it is done: that poll must carry the peer's last report."""
+    peer = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "last-report")
+    (last,) = train(peer.setup, NoAveraging(), threading.Event())
+    peer._state, peer._outbox = "running", FinishesWhenDrained(peer, last)
+    taken = []
+    for _ in range(3):
+        status = peer.poll()
+        taken += status.reports
+        if status.state == "done":
+            break
+    assert status.state == "done" and taken == [last]
+
+
+def test_one_state_download_timeout_from_the_states_bytes_and_the_link_rate(torch_threads):
+    """ResNet-50's state (parameters and momentum, 188 MB) takes 301 s at 5 Mbit/s: a fixed 120 s would never let such
+    a peer rejoin. The timeout is the donor's wait for its epoch's end plus 3x the transfer, plus 30 s."""
+    from workers.state import DONOR_WAIT_S, slowest_link_mbit, state_timeout_s
+
+    assert state_timeout_s(188_000_000, 5.0) == pytest.approx(DONOR_WAIT_S + 3 * 300.8 + 30)
+    assert state_timeout_s(188_000_000, None) == pytest.approx(DONOR_WAIT_S + 3 * 15.04 + 30), "100 Mbit/s unknown"
+    emulated = quick_config("emulation.rate_mbit=50", "emulation.links={1: {up_mbit: 1}}").emulation
+    assert slowest_link_mbit(emulated) == 1.0 and slowest_link_mbit(quick_config().emulation) is None
+    peer = Peer(quick_config("peers=2", "gossip.method=none"), 0, "timeout")
+    state_bytes = 2 * 4 * sum(t.numel() for t in peer.setup.model.state_dict().values() if t.is_floating_point())
+    assert peer.state_timeout() == pytest.approx(state_timeout_s(state_bytes, None), rel=0.01)

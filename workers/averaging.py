@@ -73,12 +73,19 @@ class NoAveraging:
     """The baseline: the same harness with no communication."""
 
     shares_state = False  # whether its peers serve their state to newcomers (share_state, download_state)
+    # where its averaging_bytes come from: "measured" (counted on the wire: hivemind's parts; nothing, for `none`) or
+    # "modelled" (gloo counts no bytes: its ring's traffic, 2 (n - 1) / n of the tensors per peer)
+    bytes_source = "measured"
 
     def __init__(self) -> None:
         self.stats = RoundStats()
         # the training loop's check before this peer shares anything in a round (workers/train.py: RoundWatch): a
         # peer whose training blew up raises Diverged there; None outside the loop
         self.before_round = None
+
+    def take_window(self) -> tuple[float, float, int]:
+        """(mean group size, seconds averaging, bytes) since the last call: an epoch's row (RoundStats)."""
+        return self.stats.take_window()
 
     def round_starts(self, check: bool = True) -> None:
         """Call as a round starts, before anything is shared; `check`: skipping is possible (not in a collective)."""
@@ -140,6 +147,8 @@ class AllReduceAveraging(NoAveraging):
     """The all-reduce baseline: every H steps (or once per epoch) every peer takes the exact mean of all peers'
     tensors through torch.distributed (gloo on CPU, NCCL on GPU). With `on: gradients` it averages gradients
     before every optimizer step instead, which is data-parallel SGD."""
+
+    bytes_source = "modelled"
 
     def __init__(self, model: nn.Module, cfg: GossipConfig, address: str, rank: int, world_size: int):
         import torch.distributed as dist
@@ -231,7 +240,7 @@ class OptimizerAveraging(NoAveraging):
         super().__init__()
         self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
         self.background = cfg.background_averaging
-        self._step_started, self._rounds_before, self._partial_seen = 0.0, 0, 0
+        self._step_started, self._rounds_before, self._partial_seen, self._bytes_seen = 0.0, 0, 0, 0
         self._counter = _RoundLogCounter(self)
         self.optimizer = ContiguousOptimizer(  # hivemind.Optimizer, its averagers' copies made contiguous
             dht=dht,
@@ -274,6 +283,14 @@ class OptimizerAveraging(NoAveraging):
         if tracker.global_progress.num_peers < self.peers:
             logger.warning("hivemind sees %d of %d peers after %.0f s; training anyway",
                            tracker.global_progress.num_peers, self.peers, self.join_timeout)  # fmt: skip
+
+    def take_window(self) -> tuple[float, float, int]:
+        """hivemind.Optimizer's averagers count the bytes through their reducers (workers/admission.py)."""
+        averagers = [self.optimizer.state_averager, self.optimizer.grad_averager]
+        total = sum(averager.part_bytes.value for averager in averagers if averager is not None)
+        self.stats.add_bytes(total - self._bytes_seen)
+        self._bytes_seen = total
+        return self.stats.take_window()
 
     def partial_since_last(self) -> int:
         """Rounds of the state averager whose all-reduce lost a part, since the last call (workers/admission.py)."""

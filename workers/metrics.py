@@ -29,6 +29,7 @@ class MetricsRow:
     # gossip: bytes through this peer's reducer since the previous row, parts in and averages out (summed over the
     # peers: the swarm's averaging traffic, every part once each way)
     avg_bytes: int = 0
+    bytes_source: str = "measured"  # avg_bytes counted on the wire ("measured") or the all-reduce ring's "modelled"
     # cumulative rounds that ran but whose all-reduce lost a part (a reducer or a sender failed): neither ok nor
     # failed, and not in avg_group_size
     averaging_rounds_partial: int = 0

@@ -36,7 +36,7 @@ from workers.netns import NetnsLink, inside, namespace_config
 from workers.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
 from workers.schedule import build_optimizer, build_scheduler
 from workers.sketch import ParameterSketch
-from workers.state import apply_snapshot, snapshot, state_timeout_s
+from workers.state import apply_snapshot, slowest_link_mbit, snapshot, state_timeout_s
 from workers.swarmkey import Anomalies, read_swarm_key
 from workers.train import Report, TrainSetup, train
 
@@ -268,16 +268,7 @@ class Peer:
     def state_timeout(self) -> float:
         """How long a state download may take: this peer's state's bytes at the slowest emulated link's rate."""
         state_bytes = sum(t.numel() * t.element_size() for t in averaged_tensors(self.setup.model)) * 2  # + momentum
-        links = [
-            self.cfg.emulation.rate_mbit,
-            *(
-                rate
-                for link in self.cfg.emulation.links.values()
-                for rate in (link.rate_mbit, link.up_mbit, link.down_mbit)
-            ),
-        ]
-        rates = [rate for rate in links if rate]
-        return state_timeout_s(state_bytes, min(rates) if rates else None)
+        return state_timeout_s(state_bytes, slowest_link_mbit(self.cfg.emulation))
 
     def restore_state(self, timeout: float, donor: int | None = None) -> str:
         """Where the newcomer's state comes from, said in the return value. A method whose peers share their state

@@ -28,6 +28,15 @@ DONOR_WAIT_S = 60.0  # the longest a donor waits for its epoch's end (a round, a
 UNKNOWN_LINK_MBIT = 100.0  # the rate assumed for a state download where no link rate is configured
 
 
+def slowest_link_mbit(emulation) -> float | None:
+    """The slowest rate of an emulated swarm's links (EmulationConfig), where a state download may have to go; None
+    when no link is shaped."""
+    rates = [emulation.rate_mbit] + [rate for link in emulation.links.values()
+                                     for rate in (link.rate_mbit, link.up_mbit, link.down_mbit)]  # fmt: skip
+    rates = [rate for rate in rates if rate]
+    return min(rates) if rates else None
+
+
 def state_timeout_s(state_bytes: int, rate_mbit: float | None) -> float:
     """The one timeout of a state download (a newcomer's, a diverged peer's reload): the donor's wait for its epoch's
     end, plus three times the transfer at the link's rate (emulation's, else UNKNOWN_LINK_MBIT), plus 30 s.

@@ -210,7 +210,7 @@ def epoch_row(
     seconds: tuple[float, float],
 ) -> MetricsRow:
     """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
-    group_size, avg_seconds, avg_bytes = averaging.stats.take_window()
+    group_size, avg_seconds, avg_bytes = averaging.take_window()
     progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
@@ -231,6 +231,7 @@ def epoch_row(
         avg_group_size=group_size,
         avg_seconds=avg_seconds,
         avg_bytes=avg_bytes,
+        bytes_source=averaging.bytes_source,
         averaging_rounds_partial=averaging.stats.partial,
         node=setup.node,
         node_id=setup.node_id,
