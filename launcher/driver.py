@@ -107,6 +107,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     except (ray.exceptions.RayError, TimeoutError, PlacementError, EmulationError) as err:
         logger.error("the peers could not be started: %s", err)
         code = 1
+    except OSError as err:  # a full disk (MetricsWriteError names the file): every row before it is in the file
+        logger.error("%s; stopping the run (the %d rows written so far are kept)", err, files.metrics.rows_written)
+        code = 1
     except KeyboardInterrupt:
         logger.warning(
             "interrupted: keeping the %d rows reported so far, stopping the peers", files.metrics.rows_written
@@ -114,7 +117,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     finally:
         with signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the cleanup short (orphan p2pd, actors)
             try:
-                files.write(swarm.stop(), swarm, cfg)  # stop first: no row or model newer than what is kept
+                code = write_last(files, swarm, cfg, code)  # stop first: no row or model newer than what is kept
                 files.close({0: "FINISHED", 130: "KILLED"}.get(code, "FAILED"))
                 swarm.fetch_final_models()
             finally:
@@ -125,19 +128,27 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
                         emulation.teardown()  # after the peers: namespaces, veths and bridge, also on errors
                     if connected:
                         ray.shutdown()
-    if finish(run_dir, files.metrics.rows_written, cfg.gossip.method):
-        code = code or 1  # the run's averaging mostly failed: not a success, whatever else went well
+    try:
+        if finish(run_dir, files.metrics.rows_written, cfg.gossip.method):
+            code = code or 1  # the run's averaging mostly failed: not a success, whatever else went well
+    except OSError as err:  # summary.csv on a full disk
+        logger.error("could not write the run's summary: %s", err)
+        code = code or 1
     if not mirror.finish():  # summary.csv too; a run whose results did not reach its storage is no success
         code = code or 1
     return RunResult(run_dir, code, polls)
 
 
-def write_last(files: RunFiles, swarm: Swarm, cfg: ExperimentConfig) -> None:
+def write_last(files: RunFiles, swarm: Swarm, cfg: ExperimentConfig, code: int) -> int:
+    """Stop the peers and write what they reported last; the run's exit code (1 when those rows could not be
+    written, e.g. on a full disk: the rows before them are kept)."""
     epochs = swarm.stop()
     try:
         files.write(epochs, swarm, cfg)
     except MetricsWriteError as err:
-        logger.error("%s: the last rows are lost", err)
+        logger.error("%s: the last %d epochs' rows are lost", err, len(epochs))
+        return code or 1
+    return code
 
 
 def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:

@@ -324,3 +324,41 @@ def test_a_full_disk_keeps_a_standalone_peer_s_rows_and_names_metrics_csv(small_
         rows = write_until_full(lambda row: metrics.write_reports([Report(row, None)], epochs=99), small_disk)
     assert rows >= 1 and metrics.rows_written == rows
     assert_whole_rows(small_disk / "metrics.csv", rows)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_full_disk_during_a_run_ends_it_with_a_clear_error_keeping_every_row(small_disk, ray_local, tmp_path,
+                                                                              caplog, monkeypatch):  # fmt: skip
+    """A real run whose results folder is on a 1 MiB tmpfs that fills up after epoch 2: exit 1, an error naming
+    metrics.csv, every row written before it kept whole, the MLflow run marked FAILED (not left RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.driver import run_experiment
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    cfg = quick_config("optim.epochs=10", f"checkpoint_dir={tmp_path / 'checkpoints'}", "metrics.tensorboard=false",
+                       "metrics.tracking=mlflow")  # fmt: skip
+
+    def fill_after_two_epochs() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = list(small_disk.glob("*/metrics.csv"))
+            if found and len(found[0].read_text().splitlines()) > 2 * 4:
+                fill(small_disk)
+                return
+            time.sleep(0.05)
+
+    filler = threading.Thread(target=fill_after_two_epochs, daemon=True)
+    filler.start()
+    with caplog.at_level(logging.ERROR, logger="launcher"):
+        result = run_experiment(cfg, small_disk)
+    filler.join(5)
+    assert result.exit_code == 1
+    metrics_csv = result.run_dir / "metrics.csv"
+    assert any(f"could not write {metrics_csv}" in r.getMessage() for r in caplog.records), caplog.text
+    table = pd.read_csv(metrics_csv)
+    assert metrics_csv.read_bytes().endswith(b"\r\n") and len(table) >= 8 and table.epoch.max() < 10
+    (run,) = MlflowClient(tracking).search_runs(MlflowClient(tracking).search_experiments()[0].experiment_id)
+    assert run.info.status == "FAILED"
