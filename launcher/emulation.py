@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ class Emulation:
         self.hub, self.bridge = f"gossip-{self.token}-hub", f"gl{self.token}br"  # interface names: 15 chars at most
         self.links = {peer: NetnsLink(f"gossip-{self.token}-p{peer}", f"{SUBNET}.{peer + 2}", f"gl{self.token}p{peer}")
                       for peer in range(peers)}  # fmt: skip
+        self.reaper: subprocess.Popen | None = None
 
     def hub_dev(self, peer: int) -> str:
         return f"gl{self.token}h{peer}"
@@ -148,6 +150,7 @@ class Emulation:
 
     def create(self) -> None:
         remove_orphans()
+        self.reaper = start_reaper(self.token)  # before the first namespace: nothing outlives a SIGKILLed driver
         for command in self.setup_commands():
             run(command)
         links = ", ".join(f"{t.up_mbit:g}/{t.down_mbit:g} Mbit/s {t.rtt_ms:g} ms" for t in self.targets)
@@ -189,6 +192,9 @@ class Emulation:
             done = subprocess.run(["ip", "netns", "del", namespace], capture_output=True, text=True, timeout=30)
             if done.returncode != 0 and "No such file" not in done.stderr:
                 logger.error("emulation: could not delete namespace %s: %s", namespace, done.stderr.strip())
+        if self.reaper is not None:
+            self.reaper.stdin.close()  # nothing left for it: it exits
+            self.reaper.wait(timeout=30)
 
     def leftovers(self) -> list[str]:
         """The run's namespaces and interfaces still on this machine (none after `teardown`)."""
@@ -203,9 +209,25 @@ def owned_token() -> str:
     return f"{os.getpid() & 0xFFFFFF:06x}{secrets.token_hex(1)}"
 
 
+def start_reaper(token: str) -> subprocess.Popen:
+    """A process of its own session that waits for this one to end (its stdin closes: a normal teardown, or a
+    SIGKILL, or a Ray Tune trial ended by `ray.kill`) and then deletes whatever namespaces of `token` are left."""
+    return subprocess.Popen([sys.executable, "-c", f"from launcher.emulation import reap; reap({token!r})"],
+                            stdin=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def reap(token: str) -> None:
+    """The reaper's body: wait for the owner's end, then delete the namespaces named after `token`."""
+    sys.stdin.buffer.read()  # returns at EOF: the owner closed it, or died
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    names = [line.split()[0] for line in listed.splitlines() if line.strip()]
+    for name in sorted((n for n in names if n.startswith(f"gossip-{token}-")), key=lambda n: not n.endswith("hub")):
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
 def orphaned_namespaces(names: list[str], alive) -> list[str]:
-    """The `gossip-<token>-...` namespaces whose owner (the pid in the token) is not alive."""
-    found = [(name, re.fullmatch(r"gossip-([0-9a-f]{6})[0-9a-f]{2}-(hub|p\d+)", name)) for name in names]
+    """The `gossip-<token>-...` namespaces whose owner (the pid in the token) is not alive (a probe's too)."""
+    found = [(name, re.fullmatch(r"gossip-([0-9a-f]{6})[0-9a-f]{2}-(hub|p\d+|probe)", name)) for name in names]
     return [name for name, match in found if match and not alive(int(match.group(1), 16))]
 
 
@@ -219,7 +241,7 @@ def remove_orphans(wait_s: float = 0.0) -> list[str]:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
         names = [line.split()[0] for line in listed.splitlines() if line.strip()]
         orphans = orphaned_namespaces(names, psutil.pid_exists)
-        owned = [name for name in names if name.startswith("gossip-") and name not in orphans and "probe" not in name]
+        owned = [name for name in names if name.startswith("gossip-") and name not in orphans]
         if not owned or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
@@ -281,7 +303,7 @@ def probe() -> Support:
         return Support(root="not root (network namespaces and tc need CAP_NET_ADMIN and CAP_SYS_ADMIN)")
     if missing := [tool for tool in ("ip", "tc") if shutil.which(tool) is None]:
         return Support(tools=f"`{'`, `'.join(missing)}` not installed (iproute2)")
-    name, tried = f"gossip-probe-{secrets.token_hex(3)}", {}
+    name, tried = f"gossip-{owned_token()}-probe", {}  # owned: a probe cut short is an orphan like a run's
     veth = ["ip", "-n", name, "link", "add", "glprobe0", "type", "veth", "peer", "name", "glprobe1"]
     netem = ["tc", "-n", name, "qdisc", "add", "dev", "glprobe1", "root", "netem", "delay", "1ms"]
     steps = {"namespaces": [["ip", "netns", "add", name], veth], "htb": shaping_commands(name, "glprobe0", 100, 0),

@@ -75,7 +75,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, address: str | None = None, resume_di
 
 
 def run_trials(sweep: Sweep, sweep_dir: Path, done: dict[int, dict[str, Any]]) -> int:
-    index = IndexCallback(sweep, sweep_dir, first_number=len(done) + 1)
+    index = IndexCallback(sweep, sweep_dir, first_number=next_point_number(read_index(sweep_dir)))
     tuner = make_tuner(sweep, sweep_dir, done, index)
     if tuner is None:
         logger.info("sweep: every point is done already")
@@ -252,6 +252,12 @@ def resumable_sweep_dir(sweep: Sweep, out_dir: Path) -> Path:
 def read_index(sweep_dir: Path) -> list[dict[str, Any]]:
     path = sweep_dir / INDEX_FILE
     return pd.read_csv(path).to_dict("records") if path.is_file() else []
+
+
+def next_point_number(index: list[dict[str, Any]]) -> int:
+    """The number of a new (searched) point: past every point the index holds, finished, failed or interrupted alike
+    (counting only the finished ones would give a new point the number of an old one)."""
+    return max((int(row["point"]) for row in index), default=0) + 1
 
 
 def finished_points(sweep_dir: Path) -> dict[int, dict[str, Any]]:

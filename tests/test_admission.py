@@ -219,3 +219,19 @@ def test_a_membership_that_cannot_be_published_is_retried_then_fatal(dhts):
     with pytest.raises(MembershipError, match="after 3 tries"):
         publish_membership(down, "run", new_swarm_key(), tries=3)
     assert time.monotonic() - started >= 0.5 + 1.0, "retried with a pause"
+
+
+def test_a_request_from_a_clock_far_off_is_refused_naming_clock_skew():
+    """Peers whose clocks differ by more than a minute refuse each other's DHT requests (a replay guard): the swarm
+    would silently fail to form. The refusal says clock skew, and by how much."""
+    key, seen = new_swarm_key(), Anomalies()
+    ours, skewed = SwarmKeyAuthorizer(key, seen), SwarmKeyAuthorizer(key)
+    request = dht_pb2.PingRequest(validate=True)
+    asyncio.run(skewed.sign_request(request, None))
+    request.auth.time += 120  # that machine's clock runs 2 minutes ahead
+    request.auth.signature = b""
+    request.auth.signature = skewed._mac(request)
+    assert not asyncio.run(ours.validate_request(request))
+    time.sleep(0.2)  # a multiprocessing queue's feeder thread hands the items over
+    ((what, who, count),) = seen.take()
+    assert "clock skew" in what and "more than 60 s off" in what and who == "+120 s" and count == 1

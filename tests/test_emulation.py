@@ -310,7 +310,7 @@ def test_what_cannot_be_emulated_is_refused_before_ray_starts(args, expected, su
         assert text in done.stderr
     assert time.perf_counter() - started < 15
     assert list(tmp_path.iterdir()) == [] and ray_started(private_ray_env) == []
-    assert "gossip-probe" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "-probe" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 @pytest.mark.integration
@@ -347,12 +347,35 @@ def test_ctrl_c_removes_the_namespaces_too(support, tmp_path, private_ray_env):
     assert system_leftovers(token) == [], "namespaces, veths or the bridge left behind after Ctrl-C"
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_sigkilled_driver_leaves_no_namespace(support, tmp_path, private_ray_env):
+    """The driver is killed with SIGKILL (no teardown runs): its reaper, a process of its own session waiting for the
+    driver's end, deletes the run's namespaces at once, not at the next emulated run."""
+    log = (tmp_path / "log.txt").open("w")
+    launch = emulated_run(tmp_path / "out", "optim.epochs=60", "emulation.rate_mbit=50")
+    proc = subprocess.Popen(launch, cwd=ROOT, env=private_ray_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        wait_for_rows(tmp_path / "out", at_least=2, timeout=120)
+        (links,) = (tmp_path / "out").glob("*/links.csv")
+        token = pd.read_csv(links).namespace[0].split("-")[1]
+        assert system_leftovers(token), "the run's namespaces are there while it trains"
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while system_leftovers(token) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert system_leftovers(token) == [], "namespaces left behind by a SIGKILLed driver"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run's Ray and peers (its process group)
+
+
 def test_namespaces_of_dead_runs_are_recognised_by_the_pid_in_their_token():
     from launcher.emulation import orphaned_namespaces, owned_token
 
     token = owned_token()
     assert len(token) == 8 and int(token[:6], 16) == os.getpid() & 0xFFFFFF
     names = [f"gossip-{token}-hub", f"gossip-{token}-p0", "gossip-0000ff12-hub", "gossip-0000ff12-p3",
-             "gossip-probe-abc123", "other-ns"]  # fmt: skip
+             f"gossip-{token}-probe", "gossip-0000ff13-probe", "other-ns"]  # fmt: skip
     alive = {os.getpid()}.__contains__
-    assert orphaned_namespaces(names, alive) == ["gossip-0000ff12-hub", "gossip-0000ff12-p3"]
+    assert orphaned_namespaces(names, alive) == ["gossip-0000ff12-hub", "gossip-0000ff12-p3", "gossip-0000ff13-probe"]

@@ -193,6 +193,31 @@ def test_a_resume_skips_done_points_and_sets_unfinished_runs_aside(tmp_path):
         sweep_module.resumable_sweep_dir(other, tmp_path / "out")
 
 
+def test_a_resumed_search_numbers_new_points_past_every_old_one(tmp_path):
+    """An optuna sweep: point 1 done, point 2 failed, point 3 done. A resume's new point is 4 (counting only the
+    finished ones gave 3: it shadowed the finished point 3, and a second resume moved point 3's run aside)."""
+    from launcher import sweep as sweep_module
+
+    sweep = three_point_sweep(tmp_path)
+    sweep_dir = sweep_module.make_sweep_dir(sweep, tmp_path / "out")
+    for number, status in [(1, "done"), (2, "failed"), (3, "done")]:
+        (sweep_dir / f"run-{number}").mkdir()
+        (sweep_dir / f"run-{number}" / "config.yaml").write_text("{}")
+        row = sweep_module.index_row(sweep, sweep.points[number - 1].config, number, f"run-{number}", 0, status)
+        sweep_module.append_index_row(sweep_dir / "sweep.csv", row)
+    assert sweep_module.next_point_number(sweep_module.read_index(sweep_dir)) == 4
+    assert sweep_module.next_point_number([]) == 1
+    row = sweep_module.index_row(sweep, sweep.points[0].config, 4, "run-4", 0, "done")  # the resume's new point
+    sweep_module.append_index_row(sweep_dir / "sweep.csv", row)
+    (sweep_dir / "run-4").mkdir()
+    (sweep_dir / "run-4" / "config.yaml").write_text("{}")
+    done = sweep_module.finished_points(sweep_dir)
+    assert sorted(done) == [1, 3, 4]
+    sweep_module.set_aside_unfinished_runs(sweep_dir, done)  # a second resume
+    assert [(sweep_dir / f"run-{n}").is_dir() for n in (1, 3, 4)] == [True] * 3
+    assert (sweep_dir / "interrupted" / "run-2").is_dir()
+
+
 def test_a_local_ray_holds_max_concurrent_of_the_largest_trials(tmp_path):
     from launcher.sweep import cpus_needed
 

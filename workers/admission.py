@@ -86,8 +86,12 @@ class SwarmKeyAuthorizer(AuthorizerBase):
         if not self._signed_by_key(request, auth):
             return self._refuse("DHT request without the swarm key")
         now = get_dht_time()
+        if abs(auth.time - now) > MAX_CLOCK_SKEW_S:  # a replay of an old request, or a machine whose clock is off
+            return self._refuse(f"DHT request from a clock more than {MAX_CLOCK_SKEW_S:.0f} s off (clock skew: "
+                                "synchronize the machines' clocks, e.g. with NTP; or a replayed request)",
+                                f"{auth.time - now:+.0f} s")  # fmt: skip
         with self._recent_nonces.freeze():
-            if abs(auth.time - now) > MAX_CLOCK_SKEW_S or auth.nonce in self._recent_nonces:
+            if auth.nonce in self._recent_nonces:
                 return self._refuse("DHT request replayed")
         self._recent_nonces.store(auth.nonce, None, now + 3 * MAX_CLOCK_SKEW_S)
         return True
@@ -103,9 +107,9 @@ class SwarmKeyAuthorizer(AuthorizerBase):
             return self._refuse("DHT response without the swarm key")
         return True
 
-    def _refuse(self, what: str) -> bool:
+    def _refuse(self, what: str, who: str = "unknown") -> bool:
         if self.anomalies is not None:
-            self.anomalies.report(what)
+            self.anomalies.report(what, who)
         return False
 
 
