@@ -197,7 +197,8 @@ def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | 
     result = run_sweep(sweep, out, address, resume_dir)
     _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir)]))
     storage = sweep.points[0].config.storage  # the sweep's own files (index, comparison); each run uploads its own
-    FolderMirror(result.sweep_dir, remote_of(storage, result.sweep_dir)).finish()
+    if not FolderMirror(result.sweep_dir, remote_of(storage, result.sweep_dir), top_level=True).finish():
+        return result.exit_code or 1
     return result.exit_code
 
 

@@ -63,10 +63,11 @@ class RunFiles:
     """metrics.csv and events.csv of one run, each row flushed as it comes, and the run's other sinks (TensorBoard,
     MLflow, a Tune trial's reports: launcher/sinks.py), fed the same epochs."""
 
-    def __init__(self, run_dir: Path, sinks: list[Sink] | None = None):
+    def __init__(self, run_dir: Path, sinks: list[Sink] | None = None, mirror: FolderMirror | None = None):
+        """`mirror`: the storage copy of the run folder (a sink too): rows and events reach it as they are written."""
         self.metrics = MetricsWriter(run_dir / "metrics.csv")
         self.events = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
-        self.sinks = sinks or []
+        self.sinks, self.mirror = [*(sinks or []), *([mirror] if mirror else [])], mirror
 
     def write(self, epochs: list[list[MetricsRow]], swarm: Swarm, cfg: ExperimentConfig) -> None:
         self.events.write(swarm.take_events())
@@ -75,6 +76,8 @@ class RunFiles:
             for sink in self.sinks:
                 sink.epoch(rows)
             log_epoch(rows, cfg, time.monotonic() - swarm.started)
+        if self.mirror is not None:
+            self.mirror.tick()  # (at most every few seconds)
 
     def close(self, status: str = "FINISHED") -> None:
         self.metrics.close()
@@ -95,7 +98,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     logger.info("run %s: %d peers, method=%s -> %s", run_id, cfg.peers, cfg.gossip.method, run_dir)
     mirror = FolderMirror(run_dir, remote_of(cfg.storage, run_dir))  # a storage URI: uploads after epochs, at the end
     swarm = Swarm(cfg, run_id, checkpoint_dir=run_checkpoint_dir(cfg, run_id, run_dir), checkpoint_uri=mirror.remote)
-    files, code, polls = RunFiles(run_dir, run_sinks(cfg, run_id, run_dir) + [mirror]), 130, float("nan")
+    files, code, polls = RunFiles(run_dir, run_sinks(cfg, run_id, run_dir), mirror), 130, float("nan")
     emulation = Emulation(cfg.emulation, cfg.peers + cfg.joins) if cfg.emulation.enabled else None
     swarm.netns = emulation.links if emulation else {}
     try:
@@ -134,8 +137,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
     except OSError as err:  # summary.csv on a full disk
         logger.error("could not write the run's summary: %s", err)
         code = code or 1
-    if not mirror.finish():  # summary.csv too; a run whose results did not reach its storage is no success
-        code = code or 1
+    if not mirror.finish(swarm.checkpoints()):  # summary.csv too; a run whose results did not reach its storage
+        code = code or 1  # is no success
     return RunResult(run_dir, code, polls)
 
 

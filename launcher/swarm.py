@@ -400,6 +400,12 @@ class Swarm:
         except ray.exceptions.RayError:
             return []
 
+    def checkpoints(self) -> list[Path]:
+        """Where every peer that reported an epoch has its best and final checkpoints (on this machine: its own, or
+        copies fetched from other nodes)."""
+        peers = sorted({inc.peer for inc in [*self.peers.values(), *self.retired] if inc.epoch > 0})
+        return [checkpoint_path(self.checkpoint_dir, peer, kind) for peer in peers for kind in ("best", "final")]
+
     def fetch_final_models(self) -> None:
         """Copy peer-<i>_final.pt of the peers on other nodes into this machine's checkpoint folder (the run folder
         unless checkpoint_dir is set), one at a time: no shared filesystem needed."""

@@ -39,6 +39,7 @@ from launcher.placement import TRIAL_CPU, trial_bundles
 from launcher.results import read_metrics
 from launcher.signals import install_interrupt_handlers, signals_ignored
 from workers.config import ConfigError, ExperimentConfig
+from workers.storage import FolderMirror, download_file, fetch_results, filesystem, is_remote, join, remote_of
 from workers.sweepconfig import Distribution, Sweep
 
 logger = logging.getLogger("launcher.sweep")
@@ -75,7 +76,9 @@ def run_sweep(sweep: Sweep, out_dir: Path, address: str | None = None, resume_di
 
 
 def run_trials(sweep: Sweep, sweep_dir: Path, done: dict[int, dict[str, Any]]) -> int:
-    index = IndexCallback(sweep, sweep_dir, first_number=next_point_number(read_index(sweep_dir)))
+    storage = sweep.points[0].config.storage
+    mirror = FolderMirror(sweep_dir, remote_of(storage, sweep_dir), top_level=True)  # sweep.csv as it is written
+    index = IndexCallback(sweep, sweep_dir, first_number=next_point_number(read_index(sweep_dir)), mirror=mirror)
     tuner = make_tuner(sweep, sweep_dir, done, index)
     if tuner is None:
         logger.info("sweep: every point is done already")
@@ -179,8 +182,8 @@ def last_epoch(run_dir: Path) -> dict[str, float]:
 class IndexCallback(tune.Callback):
     """Appends sweep.csv's row as each trial ends (on the driver, so a killed sweep keeps what finished)."""
 
-    def __init__(self, sweep: Sweep, sweep_dir: Path, first_number: int):
-        self.sweep, self.sweep_dir, self.next_number = sweep, sweep_dir, first_number
+    def __init__(self, sweep: Sweep, sweep_dir: Path, first_number: int, mirror: FolderMirror | None = None):
+        self.sweep, self.sweep_dir, self.next_number, self.mirror = sweep, sweep_dir, first_number, mirror
         self.numbers: dict[str, int] = {}
         self.running: dict[str, Any] = {}
 
@@ -216,6 +219,8 @@ class IndexCallback(tune.Callback):
         row = index_row(self.sweep, cfg, number, str(result.get("run_dir", "")), result.get("exit_code", ""), status)
         row[self.sweep.settings.metric] = result.get(self.sweep.settings.metric, math.nan)
         append_index_row(self.sweep_dir / INDEX_FILE, row)
+        if self.mirror is not None:
+            self.mirror.sync(force=True)
         logger.info("sweep point %d (%s): %s", number, ", ".join(overrides), status)
 
 
@@ -240,13 +245,37 @@ def make_sweep_dir(sweep: Sweep, out_dir: Path) -> Path:
 
 
 def resumable_sweep_dir(sweep: Sweep, out_dir: Path) -> Path:
-    """The newest folder under `out_dir` of this same sweep (its sweep.yaml is this one's spec), for `--resume`."""
-    candidates = sorted(Path(out_dir).expanduser().resolve().glob(f"{sweep.name}-*/sweep.yaml"), reverse=True)
+    """The newest folder under `out_dir` of this same sweep (its sweep.yaml is this one's spec), for `--resume`; on
+    a storage URI, the newest one there (its result files copied into `out_dir`, the staging folder) when this
+    machine has no copy of it."""
+    local = Path(out_dir).expanduser().resolve()
+    storage = sweep.points[0].config.storage
+    candidates = sorted(local.glob(f"{sweep.name}-*/sweep.yaml"), reverse=True)
     for path in candidates:
         if yaml.safe_load(path.read_text()) == sweep.spec:
             return path.parent
-    raise ConfigError(f"--resume: no earlier run of sweep {sweep.name!r} with these settings under {out_dir} "
-                      f"({len(candidates)} folders of that name differ in their sweep.yaml)")  # fmt: skip
+    if is_remote(storage) and (found := remote_sweep(sweep, storage, local)) is not None:
+        return found
+    where = f"{out_dir} or {storage}" if is_remote(storage) else str(out_dir)
+    raise ConfigError(f"--resume: no earlier run of sweep {sweep.name!r} with these settings under {where} "
+                      f"({len(candidates)} local folders of that name differ in their sweep.yaml)")  # fmt: skip
+
+
+def remote_sweep(sweep: Sweep, storage: str, staging: Path) -> Path | None:
+    """The newest sweep folder of this sweep in `storage`, its result files (never checkpoints) fetched into
+    `staging`; None when there is none."""
+    from pyarrow import fs as pafs
+
+    filesys, path = filesystem(storage)
+    listed = filesys.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted((info.base_name for info in listed if info.base_name.startswith(f"{sweep.name}-")), reverse=True)
+    for name in names:
+        spec = staging / name / "sweep.yaml"
+        if download_file(join(storage, name, "sweep.yaml"), spec) and yaml.safe_load(spec.read_text()) == sweep.spec:
+            fetch_results(join(storage, name), staging / name)
+            logger.info("--resume: sweep %s taken from %s", name, storage)
+            return staging / name
+    return None
 
 
 def read_index(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -152,6 +152,31 @@ def test_the_mirror_uploads_what_changed_and_never_checkpoints(s3_env, tmp_path)
     assert keys(s3_env, "mirror/run-1/") == {"metrics.csv"}, "an unchanged file is not uploaded again"
 
 
+def test_a_sweep_in_the_bucket_is_resumed_on_a_machine_without_its_staging_copy(s3_env, tmp_path):
+    """`--resume` of a sweep whose results went to S3, from a machine (or a cleaned cache) with no local copy: the
+    newest sweep folder in the bucket with the same spec is found, its result files (never checkpoints) fetched."""
+    from launcher import sweep as sweep_module
+    from tests.test_sweep import write_sweep
+    from workers.config import load_experiment
+
+    sweep = load_experiment(write_sweep(tmp_path, {"gossip.alpha": [0.25, 0.5]}), [f"storage=s3://{BUCKET}/sweeps"])
+    staging = staging_dir(f"s3://{BUCKET}/sweeps")
+    sweep_dir = sweep_module.make_sweep_dir(sweep, staging)
+    row = sweep_module.index_row(sweep, sweep.points[0].config, 1, "run-1", 0, "done")
+    sweep_module.append_index_row(sweep_dir / "sweep.csv", row)
+    (sweep_dir / "run-1").mkdir()
+    for name in ("config.yaml", "metrics.csv", "peer-0_final.pt"):
+        (sweep_dir / "run-1" / name).write_text(name)
+    assert FolderMirror(sweep_dir, remote_of(f"s3://{BUCKET}/sweeps", sweep_dir)).finish()
+    shutil.rmtree(staging)  # another machine, or a cleaned cache
+    found = sweep_module.resumable_sweep_dir(sweep, staging)
+    assert found == sweep_dir and sweep_module.finished_points(found).keys() == {1}
+    assert sorted(p.name for p in (found / "run-1").iterdir()) == ["config.yaml", "metrics.csv"]
+    other = load_experiment(write_sweep(tmp_path, {"gossip.alpha": [0.1, 0.2]}), [f"storage=s3://{BUCKET}/sweeps"])
+    with pytest.raises(ConfigError, match=f"under {staging} or s3://{BUCKET}/sweeps"):
+        sweep_module.resumable_sweep_dir(other, staging)
+
+
 # --- real runs --------------------------------------------------------------------------------------------------------
 
 
@@ -172,9 +197,14 @@ def runs(s3_server, tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
     env.update(env_s3, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", XDG_CACHE_HOME=str(temp / "cache"),
                **private_token())  # fmt: skip
-    common = ["--peers", "2", "--set", "gossip.matchmaking_time=1.5", "--storage", f"s3://{BUCKET}/runs"]
+    common = ["--peers", "2", "--set", "gossip.matchmaking_time=1.5", "--set", "data.batch_size=8", "--set",
+              "optim.lr=0.02", "--storage", f"s3://{BUCKET}/runs"]  # fmt: skip
     started = time.monotonic()
-    launch(["run", str(QUICKSTART), *common, "--set", "optim.epochs=2"], env)
+    first_run = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(QUICKSTART), *common, "--set",
+                                  "optim.epochs=2"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = watch_bucket(client, first_run)  # rows and events in the bucket while the run trains
+    assert first_run.wait(timeout=150) == 0, first_run.stderr.read()[-3000:]
+    ended = time.monotonic()
     (first,) = {key.split("/")[0] for key in keys(client, "runs/")}
     staging = temp / "cache" / "gossip-launcher" / "staging" / "s3" / BUCKET / "runs"
     shutil.rmtree(staging / first)  # the resume must take the checkpoints from the bucket
@@ -182,9 +212,22 @@ def runs(s3_server, tmp_path_factory):
     launch(["run", str(QUICKSTART), *common, *resume], env)
     (resumed,) = {key.split("/")[0] for key in keys(client, "runs/")} - {first}
     print(f"two runs on S3 storage: {time.monotonic() - started:.1f} s")
-    yield first, resumed, env, staging
+    yield first, resumed, env, staging, {name: ended - when for name, when in seen.items()}
     assert ray_processes_left(env) == [], "no process of the run's Ray is left"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def watch_bucket(client, run: subprocess.Popen) -> dict[str, float]:
+    """When (time.monotonic) metrics.csv first held a row, and events.csv an event, in the bucket, while `run` ran."""
+    seen: dict[str, float] = {}
+    while run.poll() is None and len(seen) < 2:
+        for key in keys(client, "runs/"):
+            name = key.split("/")[-1]
+            if name in ("metrics.csv", "events.csv") and name not in seen:
+                if len(read(client, f"runs/{key}").decode().splitlines()) >= 2:
+                    seen[name] = time.monotonic()
+        time.sleep(0.2)
+    return seen
 
 
 def metrics_of(client, run_id: str) -> pd.DataFrame:
@@ -198,7 +241,7 @@ def checkpoint_of(client, run_id: str, name: str) -> dict:
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_a_run_writes_its_files_and_every_peers_checkpoints_to_the_bucket(runs, s3_server):
-    first, resumed, _, staging = runs
+    first, resumed, _, staging, _ = runs
     _, client = s3_server
     files = {"metrics.csv", "events.csv", "summary.csv", "config.yaml", *CHECKPOINTS}
     for run_id in (first, resumed):
@@ -216,7 +259,7 @@ def test_a_run_writes_its_files_and_every_peers_checkpoints_to_the_bucket(runs, 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_resume_from_the_bucket_continues_the_run(runs, s3_server):
-    first, resumed, _, _ = runs
+    first, resumed, _, _, _ = runs
     _, client = s3_server
     before, after = metrics_of(client, first), metrics_of(client, resumed)
     assert sorted(after.groupby("peer").epoch.apply(list)) == [[3], [3]], "epochs continue where the run stopped"
@@ -232,7 +275,7 @@ def test_resume_from_the_bucket_continues_the_run(runs, s3_server):
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_analyze_reads_runs_from_the_bucket(runs, s3_server):
-    first, resumed, env, _ = runs
+    first, resumed, env, _, _ = runs
     _, client = s3_server
     proc = launch(["analyze", f"s3://{BUCKET}/runs"], env, timeout=60)
     assert first in proc.stdout and resumed in proc.stdout and "final_acc_mean" in proc.stdout
@@ -240,3 +283,55 @@ def test_analyze_reads_runs_from_the_bucket(runs, s3_server):
     table = pd.read_csv(io.BytesIO(read(client, "runs/comparison.csv")))
     assert set(table.run_id) == {first, resumed}
     assert set(table.run_dir) == {f"s3://{BUCKET}/runs/{first}", f"s3://{BUCKET}/runs/{resumed}"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_rows_and_events_reach_the_bucket_while_the_run_trains(runs):
+    """Not only at the end: a crash of the driver's machine loses at most the last few seconds (the mirror's
+    interval, 5 s). The first run trains about 10 s; its first rows and events were in the bucket well before its
+    end."""
+    *_, before_end = runs
+    assert before_end.keys() == {"metrics.csv", "events.csv"} and min(before_end.values()) > 2.0, before_end
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_uploads_that_keep_failing_end_the_run_with_exit_1_naming_what_is_missing(tmp_path):
+    """The S3 server goes away while the run trains (a real server stopped): checkpoint uploads are retried and
+    then given up, the run still finishes its epochs, and exits 1 naming the files missing in the storage."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)  # fmt: skip
+    ray_tmp = tempfile.mkdtemp(prefix="glr_", dir="/tmp")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
+    env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1", RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0",
+               XDG_CACHE_HOME=str(tmp_path / "cache"), **private_token())  # fmt: skip
+    run = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--peers", "2", "--set",
+                            "optim.epochs=6", "--set", "data.batch_size=8", "--storage", f"s3://{BUCKET}/runs"],
+                           cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        staging = tmp_path / "cache" / "gossip-launcher" / "staging" / "s3" / BUCKET / "runs"
+        deadline = time.monotonic() + 120
+        while not list(staging.glob("*/peer-*_final.pt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.stop()  # after the first checkpoints: the later ones cannot be uploaded
+        _, stderr = run.communicate(timeout=200)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert run.returncode == 1, stderr[-3000:]
+    (run_dir,) = staging.iterdir()
+    assert sorted(pd.read_csv(run_dir / "metrics.csv").groupby("peer").epoch.max()) == [6, 6], "training went on"
+    assert f"missing in s3://{BUCKET}/runs/{run_dir.name} (their uploads failed): " in stderr
+    assert "peer-0_final.pt" in stderr and "peer-1_final.pt" in stderr

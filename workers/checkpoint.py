@@ -20,6 +20,8 @@ import pickle
 import random
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,22 +250,65 @@ def save_epoch(setup: TrainSetup, row: MetricsRow, improved: bool) -> None:
         upload_checkpoint(path, setup.checkpoint_uri)
 
 
-_failed_uploads: dict[Path, str] = {}  # this process's checkpoints whose upload failed -> their folder URI
+UPLOAD_DRAIN_S = 30.0  # how long a peer's end waits for its checkpoints' uploads still pending
+
+
+class Uploads:
+    """This process's checkpoint uploads, off the training thread: a save hands its file over and training goes on;
+    a background thread uploads the newest version of each, retrying with a growing pause (a storage that is down
+    costs the training nothing). At the peer's end `drain` waits for what is pending (the driver checks at the
+    run's end that every checkpoint reached the storage, and names what did not)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[Path, str] = {}  # file -> its folder URI
+        self.changed = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def add(self, path: Path, folder_uri: str) -> None:
+        with self.changed:
+            self.pending[path] = folder_uri
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="checkpoint-uploads", daemon=True)
+                self.thread.start()
+            self.changed.notify_all()
+
+    def _run(self) -> None:
+        pause = 1.0
+        while True:
+            with self.changed:
+                while not self.pending:
+                    self.changed.wait()
+                path, folder = next(iter(self.pending.items()))
+            try:
+                upload_file(path, join(folder, path.name))
+            except OSError as err:
+                logger.error("could not upload %s to %s (tried again in %.0f s): %s", path, folder, pause, err)
+                time.sleep(pause)
+                pause = min(2 * pause, 30.0)
+                continue
+            pause = 1.0
+            with self.changed:
+                if self.pending.get(path) == folder:  # (a newer save of the same file is uploaded next)
+                    del self.pending[path]
+                self.changed.notify_all()
+
+    def drain(self, timeout: float = UPLOAD_DRAIN_S) -> list[Path]:
+        """Wait up to `timeout` for the pending uploads; the files still not uploaded."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.pending and time.monotonic() < deadline:
+                self.changed.wait(deadline - time.monotonic())
+            return sorted(self.pending)
+
+
+UPLOADS = Uploads()
 
 
 def upload_checkpoint(path: Path, folder_uri: str | None) -> None:
-    """Copy a checkpoint just saved to the storage folder `folder_uri` (None: results are local, nothing to do):
-    no checkpoint stays stranded on a node's disk. A failed upload is logged and training goes on; it is retried
-    with this process's next save."""
-    if folder_uri is None:
-        return
-    _failed_uploads[path] = folder_uri
-    for pending, folder in sorted(_failed_uploads.items()):
-        try:
-            upload_file(pending, join(folder, pending.name))
-            del _failed_uploads[pending]
-        except OSError as err:
-            logger.error("could not upload %s to %s (retried at the next save): %s", pending, folder, err)
+    """Copy a checkpoint just saved to the storage folder `folder_uri` (None: results are local, nothing to do), in
+    the background (`Uploads`): no checkpoint stays stranded on a node's disk."""
+    if folder_uri is not None:
+        UPLOADS.add(path, folder_uri)
 
 
 def training_state(setup: TrainSetup, row: MetricsRow) -> dict[str, Any]:

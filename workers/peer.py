@@ -26,7 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from workers.averaging import AllReduceAveraging, Diverged, NoAveraging, OptimizerAveraging, averaged_tensors
-from workers.checkpoint import checkpoint_identity, checkpoint_path, load_checkpoint, load_training_state, resume
+from workers.checkpoint import (
+    UPLOADS,
+    checkpoint_identity,
+    checkpoint_path,
+    load_checkpoint,
+    load_training_state,
+    resume,
+)
 from workers.config import ExperimentConfig, train_set_size
 from workers.data import Splits, load_dataset, peer_shard
 from workers.diloco import DiLoCoAveraging
@@ -326,6 +333,8 @@ class Peer:
                                    "state: it cannot train (restarted as after a death, then given up)")  # fmt: skip
             left = self.setup.leave_after is not None and self.setup.progress.epoch < self.setup.epochs
             state = "stopped" if self._stop.is_set() else "left" if left else "done"
+            if stranded := UPLOADS.drain():  # the driver names what is missing in the storage at the run's end
+                logger.error("peer %d: checkpoints not uploaded: %s", self.peer, ", ".join(map(str, stranded)))
         except Exception:
             self._error, state = traceback.format_exc(), "failed"
             logger.error("peer %d failed:\n%s", self.peer, self._error)

@@ -218,14 +218,18 @@ class FolderMirror:
     It is also one of the driver's sinks (launcher/sinks.py): the last one, so after each epoch's rows are written
     it uploads them and what the other sinks wrote."""
 
-    def __init__(self, local_dir: Path, remote: str | None, min_interval_s: float = 5.0):
+    def __init__(self, local_dir: Path, remote: str | None, min_interval_s: float = 5.0, top_level: bool = False):
+        """`top_level`: only the folder's own files (a sweep's: its run folders upload themselves)."""
         self.local_dir, self.remote, self.min_interval_s = Path(local_dir), remote, min_interval_s
+        self.top_level = top_level
         self._uploaded: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) when it was last uploaded
         self._last_sync = -float("inf")
+        self._interval = min_interval_s
 
     def sync(self, force: bool = False) -> bool:
-        """Upload the changed files; False (logged) when an upload failed: the next sync tries again."""
-        if self.remote is None or (not force and time.monotonic() - self._last_sync < self.min_interval_s):
+        """Upload the changed files; False (logged) when an upload failed: the next sync tries again, after a pause
+        that doubles with each failure (up to a minute: a storage that is down must not stall the driver)."""
+        if self.remote is None or (not force and time.monotonic() - self._last_sync < self._interval):
             return True
         self._last_sync = time.monotonic()
         try:
@@ -233,16 +237,48 @@ class FolderMirror:
                 upload_file(path, join(self.remote, path.relative_to(self.local_dir).as_posix()))
                 self._uploaded[path] = stamp
         except OSError as err:
+            self._interval = min(2 * self._interval, 60.0)
             logger.error("could not upload %s to %s (the files are kept there): %s", self.local_dir, self.remote, err)
             return False
+        self._interval = self.min_interval_s
         return True
 
-    def finish(self) -> bool:
-        """The last upload, of everything that changed; False (logged) when it failed."""
+    def finish(self, checkpoints: list[Path] = ()) -> bool:
+        """The last upload, of everything that changed; then every one of `checkpoints` (the peers upload their own)
+        must be in the storage: one that is not is uploaded from the local copy (the driver's, e.g. a final model
+        fetched from another node). False, naming what is missing there, when something could not be uploaded."""
         uploaded = self.sync(force=True)
-        if uploaded and self.remote is not None:
+        if self.remote is None:
+            return uploaded
+        if not uploaded:  # the storage is out of reach: nothing can be checked there
+            logger.error("missing in %s (their uploads failed): the run's files changed since the last upload, "
+                         "and its checkpoints %s", self.remote, ", ".join(p.name for p in checkpoints))  # fmt: skip
+            return False
+        missing = [path.name for path in checkpoints if not self._in_storage(path)]
+        if missing:
+            logger.error("missing in %s (their uploads failed): %s", self.remote, ", ".join(missing))
+        elif uploaded:
             logger.info("results: %s (uploaded from %s)", self.remote, self.local_dir)
-        return uploaded
+        return uploaded and not missing
+
+    def _in_storage(self, path: Path) -> bool:
+        from pyarrow import fs as pafs
+
+        remote = join(self.remote, path.name)
+        try:
+            filesys, where = filesystem(remote)
+            if filesys.get_file_info(where).type == pafs.FileType.File:
+                return True
+            if path.is_file():
+                upload_file(path, remote)
+                return True
+        except OSError as err:
+            logger.error("could not upload %s to %s: %s", path, remote, err)
+        return False
+
+    def tick(self) -> None:
+        """Called as rows and events are written: they reach the storage within `min_interval_s`."""
+        self.sync()
 
     def epoch(self, rows: list) -> None:
         self.sync()
@@ -252,7 +288,8 @@ class FolderMirror:
 
     def _changed(self) -> list[tuple[Path, tuple[int, int]]]:
         changed = []
-        for path in sorted(p for p in self.local_dir.rglob("*") if p.is_file()):
+        files = self.local_dir.glob("*") if self.top_level else self.local_dir.rglob("*")
+        for path in sorted(p for p in files if p.is_file()):
             if path.suffix == ".pt" or path.name.startswith("."):  # checkpoints, and files being written atomically
                 continue
             stat = path.stat()
