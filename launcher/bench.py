@@ -28,10 +28,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from launcher.driver import run_experiment
-from launcher.results import read_events, read_metrics
-from workers.config import ExperimentConfig, load_config
-from workers.network import free_port
+from launcher.driver.controller import run_experiment
+from launcher.results.summary import read_events, read_metrics
+from workers.core.config import ExperimentConfig, load_config
+from workers.core.network import free_port
 
 logger = logging.getLogger("launcher.bench")
 
@@ -79,7 +79,7 @@ def cifar_config(data_root: Path, method: str, every_steps: int, *extra: str) ->
 
 
 def throughput(bench_dir: Path, quick: bool) -> list[dict]:
-    from workers.synthetic import write_tiny_cifar10
+    from workers.peer.synthetic import write_tiny_cifar10
 
     rows = []
     for model, per_peer, batch, epochs, quick_h, full_h in G1_WORKLOADS:
@@ -192,7 +192,7 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     import psutil
     from hivemind.averaging.control import AveragingStage
 
-    from workers.gossip import PART_SIZE_BYTES, compression, swarm_averager_class
+    from workers.averaging.gossip import PART_SIZE_BYTES, compression, swarm_averager_class
 
     mp.set_start_method("fork", force=True)  # hivemind forks its DHT and averager processes (a spawned child spawns)
     initial = [] if rank == 0 else rendezvous.get(timeout=120)
@@ -231,7 +231,7 @@ def serialization_seconds(tensor: torch.Tensor, codec: str) -> float:
     """Serialize and deserialize `tensor` once, in the parts the gossip all-reduce cuts it into, with `codec`."""
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
-    from workers.gossip import PART_SIZE_BYTES, compression
+    from workers.averaging.gossip import PART_SIZE_BYTES, compression
 
     codec_type = compression(codec).compression_type
     began = time.perf_counter()

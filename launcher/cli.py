@@ -14,12 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher.signals import install_interrupt_handlers
-from workers.checkpoint import check_resume
-from workers.config import ConfigError, ExperimentConfig, load_experiment
-from workers.datacheck import prepare_data
-from workers.network import check_ports_free, listen_host
-from workers.storage import (
+from launcher.sweep.grammar import Sweep, load_experiment
+from workers.core.config import ExperimentConfig
+from workers.core.errors import ConfigError
+from workers.core.network import check_ports_free, listen_host
+from workers.core.signals import install_interrupt_handlers
+from workers.core.storage import (
     FolderMirror,
     check_storage,
     is_remote,
@@ -28,7 +28,8 @@ from workers.storage import (
     staging_dir,
     upload_files,
 )
-from workers.sweepconfig import Sweep
+from workers.peer.checkpoint import check_resume
+from workers.peer.datasets import prepare_data
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"gossip-launch: {err}", file=sys.stderr)
         return 2
-    from launcher.driver import run_experiment  # imports Ray and torch: only once the config is known good
+    from launcher.driver.controller import run_experiment  # imports Ray and torch: only once the config is known good
 
     install_interrupt_handlers()  # `kill`, `timeout`, a stopped Ray job: shut down as on Ctrl-C
     if isinstance(cfg, Sweep):
@@ -157,7 +158,7 @@ def check_emulation(cfg: ExperimentConfig, address: str | None) -> None:
         joined = f"address {given}" if given else "the cluster `ray start` left up on this machine"
         raise ConfigError(f"emulation.rate_mbit={cfg.emulation.rate_mbit:g}: emulated links need every peer on this "
                           f"machine, but the run would join {joined}: run with --address local")  # fmt: skip
-    from launcher.emulation import check_support  # tries a throwaway namespace: only for emulated runs
+    from launcher.emulation.links import check_support  # tries a throwaway namespace: only for emulated runs
 
     check_support(cfg.emulation)
 
@@ -173,7 +174,7 @@ def _started_cluster_is_up() -> bool:
 
 def storage_staging(cfg: ExperimentConfig | Sweep) -> Path:
     """ConfigError naming `storage` unless a storage URI can be reached; the local folder that stands for it (the
-    folder itself, or the staging folder of the URI: workers/storage.py)."""
+    folder itself, or the staging folder of the URI: workers/core/storage.py)."""
     storage = cfg.points[0].config.storage if isinstance(cfg, Sweep) else cfg.storage
     check_storage(storage)
     return staging_dir(storage)
@@ -185,14 +186,14 @@ def resumable_sweep(cfg: ExperimentConfig | Sweep, args: argparse.Namespace) -> 
         return None
     if not isinstance(cfg, Sweep):
         raise ConfigError("--resume continues a sweep; a single run continues with --resume-from RUN_DIR")
-    from launcher.sweep import resumable_sweep_dir
+    from launcher.sweep.runner import resumable_sweep_dir
 
     return resumable_sweep_dir(cfg, args.out)
 
 
 def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | None = None) -> int:
-    """The points on Ray Tune (launcher/sweep.py), then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
-    from launcher.sweep import run_sweep
+    """The points on Ray Tune (launcher/sweep/runner.py), then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
+    from launcher.sweep.runner import run_sweep
 
     result = run_sweep(sweep, out, address, resume_dir)
     _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir)]))
@@ -203,7 +204,7 @@ def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | 
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from launcher.analyze import analyze, format_comparison  # pandas: only when asked for
+    from launcher.results.analyze import analyze, format_comparison  # pandas: only when asked for
 
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else None)
     with tempfile.TemporaryDirectory(prefix="gossip-analyze-") as temp:  # storage URIs: their result files, here

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from workers.config import ExperimentConfig, load_config
+from workers.core.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"

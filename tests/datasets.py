@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.synthetic import CIFAR10_LABEL_NAMES, class_color, class_images, write_tiny_cifar10  # noqa: F401
+from workers.peer.synthetic import CIFAR10_LABEL_NAMES, class_color, class_images, write_tiny_cifar10  # noqa: F401
 
 
 def cifar10_checksums(root: str | Path) -> dict[str, Any]:

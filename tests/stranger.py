@@ -22,10 +22,10 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
 from tests.conftest import quick_config
-from workers.averaging import averaged_tensors
-from workers.data import load_dataset
-from workers.gossip import swarm_averager_class
-from workers.models import build_model
+from workers.averaging.base import averaged_tensors
+from workers.averaging.gossip import swarm_averager_class
+from workers.peer.data import load_dataset
+from workers.peer.models import build_model
 
 POISON = 50.0
 # the run's own averager class, without a key: the stranger has read this project's code, so its RPCs reach the
@@ -43,7 +43,7 @@ def model_tensors() -> list[torch.Tensor]:
 def target(run_id: str, method: str) -> tuple[type, str]:
     """The class whose handlers peer 0 serves (hivemind names them after it) and their namespace."""
     if method == "optimizer":
-        from workers.hivemind_layout import ContiguousStateAverager
+        from workers.averaging.optimizer import ContiguousStateAverager
 
         return ContiguousStateAverager, f"{run_id}_state_averager"
     return Averager, run_id

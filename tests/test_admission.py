@@ -15,9 +15,10 @@ import pytest
 from hivemind.proto import dht_pb2
 
 from tests.conftest import QUICKSTART, ROOT
-from workers.admission import SwarmKeyAuthorizer
-from workers.config import ConfigError, load_config
-from workers.swarmkey import Anomalies, SwarmKeyError, is_member, membership_proof, new_swarm_key, read_swarm_key
+from workers.averaging.admission import SwarmKeyAuthorizer
+from workers.core.config import load_config
+from workers.core.errors import ConfigError
+from workers.core.membership import Anomalies, SwarmKeyError, is_member, membership_proof, new_swarm_key, read_swarm_key
 
 PEER_A, PEER_B = b"\x00$\x08\x01\x12 " + bytes(32), b"\x00$\x08\x01\x12 " + bytes(range(32))
 
@@ -153,10 +154,10 @@ def test_a_member_that_shares_nan_poisons_nobody():
     import torch
     from torch import nn
 
-    from workers.admission import publish_membership
-    from workers.averaging import averaged_tensors
-    from workers.config import GossipConfig
-    from workers.gossip import GossipAveraging, swarm_averager_class
+    from workers.averaging.admission import publish_membership
+    from workers.averaging.base import averaged_tensors
+    from workers.averaging.gossip import GossipAveraging, swarm_averager_class
+    from workers.core.config import GossipConfig
 
     key, anomalies = new_swarm_key(), [Anomalies() for _ in range(3)]
     dhts = [hivemind.DHT(start=True, authorizer=SwarmKeyAuthorizer(key, anomalies[0]))]
@@ -208,7 +209,7 @@ def test_a_membership_that_cannot_be_published_is_retried_then_fatal(dhts):
     it were one. A DHT that is down takes no proof: every try fails, then MembershipError."""
     import hivemind
 
-    from workers.admission import MembershipError, publish_membership
+    from workers.averaging.admission import MembershipError, publish_membership
 
     (up,) = dhts(1)
     publish_membership(up, "run", new_swarm_key())  # a DHT that is up takes it at the first try

@@ -12,11 +12,11 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from launcher.analyze import MissingMetricsError, compare_runs, load_run, load_runs
 from launcher.cli import main
-from launcher.results import MetricsWriter
-from workers.config import dump_config, parse_config
-from workers.metrics import CSV_COLUMNS, MetricsRow
+from launcher.results.analyze import MissingMetricsError, compare_runs, load_run, load_runs
+from launcher.results.summary import MetricsWriter
+from workers.core.config import dump_config, parse_config
+from workers.core.metrics import CSV_COLUMNS, MetricsRow
 
 # Two peers, three epochs; dyadic numbers so every mean below is exact in floating point.
 TEST_ACC = {0: [0.25, 0.5, 0.875], 1: [0.375, 0.75, 0.625]}  # across-peer means: 0.3125, 0.625, 0.75
@@ -85,7 +85,7 @@ def test_compare_runs_known_answers(tmp_path):
 
 
 def test_a_ring_all_reduce_is_counted_as_a_hivemind_group_of_the_same_size():
-    from workers.averaging import ring_bytes
+    from workers.averaging.base import ring_bytes
 
     assert ring_bytes(1_000_000, 4) == 1_500_000  # 2 (n - 1) / n of the tensor per peer
     assert 4 * ring_bytes(1_000_000, 4) == 2 * 3 * 1_000_000, "the swarm's traffic: 2 (n - 1) tensors"
@@ -172,7 +172,7 @@ def test_cli_run_without_rows_exits_2(tmp_path, capsys):
 
 
 def test_analyze_module_loads_without_torch_or_ray():
-    code = "import sys, launcher.analyze; sys.exit(bool({'torch', 'ray', 'hivemind'} & set(sys.modules)))"
+    code = "import sys, launcher.results.analyze; sys.exit(bool({'torch', 'ray', 'hivemind'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -186,9 +186,9 @@ def test_settings_that_vary_between_runs_get_their_own_column(tmp_path):
 
 
 def test_the_per_peer_plot_marks_the_runs_churn_events(tmp_path):
-    from launcher.analyze import load_run
-    from launcher.plots import plot_peers
-    from launcher.results import EVENT_COLUMNS, Event, read_events, summarize
+    from launcher.results.analyze import load_run
+    from launcher.results.plots import plot_peers
+    from launcher.results.summary import EVENT_COLUMNS, Event, read_events, summarize
 
     run_dir = make_run(tmp_path, "churn")
     writer = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
@@ -211,7 +211,7 @@ def test_the_per_peer_plot_marks_the_runs_churn_events(tmp_path):
 def test_summary_and_comparison_count_the_rounds_of_every_incarnation(tmp_path):
     """Round counters start again with each restart: peer 1 averaged 2 rounds, died, and its restarted incarnation 1
     more. summary.csv and comparison.csv both count 3 for it (and partial rounds apart)."""
-    from launcher.results import summarize
+    from launcher.results.summary import summarize
 
     run_dir = tmp_path / "restarted"
     run_dir.mkdir()
@@ -235,7 +235,7 @@ def test_summary_and_comparison_count_the_rounds_of_every_incarnation(tmp_path):
 
 def test_a_run_whose_rounds_mostly_failed_is_called_out():
     """The verdict behind the run's exit status: fewer than half the rounds succeeded (partial ones do not count)."""
-    from launcher.results import averaging_verdict
+    from launcher.results.summary import averaging_verdict
 
     def totals(ok, failed, partial):
         return pd.DataFrame({"rounds_ok": ok, "rounds_failed": failed, "rounds_partial": partial})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.auth import dashboard_auth_mode, token_auth_warning
+from launcher.driver.ray_tokens import dashboard_auth_mode, token_auth_warning
 from tests.cluster import free_ports
 
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.averaging import AllReduceAveraging, OptimizerAveraging, averaged_tensors
-from workers.config import GossipConfig
-from workers.gossip import GossipAveraging
-from workers.network import free_port
+from workers.averaging.base import AllReduceAveraging, OptimizerAveraging, averaged_tensors
+from workers.averaging.gossip import GossipAveraging
+from workers.core.config import GossipConfig
+from workers.core.network import free_port
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 

@@ -19,15 +19,21 @@ import pandas as pd
 import pytest
 import torch
 
-from launcher.results import MetricsWriter
+from launcher.results.summary import MetricsWriter
 from tests.cluster import free_port_range
 from tests.conftest import QUICKSTART, ROOT, quick_config, ray_started
-from workers.averaging import NoAveraging
-from workers.checkpoint import CheckpointError, CheckpointWriteError, check_resume, checkpoint_path, load_checkpoint
-from workers.config import NetworkConfig
-from workers.csvfile import MetricsWriteError
-from workers.metrics import MetricsRow
-from workers.network import LOOPBACK, PortInUseError, check_ports_free, dht_maddrs, naming_taken_port
+from workers.averaging.base import NoAveraging
+from workers.core.config import NetworkConfig
+from workers.core.csvfile import MetricsWriteError
+from workers.core.metrics import MetricsRow
+from workers.core.network import LOOPBACK, PortInUseError, check_ports_free, dht_maddrs, naming_taken_port
+from workers.peer.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+)
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 
@@ -44,8 +50,8 @@ def launch(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.C
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """peer-0_final.pt and peer-1_final.pt of a 2-peer, 1-epoch run, written by the peers' own checkpoint code."""
-    from workers.peer import Peer
-    from workers.train import train
+    from workers.peer.peer import Peer
+    from workers.peer.train import train
 
     folder, threads = tmp_path_factory.mktemp("finished"), torch.get_num_threads()
     cfg = quick_config("peers=2", "gossip.method=none", "optim.epochs=1")
@@ -100,7 +106,7 @@ def test_cli_names_a_truncated_checkpoint_before_ray_starts(finished_run, tmp_pa
 
 
 def test_a_standalone_peer_names_its_truncated_checkpoint(finished_run, tmp_path):
-    from workers.standalone import build_parser, standalone_config
+    from workers.peer.standalone import build_parser, standalone_config
 
     damaged = copy_run(finished_run, tmp_path / "damaged")
     truncate(checkpoint_path(damaged, 1, "final"))
@@ -215,7 +221,7 @@ def test_cli_names_a_taken_port_before_ray_starts(taken_port, private_ray_env, t
 def test_a_run_whose_peer_finds_its_port_taken_fails_naming_it(ray_local, taken_port, tmp_path, caplog):
     """Where the CLI cannot check (the peers on other nodes; here: run_experiment called directly), peer 1's own
     check fails its start, and the driver's error names the port."""
-    from launcher.driver import run_experiment
+    from launcher.driver.controller import run_experiment
 
     base, taken = taken_port
     cfg = quick_config("peers=2", "optim.epochs=1", f"network.port={base}")
@@ -261,8 +267,8 @@ def free_bytes(disk) -> int:
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_peer_naming_the_path(small_disk):
     """A real peer trains on the tmpfs: epoch 1 is saved, then the disk is full and epoch 2's save fails."""
-    from workers.peer import Peer
-    from workers.train import train
+    from workers.peer.peer import Peer
+    from workers.peer.train import train
 
     threads = torch.get_num_threads()
     cfg = quick_config("peers=2", "gossip.method=none", "optim.epochs=2")
@@ -317,8 +323,8 @@ def test_a_full_disk_keeps_the_driver_s_rows_and_names_metrics_csv(small_disk):
 
 
 def test_a_full_disk_keeps_a_standalone_peer_s_rows_and_names_metrics_csv(small_disk):
-    from workers.standalone import MetricsFile
-    from workers.train import Report
+    from workers.core.protocol import Report
+    from workers.peer.standalone import MetricsFile
 
     with MetricsFile(small_disk / "metrics.csv", append=False) as metrics:
         rows = write_until_full(lambda row: metrics.write_reports([Report(row, None)], epochs=99), small_disk)
@@ -334,7 +340,7 @@ def test_a_full_disk_during_a_run_ends_it_with_a_clear_error_keeping_every_row(s
     metrics.csv, every row written before it kept whole, the MLflow run marked FAILED (not left RUNNING)."""
     from mlflow.tracking import MlflowClient
 
-    from launcher.driver import run_experiment
+    from launcher.driver.controller import run_experiment
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)

@@ -11,8 +11,10 @@ import torch
 
 from launcher.cli import main as cli_main
 from tests.conftest import QUICKSTART, quick_config
-from workers.averaging import NoAveraging
-from workers.checkpoint import (
+from workers.averaging.base import NoAveraging
+from workers.core.config import OptimConfig
+from workers.core.errors import ConfigError
+from workers.peer.checkpoint import (
     RESUME_KEYS,
     atomic_save,
     check_resume,
@@ -21,10 +23,9 @@ from workers.checkpoint import (
     load_checkpoint,
     run_checkpoint_dir,
 )
-from workers.config import ConfigError, OptimConfig
-from workers.peer import Peer
-from workers.schedule import build_scheduler, lr_factor, resume_schedule
-from workers.train import evaluate, train
+from workers.peer.peer import Peer
+from workers.peer.schedule import build_scheduler, lr_factor, resume_schedule
+from workers.peer.train import evaluate, train
 
 # --- atomic write and round trip -------------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ def test_a_newcomer_that_gets_no_state_never_starts_from_its_initial_weights(tor
     """A gossip newcomer whose swarm serves no state (here: the only other peer has not started training, so it
     shares nothing) must not train from its fresh initialisation: that would be averaged into a trained swarm, and
     its rows would land in long-finished epochs. It raises, and the driver decides (restart or give up)."""
-    from workers.peer import Peer, StateUnavailable
+    from workers.peer.peer import Peer, StateUnavailable
 
     cfg = quick_config("peers=2")
     other, newcomer = Peer(cfg, 0, "no-state", checkpoint_dir=tmp_path), Peer(cfg, 1, "no-state", tmp_path)

@@ -13,11 +13,11 @@ import psutil
 import pytest
 import torch
 
-from launcher.driver import run_experiment
-from launcher.results import read_events, read_metrics
-from launcher.swarm import actor_name
+from launcher.driver.controller import run_experiment
+from launcher.driver.swarm import actor_name
+from launcher.results.summary import read_events, read_metrics
 from tests.conftest import quick_config, run_processes
-from workers.checkpoint import checkpoint_path
+from workers.peer.checkpoint import checkpoint_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -210,9 +210,9 @@ def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path)
     """Peer 1 is to leave after epoch 8 and is killed at epoch 2: its restarted incarnation still leaves after epoch
     8 (a scenario's effects belong to the peer, not to one incarnation: the slowdown too). And summary.csv and
     analyze count the rounds of both of peer 1's incarnations alike."""
-    from launcher.analyze import compare_runs, load_run
-    from launcher.results import read_events as events_of
-    from launcher.results import summarize
+    from launcher.results.analyze import compare_runs, load_run
+    from launcher.results.summary import read_events as events_of
+    from launcher.results.summary import summarize
 
     slow = ", ".join(f"{{peer: {peer}, event: slow, factor: 30}}" for peer in range(4))  # epochs of about 2 s
     scenario = f"scenario=[{slow}, {{at_epoch: 8, peer: 1, event: leave}}, {{at_epoch: 2, peer: 1, event: kill}}]"

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import QUICKSTART, ROOT, ray_processes_left, ray_started, run_processes
-from workers.checkpoint import checkpoint_path
-from workers.metrics import CSV_COLUMNS
+from workers.core.metrics import CSV_COLUMNS
+from workers.peer.checkpoint import checkpoint_path
 
 LAUNCH = [sys.executable, "-m", "launcher", "run", str(QUICKSTART)]
 

@@ -19,8 +19,8 @@ from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from launcher import run
-from launcher.auth import enable_token_auth
 from launcher.cli import build_parser
+from launcher.driver.ray_tokens import enable_token_auth
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIGS = sorted((REPO / "configs" / "cluster").glob("*.yaml"))

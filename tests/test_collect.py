@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from launcher.collect import EpochCollector
-from launcher.results import MetricsWriter, read_metrics, summarize
-from workers.metrics import CSV_COLUMNS, MetricsRow
-from workers.train import Report
+from launcher.driver.collect import EpochCollector
+from launcher.results.summary import MetricsWriter, read_metrics, summarize
+from workers.core.metrics import CSV_COLUMNS, MetricsRow
+from workers.core.protocol import Report
 
 
 def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -> MetricsRow:
@@ -93,7 +93,7 @@ def test_a_report_before_a_reload_is_finished_before_the_reload_skips_epochs():
     """Peer 1 reported epoch 2, then diverged and reloaded a state of epoch 3 (its next report is epoch 4). Taken in
     that order, epoch 2 waits for its report and gets the consensus over both peers; the reload only stops epoch 3
     from waiting for peer 1. (Taken event first, epoch 2 would finish without it and its row come late, alone.)"""
-    from workers.peer import PeerEvent
+    from workers.core.protocol import PeerEvent
 
     collector = EpochCollector(range(2))
     assert collector.add(report(0, 2, 0.0)) == []

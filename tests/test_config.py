@@ -4,7 +4,8 @@ import re
 import pytest
 
 from tests.conftest import QUICKSTART, quick_config
-from workers.config import ConfigError, apply_overrides, dump_config, load_config, parse_config
+from workers.core.config import apply_overrides, dump_config, load_config, parse_config
+from workers.core.errors import ConfigError
 
 
 def test_quickstart_loads_with_the_documented_defaults():
@@ -115,11 +116,11 @@ def test_every_steps_beyond_the_whole_run_is_rejected():
 
 
 def test_min_group_size_of_every_peer_is_accepted_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="workers.config"):
+    with caplog.at_level(logging.WARNING, logger="workers.core.config"):
         quick_config("gossip.min_group_size=4")
     assert "gossip.min_group_size=4 = peers: every round needs every peer" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="workers.config"):
+    with caplog.at_level(logging.WARNING, logger="workers.core.config"):
         quick_config("peers=2")  # two peers cannot have a smaller group: nothing to warn about
         quick_config("gossip.min_group_size=3")
     assert caplog.text == ""

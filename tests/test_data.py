@@ -18,8 +18,9 @@ from tests.datasets import (
     write_tiny_cifar10,
     write_tiny_tinyimagenet,
 )
-from workers.config import ConfigError, DataConfig, ModelConfig
-from workers.data import (
+from workers.core.config import DataConfig, ModelConfig
+from workers.core.errors import ConfigError
+from workers.peer.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     IMAGENET_MEAN,
@@ -29,8 +30,8 @@ from workers.data import (
     partition,
     peer_shard,
 )
-from workers.datacheck import CIFAR10_URL, TINYIMAGENET_URL, check_data
-from workers.models import build_model
+from workers.peer.datasets import CIFAR10_URL, TINYIMAGENET_URL, check_data
+from workers.peer.models import build_model
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_check_data_lists_the_missing_files(tmp_path):
 
 
 def test_datacheck_imports_no_torch():
-    code = "import sys, workers.datacheck; sys.exit('torch' in sys.modules or 'torchvision' in sys.modules)"
+    code = "import sys, workers.peer.datasets; sys.exit('torch' in sys.modules or 'torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -277,7 +278,7 @@ def test_data_config_rejects_bad_values():
 
 
 def test_data_generate_writes_a_marked_cifar10_once_and_again_for_another_size(tmp_path, caplog):
-    from workers.datacheck import prepare_data
+    from workers.peer.datasets import prepare_data
 
     cfg = DataConfig(dataset="cifar10", root=tmp_path, generate=500, verify_checksums=False, augment=False)
     prepare_data(cfg)
@@ -301,7 +302,7 @@ def test_data_generate_writes_a_marked_cifar10_once_and_again_for_another_size(t
     ],
 )
 def test_data_generate_needs_cifar10_without_checksums(settings, message):
-    from workers.config import parse_config
+    from workers.core.config import parse_config
 
     with pytest.raises(ConfigError, match=message):
         parse_config({"data": settings})
@@ -309,7 +310,7 @@ def test_data_generate_needs_cifar10_without_checksums(settings, message):
 
 def test_the_bandwidth_study_is_eight_valid_points():
     from tests.conftest import ROOT
-    from workers.config import load_experiment
+    from launcher.sweep.grammar import load_experiment
 
     sweep = load_experiment(ROOT / "configs/experiments/bandwidth_study.yaml")
     points = {(p.config.emulation.rate_mbit, p.config.gossip.method) for p in sweep.points}
@@ -322,14 +323,14 @@ def test_digits_are_read_as_scikit_learn_reads_them_without_importing_it():
     images and labels as load_digits, and sklearn is not imported (checked in a fresh interpreter)."""
     from sklearn.datasets import load_digits
 
-    from workers.data import digits_arrays
+    from workers.peer.data import digits_arrays
 
     images, labels = digits_arrays()
     reference = load_digits()
     assert images.shape == (1797, 8, 8)
     np.testing.assert_array_equal(images, reference.images)
     np.testing.assert_array_equal(labels, reference.target)
-    probe = ("import sys; from workers.data import load_dataset; from workers.config import DataConfig; "
+    probe = ("import sys; from workers.peer.data import load_dataset; from workers.core.config import DataConfig; "
              "s = load_dataset(DataConfig(dataset='digits')); "
              "print(len(s.train) + len(s.test), 'sklearn' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()

@@ -11,15 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from launcher.driver import run_experiment
-from launcher.results import read_metrics
+from launcher.driver.controller import run_experiment
+from launcher.results.summary import read_metrics
 from tests.conftest import QUICKSTART, quick_config
-from workers.averaging import averaged_tensors
-from workers.config import ConfigError, load_config
-from workers.diloco import DiLoCoAveraging, OuterOptimizer
-from workers.gossip import GossipAveraging
-from workers.peer import Peer
-from workers.train import train
+from workers.averaging.base import averaged_tensors
+from workers.averaging.diloco import DiLoCoAveraging, OuterOptimizer
+from workers.averaging.gossip import GossipAveraging
+from workers.core.config import load_config
+from workers.core.errors import ConfigError
+from workers.peer.peer import Peer
+from workers.peer.train import train
 
 
 def test_the_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
@@ -208,7 +209,7 @@ def test_the_inner_optimizer_is_sgd_or_adamw_from_optim():
     from torch import nn
 
     from tests.conftest import quick_config
-    from workers.schedule import build_optimizer
+    from workers.peer.schedule import build_optimizer
 
     model = nn.Linear(3, 2)
     sgd = build_optimizer(model.parameters(), quick_config("optim.momentum=0.5").optim)

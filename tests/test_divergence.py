@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.driver import run_experiment
-from launcher.results import read_events, read_metrics
+from launcher.driver.controller import run_experiment
+from launcher.results.summary import read_events, read_metrics
 from tests.conftest import quick_config
-from workers.checkpoint import checkpoint_path
+from workers.peer.checkpoint import checkpoint_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

@@ -12,9 +12,10 @@ import pytest
 
 from tests.conftest import QUICKSTART
 from tests.datasets import write_tiny_cifar10, write_tiny_tinyimagenet
-from workers.config import ConfigError, DataConfig
-from workers.data import load_dataset
-from workers.datacheck import (
+from workers.core.config import DataConfig
+from workers.core.errors import ConfigError
+from workers.peer.data import load_dataset
+from workers.peer.datasets import (
     CIFAR10_DIR,
     TINYIMAGENET_DIR,
     Archive,
@@ -43,7 +44,7 @@ def leftovers(root: Path) -> list[str]:
 def test_a_download_is_extracted_beside_the_dataset_and_renamed_into_place(tmp_path, caplog):
     archive = tinyimagenet_zip(tmp_path)
     cfg = DataConfig(dataset="tinyimagenet", root=tmp_path / "data", download=True)
-    with caplog.at_level(logging.INFO, logger="workers.datacheck"):
+    with caplog.at_level(logging.INFO, logger="workers.peer.datasets"):
         prepare_data(cfg, Archive(archive.as_uri(), None, TINYIMAGENET_DIR))
     assert f"downloading {archive.as_uri()}" in caplog.text and "downloaded" in caplog.text
     splits = load_dataset(cfg.model_copy(update={"download": False}))
@@ -119,9 +120,9 @@ def test_an_unreachable_url_is_a_config_error(tmp_path):
 
 def test_the_cli_downloads_before_it_starts_the_run(tmp_path, monkeypatch):
     """`gossip-launch run` with data.download: the data is in place when the run (Ray, the peers) starts."""
-    import launcher.driver
+    import launcher.driver.controller
     from launcher.cli import main as cli_main
-    from workers import datacheck
+    from workers.peer import datasets as datacheck
 
     archive = Archive(tinyimagenet_zip(tmp_path).as_uri(), None, TINYIMAGENET_DIR)
     monkeypatch.setitem(datacheck.ARCHIVES, "tinyimagenet", archive)
@@ -129,9 +130,9 @@ def test_the_cli_downloads_before_it_starts_the_run(tmp_path, monkeypatch):
 
     def run_experiment(cfg, out_dir, address=None):
         seen.append(check_data(cfg.data.model_copy(update={"download": False})) is None)
-        return launcher.driver.RunResult(Path(out_dir), 0)
+        return launcher.driver.controller.RunResult(Path(out_dir), 0)
 
-    monkeypatch.setattr(launcher.driver, "run_experiment", run_experiment)
+    monkeypatch.setattr(launcher.driver.controller, "run_experiment", run_experiment)
     settings = ["data.dataset=tinyimagenet", f"data.root={root}", "data.download=true", "model.name=resnet50"]
     code = cli_main(["run", str(QUICKSTART), *(f"--set={item}" for item in settings), "--out", str(tmp_path / "out")])
     assert code == 0 and seen == [True]

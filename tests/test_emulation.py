@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from launcher.emulation import (
+from launcher.emulation.linkmeter import MAX_BYTES, MIN_BYTES, Measured, probe_bytes, steady_rate_mbit
+from launcher.emulation.links import (
     Emulation,
     LinkTarget,
     Support,
@@ -26,11 +27,11 @@ from launcher.emulation import (
     shaping_commands,
     support_problem,
 )
-from launcher.linkmeter import MAX_BYTES, MIN_BYTES, Measured, probe_bytes, steady_rate_mbit
 from tests.conftest import QUICKSTART, ROOT, quick_config, ray_processes_left, ray_started
 from tests.test_cli import wait_for_rows
-from workers.config import ConfigError, EmulationConfig, parse_config
-from workers.netns import NetnsLink, inside, namespace_config
+from workers.core.config import EmulationConfig, parse_config
+from workers.core.errors import ConfigError
+from workers.core.netns import NetnsLink, inside, namespace_config
 
 # -- the decisions, without root ---------------------------------------------------------------------------------------
 
@@ -371,7 +372,7 @@ def test_a_sigkilled_driver_leaves_no_namespace(support, tmp_path, private_ray_e
 
 
 def test_namespaces_of_dead_runs_are_recognised_by_the_pid_in_their_token():
-    from launcher.emulation import orphaned_namespaces, owned_token
+    from launcher.emulation.links import orphaned_namespaces, owned_token
 
     token = owned_token()
     assert len(token) == 8 and int(token[:6], 16) == os.getpid() & 0xFFFFFF

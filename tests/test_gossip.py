@@ -13,9 +13,9 @@ import torch
 from hivemind.proto import averaging_pb2
 from torch import nn
 
-from workers.averaging import averaged_tensors
-from workers.config import GossipConfig
-from workers.gossip import GossipAveraging
+from workers.averaging.base import averaged_tensors
+from workers.averaging.gossip import GossipAveraging
+from workers.core.config import GossipConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -127,7 +127,7 @@ def test_matchmaking_reads_the_dht_at_most_once_per_poll_interval(dhts):
 
     from hivemind.averaging import matchmaking
 
-    from workers.gossip import MATCHMAKING_POLL_S, paced_matchmaking, swarm_averager_class
+    from workers.averaging.gossip import MATCHMAKING_POLL_S, paced_matchmaking, swarm_averager_class
 
     (dht,) = dhts(1)
     try:
@@ -177,7 +177,7 @@ def test_a_round_whose_reducer_failed_counts_as_partial_not_ok(dhts):
     is sent: the two others' rounds are partial, not ok, and their group sizes are not counted."""
     from hivemind.averaging.allreduce import AllreduceException
 
-    from workers.gossip import swarm_averager_class
+    from workers.averaging.gossip import swarm_averager_class
 
     class BrokenReducer(swarm_averager_class()):
         async def rpc_aggregate_part(

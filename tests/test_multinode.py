@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.auth import dashboard_auth_mode, token_auth_warning
-from launcher.results import read_metrics
+from launcher.driver.ray_tokens import dashboard_auth_mode, token_auth_warning
+from launcher.results.summary import read_metrics
 from tests.cluster import BIN_DIR, LocalCluster, cluster_processes, kill_all, local_cluster, ray_free_environ
 from tests.conftest import ROOT
 

@@ -73,7 +73,7 @@ def netns_exec(name: str) -> tuple[str, ...]:
 def test_node_ip_inside_a_namespace_without_a_default_route(namespaces):
     (name, address), _ = namespaces
     assert ip("-n", name, "route", "show", "default").stdout.strip() == ""
-    code = "from workers.network import node_ip; print(node_ip())"
+    code = "from workers.core.network import node_ip; print(node_ip())"
     done = subprocess.run([*netns_exec(name), sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -7,10 +7,11 @@ import ipaddress
 
 import pytest
 
-from launcher.placement import PlacementError, check_placeable, peer_bundles, placement_strategy, resolve_network
+from launcher.driver.placement import PlacementError, check_placeable, peer_bundles, placement_strategy, resolve_network
 from tests.conftest import quick_config
-from workers.config import ConfigError, NetworkConfig
-from workers.network import announce_host, dht_maddrs, node_ip
+from workers.core.config import NetworkConfig
+from workers.core.errors import ConfigError
+from workers.core.network import announce_host, dht_maddrs, node_ip
 
 CPU_NODE = {"CPU": 8.0, "memory": 1e10, "node:10.0.0.2": 1.0}
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0, "node:10.0.0.3": 1.0}

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launcher.collect import EpochCollector
-from launcher.policy import Decision, PeerView, decide, exit_code, restart_support, stall_deadline
-from launcher.scenario import Clock, Scenario
+from launcher.driver.collect import EpochCollector
+from launcher.driver.policy import Decision, PeerView, decide, exit_code, restart_support, stall_deadline
+from launcher.driver.scenario import Clock, Scenario
 from tests.test_collect import make_row
-from workers.config import ConfigError, FaultsConfig, ScenarioEvent
-from workers.train import Report
+from workers.core.config import FaultsConfig, ScenarioEvent
+from workers.core.errors import ConfigError
+from workers.core.protocol import Report
 
 FAULTS = FaultsConfig(max_restarts=2, stall_factor=3, stall_min_s=20, poll_timeout_s=10, start_timeout_s=100)
 
@@ -197,7 +198,7 @@ def test_a_late_report_for_a_finished_epoch_is_measured_against_that_epochs_rows
 
 
 def test_every_phase_change_is_in_the_one_table():
-    from launcher.lifecycle import TRANSITIONS, InvalidTransition, Phase, Signal, advance
+    from launcher.driver.lifecycle import TRANSITIONS, InvalidTransition, Phase, Signal, advance
 
     assert advance(Phase.STANDBY, Signal.LAUNCHED) == advance(Phase.DEAD, Signal.LAUNCHED) == Phase.STARTING
     assert advance(Phase.STARTING, Signal.JOINED) == Phase.RUNNING

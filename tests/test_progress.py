@@ -1,5 +1,5 @@
 """The driver's progress display: its rates and its two forms (a live table in a terminal, steady log lines
-elsewhere), fed the same status a real peer answers (workers/peer.py's LiveProgress)."""
+elsewhere), fed the same status a real peer answers (workers/peer/peer.py's LiveProgress)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 
 from rich.console import Console
 
-from launcher.progress import PeerLine, Progress, format_line, samples_rate
-from workers.peer import LiveProgress
+from launcher.results.progress import PeerLine, Progress, format_line, samples_rate
+from workers.core.protocol import LiveProgress
 
 
 def live(epoch: int, step: int, samples: int, ok: int = 0, failed: int = 0) -> LiveProgress:
@@ -34,9 +34,9 @@ def test_a_log_line_names_every_peer_compactly():
 
 def test_not_a_terminal_logs_at_most_once_per_interval(caplog, monkeypatch):
     clock = iter([0.0, 0.0, 0.5, 1.0, 2.5, 3.0])
-    monkeypatch.setattr("launcher.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("launcher.results.progress.time.monotonic", lambda: next(clock))
     progress = Progress(epochs=3, interactive=False, interval_s=2.0)
-    with caplog.at_level(logging.INFO, logger="launcher.progress"):
+    with caplog.at_level(logging.INFO, logger="launcher.results.progress"):
         for samples in (0, 100, 200, 500, 600):
             progress.update([(0, 0, "running", live(1, samples // 32, samples))])
     messages = [r.getMessage() for r in caplog.records]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.auth import dashboard_auth_mode, token_auth_warning
+from launcher.driver.ray_tokens import dashboard_auth_mode, token_auth_warning
 from tests.cluster import LocalCluster, free_ports, local_cluster
 from tests.conftest import QUICKSTART, ROOT, private_token, run_processes
 

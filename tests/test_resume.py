@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from launcher.driver import run_experiment
-from launcher.results import read_metrics
+from launcher.driver.controller import run_experiment
+from launcher.results.summary import read_metrics
 from tests.conftest import quick_config
-from workers.checkpoint import checkpoint_path, load_checkpoint
-from workers.data import load_dataset
-from workers.models import build_model
-from workers.train import evaluate
+from workers.peer.checkpoint import checkpoint_path, load_checkpoint
+from workers.peer.data import load_dataset
+from workers.peer.models import build_model
+from workers.peer.train import evaluate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

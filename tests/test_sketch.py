@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from workers.sketch import ParameterSketch, consensus_distance
+from workers.peer.sketch import ParameterSketch, consensus_distance
 
 
 def test_consensus_distance_known_answers():

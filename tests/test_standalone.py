@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from workers.config import ConfigError
-from workers.metrics import CSV_COLUMNS
-from workers.network import dht_maddrs, free_port, node_ip
-from workers.standalone import build_parser, flags_to_overrides, parse_host_maddr, standalone_config
+from workers.core.errors import ConfigError
+from workers.core.metrics import CSV_COLUMNS
+from workers.core.network import dht_maddrs, free_port, node_ip
+from workers.peer.standalone import build_parser, flags_to_overrides, parse_host_maddr, standalone_config
 
 PEER = [sys.executable, "-m", "workers"]
 EPOCHS = 3

@@ -1,4 +1,4 @@
-"""Results and checkpoints on storage (workers/storage.py): the URI handling, the check before Ray starts, and real
+"""Results and checkpoints on storage (workers/core/storage.py): the URI handling, the check before Ray starts, and real
 runs against a real S3 API server (moto's server mode on loopback, the bucket made with boto3): a quickstart run with
 `--storage s3://...`, a `--resume-from s3://...` of it, and `analyze s3://...`."""
 
@@ -19,8 +19,8 @@ import torch
 
 from launcher.cli import main as cli_main
 from tests.conftest import QUICKSTART, ROOT, private_token, quick_config, ray_processes_left
-from workers.config import ConfigError
-from workers.storage import FolderMirror, check_location, is_remote, join, remote_of, staging_dir
+from workers.core.errors import ConfigError
+from workers.core.storage import FolderMirror, check_location, is_remote, join, remote_of, staging_dir
 
 BUCKET = "gossip-results"
 CHECKPOINTS = [f"peer-{peer}_{kind}.pt" for peer in (0, 1) for kind in ("best", "final")]
@@ -155,9 +155,9 @@ def test_the_mirror_uploads_what_changed_and_never_checkpoints(s3_env, tmp_path)
 def test_a_sweep_in_the_bucket_is_resumed_on_a_machine_without_its_staging_copy(s3_env, tmp_path):
     """`--resume` of a sweep whose results went to S3, from a machine (or a cleaned cache) with no local copy: the
     newest sweep folder in the bucket with the same spec is found, its result files (never checkpoints) fetched."""
-    from launcher import sweep as sweep_module
+    from launcher.sweep import runner as sweep_module
+    from launcher.sweep.grammar import load_experiment
     from tests.test_sweep import write_sweep
-    from workers.config import load_experiment
 
     sweep = load_experiment(write_sweep(tmp_path, {"gossip.alpha": [0.25, 0.5]}), [f"storage=s3://{BUCKET}/sweeps"])
     staging = staging_dir(f"s3://{BUCKET}/sweeps")

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from launcher.driver import run_experiment
-from launcher.results import read_events, read_metrics
-from launcher.swarm import actor_name
+from launcher.driver.controller import run_experiment
+from launcher.driver.swarm import actor_name
+from launcher.results.summary import read_events, read_metrics
 from tests.conftest import quick_config, run_processes
-from workers.config import load_config
-from workers.models import build_model
+from workers.core.config import load_config
+from workers.peer.models import build_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -103,15 +103,15 @@ def test_mlflow_has_the_config_and_the_swarms_curve(gossip_and_none):
 def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path, gossip_and_none, caplog, monkeypatch):
     """Also: when stderr is not a terminal, the swarm's progress within an epoch is logged at a steady rate."""
     _, _, _, none = gossip_and_none
-    monkeypatch.setattr("launcher.progress.LOG_INTERVAL_S", 1.0)
+    monkeypatch.setattr("launcher.results.progress.LOG_INTERVAL_S", 1.0)
     cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1")
-    with caplog.at_level("INFO", logger="launcher.progress"):
+    with caplog.at_level("INFO", logger="launcher.results.progress"):
         metrics = read_metrics(run_experiment(cfg, tmp_path).run_dir)
-    lines = [r.getMessage() for r in caplog.records if r.name == "launcher.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "launcher.results.progress"]
     named = [line.count("| peer ") for line in lines]  # the live peers: fewer once the first ones are done
     assert lines and named[0] == 4 and all(1 <= n <= 4 for n in named), lines[:3]
     assert any(re.search(r"peer 0 e\d/3 [1-9]\d*/\d+ \d+/s r[1-9]", line) for line in lines), lines
-    stamps = [r.created for r in caplog.records if r.name == "launcher.progress"]
+    stamps = [r.created for r in caplog.records if r.name == "launcher.results.progress"]
     assert min(b - a for a, b in zip(stamps, stamps[1:], strict=False)) >= 0.9, "never a flood"
     final = metrics[metrics.epoch == 3]
     assert (metrics.avg_group_size.dropna() == 2).all(), "target group size 2 gives pairs"

@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from launcher import cli
+from launcher.sweep.grammar import Sweep, expand_grid, load_experiment
 from tests.conftest import QUICKSTART, ROOT, ray_processes_left
-from workers.config import ConfigError, ExperimentConfig, apply_overrides, load_config, load_experiment
-from workers.sweepconfig import Sweep, expand_grid
+from workers.core.config import ExperimentConfig, apply_overrides, load_config
+from workers.core.errors import ConfigError
 
 
 def write_sweep(tmp_path, grid, name="sweep", **settings) -> str:
@@ -173,7 +174,7 @@ def test_bad_sweep_settings_name_the_field(tmp_path, section, message):
 
 
 def test_a_resume_skips_done_points_and_sets_unfinished_runs_aside(tmp_path):
-    from launcher import sweep as sweep_module
+    from launcher.sweep import runner as sweep_module
 
     sweep = three_point_sweep(tmp_path)
     sweep_dir = sweep_module.make_sweep_dir(sweep, tmp_path / "out")
@@ -196,7 +197,7 @@ def test_a_resume_skips_done_points_and_sets_unfinished_runs_aside(tmp_path):
 def test_a_resumed_search_numbers_new_points_past_every_old_one(tmp_path):
     """An optuna sweep: point 1 done, point 2 failed, point 3 done. A resume's new point is 4 (counting only the
     finished ones gave 3: it shadowed the finished point 3, and a second resume moved point 3's run aside)."""
-    from launcher import sweep as sweep_module
+    from launcher.sweep import runner as sweep_module
 
     sweep = three_point_sweep(tmp_path)
     sweep_dir = sweep_module.make_sweep_dir(sweep, tmp_path / "out")
@@ -219,7 +220,7 @@ def test_a_resumed_search_numbers_new_points_past_every_old_one(tmp_path):
 
 
 def test_a_local_ray_holds_max_concurrent_of_the_largest_trials(tmp_path):
-    from launcher.sweep import cpus_needed
+    from launcher.sweep.runner import cpus_needed
 
     sweep = load_experiment(write_sweep(tmp_path, {"peers": [2, 6, 3], "max_concurrent": 2}))
     assert cpus_needed(sweep) == 7  # 2 trials x (6 peers x 0.5 CPU + the trial's sliver), rounded up

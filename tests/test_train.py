@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import quick_config
-from workers.averaging import NoAveraging
-from workers.peer import Peer
-from workers.train import flat_parameters, train
+from workers.averaging.base import NoAveraging
+from workers.peer.peer import Peer
+from workers.peer.setup import flat_parameters
+from workers.peer.train import train
 
 
 class SlowEvaluation:
@@ -148,7 +149,7 @@ def test_a_poll_that_sees_a_finished_peer_has_every_report(torch_threads):
 def test_one_state_download_timeout_from_the_states_bytes_and_the_link_rate(torch_threads):
     """ResNet-50's state (parameters and momentum, 188 MB) takes 301 s at 5 Mbit/s: a fixed 120 s would never let such
     a peer rejoin. The timeout is the donor's wait for its epoch's end plus 3x the transfer, plus 30 s."""
-    from workers.state import DONOR_WAIT_S, slowest_link_mbit, state_timeout_s
+    from workers.peer.state import DONOR_WAIT_S, slowest_link_mbit, state_timeout_s
 
     assert state_timeout_s(188_000_000, 5.0) == pytest.approx(DONOR_WAIT_S + 3 * 300.8 + 30)
     assert state_timeout_s(188_000_000, None) == pytest.approx(DONOR_WAIT_S + 3 * 15.04 + 30), "100 Mbit/s unknown"

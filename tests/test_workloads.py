@@ -10,17 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from launcher.driver import run_experiment
-from launcher.results import read_metrics
+from launcher.driver.controller import run_experiment
+from launcher.results.summary import read_metrics
 from tests.conftest import ROOT
 from tests.datasets import write_tiny_cifar10, write_tiny_tinyimagenet
-from workers.averaging import NoAveraging
-from workers.checkpoint import checkpoint_path
-from workers.config import ConfigError, DataConfig, load_config
-from workers.data import load_dataset
-from workers.gossip import GossipAveraging
-from workers.peer import Peer
-from workers.train import train
+from workers.averaging.base import NoAveraging
+from workers.averaging.gossip import GossipAveraging
+from workers.core.config import DataConfig, load_config
+from workers.core.errors import ConfigError
+from workers.peer.checkpoint import checkpoint_path
+from workers.peer.data import load_dataset
+from workers.peer.peer import Peer
+from workers.peer.train import train
 
 EXPERIMENTS = ROOT / "configs" / "experiments"
 ON_CPU = ["peers=2", "resources.num_gpus=0", "resources.num_cpus=1", "optim.epochs=1", "gossip.matchmaking_time=1.5"]

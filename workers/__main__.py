@@ -1,8 +1,8 @@
-"""`python -m workers ...`: one peer in the foreground, without Ray (see workers/standalone.py)."""
+"""`python -m workers ...`: one peer in the foreground, without Ray (see workers/peer/standalone.py)."""
 
 import sys
 
-from workers.standalone import main
+from workers.peer.standalone import main
 
 if __name__ == "__main__":
     sys.exit(main())

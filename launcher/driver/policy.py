@@ -1,0 +1,121 @@
+"""What to do about each peer, decided from a frozen snapshot of the swarm: pure functions, no Ray, no clock.
+
+The driver polls the peers, builds a `PeerView` per peer, asks `decide` and carries out the decisions (the shape
+of Ray Train v2's failure handling; the phases are launcher/driver/lifecycle.py's). Unit-tested with plain data in
+tests/test_policy.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from launcher.driver.lifecycle import DHT_UP, Phase
+from workers.core.config import FaultsConfig
+
+
+@dataclass(frozen=True)
+class PeerView:
+    peer: int
+    phase: Phase
+    restarts: int = 0  # restarts so far (the incarnation number)
+    epoch: int = 0  # the last epoch it reported (its newest checkpoint: a peer saves one before each report)
+    reseeding: bool = False  # starting from a checkpoint because no peer's DHT was up (see `decide`)
+    reason: str = ""  # why it died
+    phase_s: float = 0.0  # seconds in this phase
+    progress_age_s: float = 0.0  # heartbeat: seconds since its training thread last finished a step or a round
+    poll_age_s: float = 0.0  # seconds its oldest unanswered status poll has been waiting
+    epoch_s: float | None = None  # its longest epoch so far, as the driver saw its reports arrive
+    hivemind_error: str | None = None  # one of its hivemind processes died
+    start_s: float = 0.0  # what a newcomer's start may take beyond faults.start_timeout_s (its state's download)
+
+
+@dataclass(frozen=True)
+class Decision:
+    # restart: a new incarnation that bootstraps off the peers whose DHT is up and takes the swarm's state from them;
+    # reseed: no peer's DHT is up, so one dead peer restarts the swarm from the run's newest checkpoint (`donor`'s);
+    # wait: restart once a peer's DHT is up again (the reseeding one)
+    action: Literal["kill", "restart", "reseed", "wait", "give_up"]
+    peer: int
+    reason: str
+    donor: int | None = None  # reseed: the peer whose checkpoint it resumes from
+
+
+def decide(
+    views: list[PeerView], faults: FaultsConfig, can_restart: str | None = None, round_s: float = 0.0
+) -> list[Decision]:
+    """`can_restart`: None when the method can replace a peer, else why it cannot (e.g. all-reduce). `round_s`: the
+    longest an averaging round may block training (matchmaking plus all-reduce): that long is never a stall.
+
+    A newcomer joins the swarm through a peer whose DHT is up (running, or done and serving its final state); never
+    a swarm of its own. When no peer's DHT is up (every running peer died at once), one dead peer restarts the swarm
+    from the run's newest checkpoint and the others wait for it; with no checkpoint at all, they are given up."""
+    decisions = []
+    dht_up = any(view.phase in DHT_UP for view in views)
+    reseeding = any(view.reseeding and view.phase == Phase.STARTING for view in views)
+    for view in views:
+        if view.phase == Phase.DEAD:
+            decision = _after_death(view, faults, can_restart)
+            if decision.action == "restart" and not dht_up:
+                decision = _without_a_swarm(view, views, reseeding)
+                reseeding = reseeding or decision.action == "reseed"
+            decisions.append(decision)
+        elif view.phase in (Phase.RUNNING, Phase.STARTING) and (reason := wedged(view, faults, round_s)):
+            decisions.append(Decision("kill", view.peer, reason))
+    return decisions
+
+
+def _without_a_swarm(view: PeerView, views: list[PeerView], reseeding: bool) -> Decision:
+    if reseeding:
+        return Decision("wait", view.peer, f"{view.reason}; no peer's DHT is up: waiting for the swarm's reseed")
+    donor = max(views, key=lambda other: (other.epoch, -other.peer))
+    if donor.epoch == 0:
+        return Decision("give_up", view.peer, f"{view.reason}; no peer's DHT is up and no peer saved a checkpoint "
+                        "to restart the swarm from")  # fmt: skip
+    why = f"{view.reason}; no peer's DHT is up: it restarts the swarm from peer {donor.peer}'s checkpoint of epoch "
+    return Decision("reseed", view.peer, why + str(donor.epoch), donor=donor.peer)
+
+
+def _after_death(view: PeerView, faults: FaultsConfig, can_restart: str | None) -> Decision:
+    if can_restart is not None:
+        return Decision("give_up", view.peer, f"{view.reason}; not restarted: {can_restart}")
+    if view.restarts >= faults.max_restarts:
+        return Decision("give_up", view.peer, f"{view.reason}; faults.max_restarts={faults.max_restarts} used up")
+    return Decision("restart", view.peer, view.reason)
+
+
+def wedged(view: PeerView, faults: FaultsConfig, round_s: float = 0.0) -> str | None:
+    """Why a peer that is alive as a process must be treated as dead, or None."""
+    if view.phase == Phase.STARTING:
+        if view.phase_s > faults.start_timeout_s + view.start_s:
+            extra = f" + {view.start_s:.0f} s for its state's download" if view.start_s else ""
+            return f"did not start within faults.start_timeout_s={faults.start_timeout_s:g} s{extra}"
+        return None
+    if view.hivemind_error:
+        return view.hivemind_error
+    if view.poll_age_s > faults.poll_timeout_s:
+        return f"did not answer a status poll for {view.poll_age_s:.0f} s (faults.poll_timeout_s)"
+    deadline = stall_deadline(view.epoch_s, faults, round_s)
+    if view.progress_age_s > deadline:
+        return f"made no training progress for {view.progress_age_s:.0f} s (deadline {deadline:.0f} s)"
+    return None
+
+
+def stall_deadline(epoch_s: float | None, faults: FaultsConfig, round_s: float = 0.0) -> float:
+    """How long a running peer may go without a step, a finished round or an evaluated batch: a multiple of its own
+    longest epoch, never less than faults.stall_min_s nor than twice the longest blocking round."""
+    return max(faults.stall_min_s, faults.stall_factor * (epoch_s or 0.0), 2 * round_s)
+
+
+def exit_code(views: list[PeerView], interrupted: bool) -> int:
+    """130 when interrupted, 1 when a peer was given up (or the swarm could not run), else 0."""
+    if interrupted:
+        return 130
+    return 1 if any(view.phase == Phase.GIVEN_UP for view in views) else 0
+
+
+def restart_support(method: str) -> str | None:
+    """None when peers of `method` can be replaced mid-run, else why not."""
+    if method == "allreduce":
+        return "the allreduce baseline's process group is fixed at start"
+    return None

@@ -1,0 +1,208 @@
+"""Load results folders into one long table and compare runs: the notebook API behind `gossip-launch analyze`.
+
+    df = load_runs(["results/my-sweep"])          # metrics rows + each run's config as columns
+    table = compare_runs(df, target_acc=0.9)      # one row per run
+
+Imports only pandas, numpy and yaml (no torch, no Ray), so it loads in a notebook or the CLI in a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from launcher.results.summary import read_metrics, round_totals
+
+GOSSIP_KNOBS = ("group_size", "min_group_size", "alpha", "matchmaking_time", "every_steps")
+
+
+class MissingMetricsError(FileNotFoundError):
+    """A folder given for analysis is neither a run folder nor a sweep folder of run folders."""
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders (those holding metrics.csv) named directly or found one level inside sweep folders."""
+    run_dirs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "metrics.csv").is_file():
+            run_dirs.append(path)
+            continue
+        inside = sorted(p.parent for p in path.glob("*/metrics.csv"))
+        if not path.is_dir():
+            raise MissingMetricsError(f"{path}: no such folder")
+        if not inside:
+            raise MissingMetricsError(f"{path}: no metrics.csv here or in its subfolders (not a run or sweep folder)")
+        run_dirs.extend(inside)
+    return run_dirs
+
+
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'gossip': {'alpha': 1.0}} -> {'gossip.alpha': 1.0}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value if np.isscalar(value) or value is None else str(value)
+    return flat
+
+
+def load_run(run_dir: str | Path) -> pd.DataFrame:
+    """One run's metrics rows with its config.yaml flattened into columns (`peers`, `gossip.method`, ...)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.csv").is_file():
+        raise MissingMetricsError(f"{run_dir}: no metrics.csv")
+    metrics = read_metrics(run_dir)
+    config_path = run_dir / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    for key, value in flatten_config(config).items():
+        if key not in metrics.columns:  # the measured columns win over a same-named config key
+            metrics[key] = value
+    metrics["run_dir"] = str(run_dir)
+    return metrics
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run under `paths` (run folders, or sweep folders expanded to their runs, sorted) in one long table."""
+    return pd.concat([load_run(run_dir) for run_dir in find_run_dirs(paths)], ignore_index=True)
+
+
+def compare_runs(df: pd.DataFrame, target_acc: float | None = None) -> pd.DataFrame:
+    """One row per run: its settings, final/best accuracy, time and samples to `target_acc`, throughput,
+    averaging rounds and final consensus distance. Runs keep the order in which they appear in `df`; a run
+    with no rows yet (stopped before its first evaluation) has no row."""
+    runs = split_runs(df)
+    table = pd.DataFrame([_compare_one(run, target_acc) for run in runs])
+    for offset, key in enumerate(_other_varying_settings(runs)):  # e.g. optim.lr in a learning-rate sweep
+        table.insert(table.columns.get_loc("epochs") + offset, key, [run[key].iloc[0] for run in runs])
+    return table
+
+
+def _other_varying_settings(runs: list[pd.DataFrame]) -> list[str]:
+    """Config keys (dotted, or the seed) that differ between runs and are not already in the table."""
+    shown = {"gossip.method", *(f"gossip.{knob}" for knob in GOSSIP_KNOBS)}
+    keys = [c for c in runs[0].columns if ("." in c or c == "seed") and c not in shown] if runs else []
+    return [k for k in keys if len({str(run[k].iloc[0]) if k in run else "" for run in runs}) > 1]
+
+
+def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """The rows of each run, in order of first appearance (keyed by folder: a copied run keeps its run_id)."""
+    key = "run_dir" if "run_dir" in df.columns else "run_id"
+    return [run for _, run in df.groupby(key, sort=False)]
+
+
+def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
+    """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
+    time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
+    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else np.nan)  # older runs: unknown
+    by_epoch = run.groupby("epoch")
+    curve = by_epoch.agg(
+        acc_mean=("test_acc", "mean"),
+        acc_min=("test_acc", "min"),
+        acc_max=("test_acc", "max"),
+        loss_mean=("test_loss", "mean"),
+        loss_min=("test_loss", "min"),
+        loss_max=("test_loss", "max"),
+        wall_time_s=("wall_time_s", "max"),
+        samples_seen=("samples_seen", "mean"),
+        consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
+        swarm_bytes=("avg_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known
+    ).sort_index()
+    curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum(skipna=False) / 1e6  # the swarm's averaging traffic so far
+    return curve
+
+
+def final_rows(run: pd.DataFrame) -> pd.DataFrame:
+    """Each peer's last row (an interrupted run's peers may have stopped at different epochs)."""
+    return run.sort_values(["peer", "epoch"]).groupby("peer").tail(1)
+
+
+def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
+    curve = epoch_curve(run)
+    last = final_rows(run)
+    final_acc = last["test_acc"].to_numpy()
+    return {
+        **_settings(run),
+        "epochs": int(curve.index.max()),
+        "final_acc_mean": final_acc.mean(),
+        "final_acc_std": final_acc.std(),  # population std: the peers are the whole swarm, not a sample of it
+        "final_acc_min": final_acc.min(),
+        "final_acc_max": final_acc.max(),
+        "best_acc": curve["acc_mean"].max(),
+        **({} if target_acc is None else _to_target(curve, target_acc)),
+        "samples_per_s": run["samples_per_s"].mean(),
+        **_rounds(run),
+        "final_consensus_dist": curve["consensus_dist"].iloc[-1],
+        "swarm_mb": curve["swarm_mb"].iloc[-1],
+        "bytes_source": "/".join(sorted(run["bytes_source"].dropna().unique())) if "bytes_source" in run else "unknown",
+        "wall_time_s": last["wall_time_s"].max(),
+        "run_dir": run["run_dir"].iloc[0] if "run_dir" in run.columns else "",
+    }
+
+
+def _settings(run: pd.DataFrame) -> dict[str, Any]:
+    first = run.iloc[0]
+    settings = {
+        "run_id": first["run_id"],
+        "peers": first.get("peers", run["peer"].nunique()),
+        "method": first.get("gossip.method", np.nan),
+        "rate_mbit": first.get("emulation.rate_mbit", np.nan),  # an emulated link's speed (NaN: not emulated)
+    }
+    settings.update({knob: first.get(f"gossip.{knob}", np.nan) for knob in GOSSIP_KNOBS})
+    return settings
+
+
+def _to_target(curve: pd.DataFrame, target_acc: float) -> dict[str, float]:
+    """Wall time and samples per peer at the first epoch whose across-peer mean accuracy reaches the target."""
+    reached = curve[curve["acc_mean"] >= target_acc]
+    if reached.empty:
+        return {"time_to_target_s": np.nan, "samples_to_target": np.nan, "mb_to_target": np.nan}
+    first = reached.iloc[0]
+    return {"time_to_target_s": first["wall_time_s"], "samples_to_target": first["samples_seen"],
+            "mb_to_target": first["swarm_mb"]}  # fmt: skip
+
+
+def _rounds(run: pd.DataFrame) -> dict[str, float]:
+    """The run's averaging rounds, all incarnations of each peer counted (launcher/results/summary.py: round_totals)."""
+    totals, peers = round_totals(run), run["peer"].nunique()
+    counts = {name: int(totals[name].sum()) for name in totals.columns}
+    return {**counts, **{f"{name}_per_peer": count / peers for name, count in counts.items()}}
+
+
+def format_comparison(table: pd.DataFrame, width: int = 120) -> str:
+    """The table for a terminal: columns wrapped into blocks of `width` characters."""
+    shown = table.drop(columns=["run_dir"], errors="ignore")
+    return shown.to_string(index=False, line_width=width, float_format=lambda v: f"{v:.4g}")
+
+
+def analyze(
+    paths: Iterable[str | Path],
+    target_acc: float | None = None,
+    out: Path | None = None,
+    plot: bool = False,
+    origins: dict[str, str] | None = None,
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Load, compare and (when `out` is given) write comparison.csv and, with `plot`, the PNGs into `out`.
+    `origins`: {local copy: storage URI} of folders downloaded from storage, to name their runs by their URI."""
+    df = load_runs(paths)
+    for copy, uri in (origins or {}).items():
+        df["run_dir"] = df["run_dir"].str.replace(copy, uri, n=1, regex=False)
+    if df.empty:
+        raise MissingMetricsError("metrics.csv has no rows yet: no run got to its first evaluation")
+    table = compare_runs(df, target_acc)
+    written: list[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "comparison.csv", index=False)
+        written.append(out / "comparison.csv")
+        if plot:
+            from launcher.results.plots import write_plots  # matplotlib: only when plots are asked for
+
+            written += write_plots(df, out)
+    return table, written

@@ -1,0 +1,153 @@
+"""PNG plots of results tables from `launcher.analyze.load_runs`: per-peer curves of one run, per-run mean curves
+with a min-max band across peers, and the consensus distance. Drawn on Agg Figures without pyplot, so they
+neither need a display nor change a notebook's backend (a returned Figure still shows inline in Jupyter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from launcher.results.analyze import epoch_curve, split_runs
+from launcher.results.summary import read_events
+
+METRICS = (("test_acc", "acc", "test accuracy (fraction)"), ("test_loss", "loss", "test loss (cross-entropy)"))
+LEGEND_MAX = 12  # beyond this many lines a legend hides the plot
+
+
+def _grid(title: str) -> tuple[Figure, np.ndarray]:
+    """A 2x2 figure: rows are accuracy and loss, columns are wall time and epoch."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex="col", sharey="row")
+    fig.suptitle(title)
+    for row, (_, _, label) in enumerate(METRICS):
+        axes[row, 0].set_ylabel(label)
+        axes[row, 0].set_title(f"{label.split(' (')[0]} vs wall time")
+        axes[row, 1].set_title(f"{label.split(' (')[0]} vs epoch")
+    axes[1, 0].set_xlabel("wall time (s)")
+    axes[1, 1].set_xlabel("epoch")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _legend(ax: Axes, lines: int) -> None:
+    if 0 < lines <= LEGEND_MAX:
+        ax.legend(fontsize="small", ncol=1 if lines <= 6 else 2)
+
+
+def plot_peers(run: pd.DataFrame, events: pd.DataFrame | None = None) -> Figure:
+    """One run: test accuracy and loss of every peer against its wall time and against epoch, with the run's churn
+    events (deaths, restarts, joins, leaves) marked where they happened."""
+    peers = sorted(run["peer"].unique())
+    fig, axes = _grid(f"{run['run_id'].iloc[0]}: per peer ({len(peers)} peers)")
+    incarnation = run["restarts"] if "restarts" in run.columns else 0
+    for number, peer in enumerate(peers):
+        color = f"C{number % 10}"
+        for lives, rows in run[run["peer"] == peer].assign(_life=incarnation).groupby("_life"):
+            rows, label = rows.sort_values("epoch"), f"peer {peer}" if lives == 0 else None  # a gap at a restart
+            for row, (column, _, _) in enumerate(METRICS):
+                axes[row, 0].plot(rows["wall_time_s"], rows[column], marker=".", color=color, label=label)
+                axes[row, 1].plot(rows["epoch"], rows[column], marker=".", color=color, label=label)
+    _legend(axes[0, 0], len(peers))
+    if events is not None:
+        _mark_events(axes, events)
+    return fig
+
+
+EVENT_STYLE = {"died": "red", "wedged": "darkred", "gave_up": "black", "restarted": "green", "joined": "blue",
+               "left": "gray"}  # fmt: skip
+
+
+def _mark_events(axes: np.ndarray, events: pd.DataFrame) -> None:
+    """A dashed line per event, at its time since training started and between the epochs it fell between."""
+    started = events.loc[events["event"] == "started", "time_s"]
+    offset = started.min() if len(started) else 0.0
+    for event in events[events["event"].isin(list(EVENT_STYLE))].itertuples():
+        color, label = EVENT_STYLE[event.event], f"peer {event.peer} {event.event}"
+        for ax_row in axes:
+            ax_row[0].axvline(event.time_s - offset, color=color, linestyle="--", linewidth=1)
+            ax_row[1].axvline(event.epoch + 0.5, color=color, linestyle="--", linewidth=1)
+        top = axes[0, 1].get_ylim()[1]
+        axes[0, 1].annotate(label, (event.epoch + 0.5, top), rotation=90, va="top", ha="right", fontsize="x-small",
+                            color=color)  # fmt: skip
+
+
+def plot_runs(df: pd.DataFrame) -> Figure:
+    """Several runs: each run's across-peer mean, with a band from the worst to the best peer. The wall time
+    of an epoch is its slowest peer's, when the whole swarm had got there."""
+    runs = split_runs(df)
+    fig, axes = _grid(f"{len(runs)} runs: mean across peers, band = min to max peer, wall time = slowest peer")
+    for run in runs:
+        curve, label = epoch_curve(run), run["run_id"].iloc[0]
+        for row, (_, short, _) in enumerate(METRICS):
+            for col, x in enumerate((curve["wall_time_s"], curve.index)):
+                (line,) = axes[row, col].plot(x, curve[f"{short}_mean"], marker=".", label=label)
+                band = (curve[f"{short}_min"], curve[f"{short}_max"])
+                axes[row, col].fill_between(x, *band, color=line.get_color(), alpha=0.2, linewidth=0)
+    _legend(axes[0, 0], len(runs))
+    return fig
+
+
+def plot_consensus(df: pd.DataFrame) -> Figure | None:
+    """Consensus distance of each run against wall time, log scale; None when no run has a positive value."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = 0
+    for run in split_runs(df):
+        curve = epoch_curve(run)
+        shown = curve[np.isfinite(curve["consensus_dist"]) & (curve["consensus_dist"] > 0)]
+        if not shown.empty:
+            ax.plot(shown["wall_time_s"], shown["consensus_dist"], marker=".", label=run["run_id"].iloc[0])
+            drawn += 1
+    if not drawn:
+        return None
+    ax.set_yscale("log")
+    ax.set_title("Consensus distance: RMS distance of the peers' parameters from their mean")
+    ax.set_xlabel("wall time (s), slowest peer")
+    ax.set_ylabel("consensus distance (parameter units, log scale)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, drawn)
+    return fig
+
+
+def plot_bytes(df: pd.DataFrame) -> Figure | None:
+    """Mean test accuracy of each run against the swarm's averaging traffic so far; None when no run sent any."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    runs = [(run["run_id"].iloc[0], epoch_curve(run)) for run in split_runs(df)]
+    runs = [(name, curve) for name, curve in runs if curve["swarm_mb"].iloc[-1] > 0]
+    for name, curve in runs:
+        ax.plot(curve["swarm_mb"], curve["acc_mean"], marker=".", label=name)
+    if not runs:
+        return None
+    ax.set_title("Accuracy against bytes on the wire (the swarm's averaging traffic)")
+    ax.set_xlabel("MB sent averaging, whole swarm")
+    ax.set_ylabel("test accuracy, mean over peers")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(runs))
+    return fig
+
+
+def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Per-peer curves for a single run or mean curves for several, plus consensus distance; the paths written."""
+    several = len(split_runs(df)) > 1
+    if several:
+        curves = ("curves_runs.png", plot_runs(df))
+    else:
+        events = read_events(Path(df["run_dir"].iloc[0])) if "run_dir" in df.columns else None
+        curves = ("curves_peers.png", plot_peers(df, events))
+    figures = dict([curves, ("consensus.png", plot_consensus(df)), ("bytes.png", plot_bytes(df))])
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=100)
+            written.append(out_dir / name)
+    return written

@@ -1,0 +1,381 @@
+"""Gossip averaging: hivemind's DecentralizedAverager over the model's tensors. Every H steps (or once per epoch)
+the peer joins a DHT-matched group and moves its tensors `alpha` of the way to the group's mean.
+
+A round has two phases: `start_round` (snapshot the tensors, hand them to hivemind) and `finish_round` (apply the
+result, record it). Blocking gossip calls both at once. With `gossip.overlap` the round runs in the background
+while local steps go on, and lands as a correction that keeps those steps: θ ← θ + (avg(θ_sent) − θ_sent), as
+Stochastic Gradient Push's overlap and hivemind's delayed averaging do; at most one round is in flight (the next
+one waits for it). A round per epoch lands before the epoch's evaluation; a round every H steps may carry over an
+epoch's end, but not past the peer's last epoch.
+
+Matchmaking is paced (`paced_matchmaking`): hivemind re-read the DHT back to back while a peer waited for its group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.averaging.base import Diverged, NoAveraging, all_finite, averaged_tensors
+from workers.core.config import GossipConfig
+from workers.peer.state import DONOR_WAIT_S
+
+logger = logging.getLogger(__name__)
+
+MATCHMAKING_POLL_S = 0.1  # the least time between two reads of the group's key in the DHT while matchmaking
+# the all-reduce's parts: 4 MiB instead of hivemind's 512 KiB. A 100 MB round of 4 peers on 2 cores took 2.0 s
+# instead of 2.5-2.8 s (1.0 s of CPU per peer instead of 1.3-1.5 s: fewer messages through protobuf and p2pd)
+PART_SIZE_BYTES = 2**22
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy for hivemind in the default (contiguous) layout. hivemind splits every averaged tensor with
+    `view(-1)`, which raises on channels_last strides, and `.to(copy=True)` keeps them: every round would fail."""
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def compression(name: str):
+    """hivemind's codec for the averager's parts: `none`, `float16` (half the bytes), `uint8` (a quarter)."""
+    from hivemind.compression import Float16Compression, NoCompression
+
+    return {"none": NoCompression, "float16": Float16Compression, "uint8": uniform_8bit}[name]()
+
+
+def uniform_8bit():
+    """hivemind's Uniform8BitQuantization, decodable with numpy 2.4: hivemind 1.1.12 reads the codebook's size with
+    int() of a one-element array, a TypeError since then, so every uint8 part failed. Registered as the decoder
+    hivemind looks up by a part's compression type (in this process and the averager's, forked from it)."""
+    import numpy as np
+    from hivemind.compression import serialization
+    from hivemind.compression.quantization import Uniform8BitQuantization
+
+    class Uniform8Bit(Uniform8BitQuantization):
+        def extract(self, serialized_tensor) -> torch.Tensor:
+            buffer, size = serialized_tensor.buffer, tuple(serialized_tensor.size)
+            codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+            codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+            indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+            values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+            indices = torch.as_tensor(indices, dtype=torch.int64).reshape(size)
+            return values[indices].requires_grad_(serialized_tensor.requires_grad)
+
+    codec = Uniform8Bit()
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = codec
+    return codec
+
+
+def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
+    """hivemind 1.1.12's matchmaking reads the group's key from the DHT (`get_averagers`, a DHT get that asks every
+    node holding it) back to back for as long as a peer waits for its group: a leader waiting for a partner 0.3 s
+    late burnt 0.29 s of CPU in its averager, DHT and p2pd processes, against 0.055 s for a round whose peers
+    arrive at once (4 peers, 250 KB): CPU that training loses where peers share cores. Paced, a peer reads at most once
+    per `poll_s`; the first read of a round is at once, so a peer that arrives finds the waiting leader at once. Set
+    in hivemind's matchmaking module, before hivemind forks the averager's process, which inherits it."""
+    from hivemind.averaging import matchmaking
+    from hivemind.averaging.key_manager import GroupKeyManager
+
+    if getattr(matchmaking.GroupKeyManager, "poll_s", None) == poll_s:
+        return
+    hivemind_internals("paced_matchmaking")
+
+    class PacedGroupKeyManager(GroupKeyManager):
+        last_read = -math.inf
+
+        async def get_averagers(self, group_key, only_active: bool):
+            await asyncio.sleep(max(0.0, self.last_read + poll_s - time.monotonic()))
+            try:
+                return await super().get_averagers(group_key, only_active)
+            finally:
+                self.last_read = time.monotonic()
+
+    PacedGroupKeyManager.poll_s = poll_s
+    matchmaking.GroupKeyManager = PacedGroupKeyManager
+
+
+TESTED_HIVEMIND = ("1.1.12",)  # the versions whose internals these substitutions were written against
+
+
+def hivemind_internals(what: str) -> None:
+    """A guard before touching one of hivemind's internals: a version it was not written for gets a warning."""
+    import hivemind
+
+    if hivemind.__version__ not in TESTED_HIVEMIND and what not in _warned:
+        _warned.add(what)
+        logger.warning("%s touches hivemind internals tested with hivemind %s only; this is hivemind %s",
+                       what, ", ".join(TESTED_HIVEMIND), hivemind.__version__)  # fmt: skip
+
+
+_warned: set[str] = set()
+
+
+def live_target_matchmaking() -> None:
+    """hivemind's Matchmaking takes its group target once, when the averager's process starts; the swarm's size
+    changes as peers die, restart, join and leave. A leader whose target is a peer that is not there waits out
+    `matchmaking_time` every round. Here the target may be a shared value (multiprocessing.Value) that the training
+    process changes and the matchmaking reads each time. Set in hivemind's averager module before the averager's
+    process forks. (hivemind 1.1.12 starts every group in one bucket, `initial_group_bits=""`, so the key manager's
+    own target is unused.)"""
+    from hivemind.averaging import averager, matchmaking
+
+    if getattr(averager.Matchmaking, "follows_live_target", False):
+        return
+    hivemind_internals("live_target_matchmaking")
+
+    class LiveTargetMatchmaking(matchmaking.Matchmaking):
+        follows_live_target = True
+
+        def __init__(self, *args, target_group_size=None, **kwargs):
+            self._live = target_group_size if hasattr(target_group_size, "value") else None
+            size = self._live.value if self._live is not None else target_group_size
+            super().__init__(*args, target_group_size=size, **kwargs)
+
+        @property
+        def target_group_size(self) -> int | None:
+            return self._live.value if self._live is not None else self._fixed
+
+        @target_group_size.setter
+        def target_group_size(self, size: int | None) -> None:
+            self._fixed = size
+
+    averager.Matchmaking = LiveTargetMatchmaking
+
+
+@dataclass
+class Round:
+    """A round in flight: the tensors as they were sent, hivemind's handle, the training thread's time so far."""
+
+    sent: list[torch.Tensor]
+    control: object  # hivemind's StepControl
+    blocked_s: float
+    started: float  # perf_counter
+
+
+class GossipAveraging(NoAveraging):
+    shares_state = True
+
+    def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
+                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
+        """`swarm_size`: the most peers the swarm can have (the run's peers and scripted joiners; None: unknown, an
+        open swarm). A group aims at min(group_size, the peers in the swarm now: `set_swarm_size`, at first
+        `swarm_size`): a round starts as soon as they are all there, not after matchmaking_time. `swarm_key`: only
+        the run's members take part (workers/averaging/admission.py); `anomalies` hears of refusals and of a group larger than
+        the swarm can be."""
+        super().__init__()
+        self.cfg, self.lock = cfg, lock or threading.Lock()
+        self.anomalies, self.swarm_size = anomalies, swarm_size
+        # the group target, read by hivemind's matchmaking in the averager's process (live_target_matchmaking)
+        self.target = mp.get_context("fork").Value("i", min(cfg.group_size, swarm_size or cfg.group_size), lock=False)
+        self.tensors = averaged_tensors(model)
+        self.in_flight: Round | None = None
+        self.bytes_seen = self.partial_seen = 0
+        self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
+        self.longest_epoch = 0  # the most steps an epoch had so far
+        self.epoch_round_started = False  # overlap, a round per epoch: this epoch's round was started early
+        self._previous_step: float | None = None
+        request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
+        # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
+        # one matchmaking_time, plus request_timeout for the leader's go-ahead to reach its followers. The all-reduce
+        # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
+        self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
+        self.averager = swarm_averager_class()(
+            [host_copy(t) for t in self.tensors],
+            dht,
+            prefix=prefix,
+            target_group_size=self.target,
+            min_group_size=cfg.min_group_size,
+            averaging_alpha=cfg.alpha,
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=request_timeout,
+            allreduce_timeout=cfg.round_timeout,
+            compression=compression(cfg.compression),
+            part_size_bytes=PART_SIZE_BYTES,
+            allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
+            # a donor answers a state download once its epoch has ended (workers/peer/state.py): wait that long for it
+            next_chunk_timeout=DONOR_WAIT_S + 30.0,
+            sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
+            swarm_key=swarm_key,
+            anomalies=anomalies,
+            start=True,
+        )
+
+    def set_swarm_size(self, peers: int) -> None:
+        self.target.value = min(self.cfg.group_size, max(peers, self.cfg.min_group_size))
+
+    def drop_round(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.control.cancel()
+            self.in_flight = None
+        self.epoch_round_started = False
+
+    def share_state(self, provider, priority) -> None:
+        self.averager.state_provider, self._priority = provider, priority
+        self.averager.state_sharing_priority = priority()  # re-declared in the DHT whenever it changes
+        self.averager.allow_state_sharing = True
+
+    def download_state(self, timeout: float) -> tuple[dict, list[torch.Tensor]] | None:
+        return self.averager.load_state_from_peers(timeout=timeout)
+
+    def withhold_state(self) -> None:
+        self.averager.allow_state_sharing = False
+
+    def round_after_step(self, step: int) -> bool:
+        return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
+
+    def round_after_epoch(self) -> bool:
+        return self.cfg.every_steps == "epoch"
+
+    def after_step(self, step: int, left: int = 0) -> None:
+        self._time_step()
+        if self.in_flight is not None and self.in_flight.control.done():
+            self.finish_round()
+        epoch_round_due = (self.cfg.overlap and self.round_after_epoch() and not self.epoch_round_started
+                           and left <= self.lead_steps(left))  # fmt: skip
+        if self.round_after_step(step) or epoch_round_due:
+            self.average()
+            self.epoch_round_started = epoch_round_due
+
+    def _time_step(self) -> None:
+        now, previous = time.perf_counter(), self._previous_step
+        if previous is not None:
+            self.step_s = 0.8 * self.step_s + 0.2 * (now - previous) if self.step_s else now - previous
+        self._previous_step = now
+
+    def lead_steps(self, left: int) -> int:
+        """With overlap and one round per epoch, the round starts this many steps before the epoch ends, so that it
+        lands by then (the epoch's row and evaluation see it): as many steps as the last round took, at least one,
+        and at most a quarter of the epoch (the steps it overlaps are drift that the round does not repair; what
+        the round takes beyond them is waited for at the epoch's end)."""
+        self.longest_epoch = max(self.longest_epoch, left + 1)
+        if not self.step_s or not self.last_round_s:
+            return 1
+        return max(1, min(math.ceil(self.last_round_s / self.step_s), self.longest_epoch // 4))
+
+    def after_epoch(self, final: bool = True) -> None:
+        """A round in flight lands first, so that the epoch's row and evaluation see the rounds started in it; with
+        overlap and a round every H steps it carries over into the next epoch instead (the training thread never
+        waits for it there; the row counts it when it lands), but not past the peer's last epoch."""
+        if self.round_after_epoch() and not self.epoch_round_started:  # (with overlap it started `lead_steps`
+            self.start_round()  # before the end, unless the epoch was too short for that; it may have landed already)
+        self.epoch_round_started = False
+        carry_over = self.cfg.overlap and not self.round_after_epoch() and not final
+        if self.in_flight is not None and not carry_over:
+            self.finish_round()
+        self._previous_step = None  # the evaluation is no step
+        if self.averager.allow_state_sharing:
+            self.averager.state_sharing_priority = self._priority()
+
+    def average(self) -> int | None:
+        """One round, blocking (its group size, or None when it failed: training goes on either way). With
+        overlap it starts one and returns None; a round still in flight from the last time lands first, so the
+        peers' rounds stay matched (the same steps, the same count as blocking gossip)."""
+        if self.in_flight is not None:
+            self.finish_round()
+        self.start_round()
+        return None if self.cfg.overlap else self.finish_round()
+
+    def start_round(self) -> None:
+        """Hand the tensors to hivemind. Parameters that are not finite are never shared: Diverged."""
+        started = time.perf_counter()
+        try:  # a skipped round is no averaging round (neither ok nor failed): the `diverged` event says it
+            if not all_finite(self.tensors):
+                raise Diverged("its parameters are not finite")
+            self.round_starts()  # the training loop's guard: a finite blow-up raises Diverged too
+        except Diverged as err:
+            raise Diverged(f"{err}: it skipped the round") from None
+        sent = [host_copy(t) for t in self.tensors] if self.cfg.overlap else []
+        with torch.no_grad(), self.averager.get_tensors() as shared:
+            for dst, src in zip(shared, self.tensors, strict=True):
+                dst.copy_(src)
+        control = self.averager.step(timeout=self.matchmaking_deadline, wait=False)
+        self.in_flight = Round(sent, control, time.perf_counter() - started, started)
+
+    def finish_round(self) -> int | None:
+        """Wait for the round in flight, apply its result, record it; the group size, or None if it failed or was
+        partial."""
+        started, flight = time.perf_counter(), self.in_flight
+        self.in_flight = None
+        try:
+            gathered = flight.control.result()
+        except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
+            logger.warning("averaging round failed: %r", err)
+            gathered = None
+        if gathered and not self._take_result(flight.sent):
+            gathered = None
+        group_size = len(gathered) if gathered else None
+        partial = self._partial_since_last()
+        if partial and group_size:
+            logger.warning("averaging round with %d peers lost part of its all-reduce (counted as partial)", group_size)
+        self.last_round_s = time.perf_counter() - flight.started
+        if group_size and self.swarm_size and group_size > self.swarm_size:
+            self._anomaly("a group larger than the swarm", f"{group_size} peers, {self.swarm_size} known")
+        seconds = flight.blocked_s + time.perf_counter() - started
+        self.stats.record(group_size, seconds, partial=bool(partial and group_size))
+        self.stats.add_bytes(self._bytes_since_last())
+        return None if partial else group_size
+
+    def _take_result(self, sent: list[torch.Tensor]) -> bool:
+        """Copy the round's result into the model (with overlap, as a correction that keeps the steps taken since
+        `sent`), unless it is not finite (a member's reducer averaged in its NaN or Inf): then the model keeps its
+        own parameters and the round counts as failed."""
+        with torch.no_grad(), self.lock, self.averager.get_tensors() as shared:
+            if not all_finite(shared):
+                self._anomaly("a round's average that is not finite", "kept its own parameters")
+                return False
+            for index, (dst, src) in enumerate(zip(self.tensors, shared, strict=True)):
+                if sent:
+                    dst.add_(src.to(dst.device) - sent[index].to(dst.device))
+                else:
+                    dst.copy_(src)
+        return True
+
+    def _partial_since_last(self) -> int:
+        """Rounds whose all-reduce lost a part since the last call (counted in the averager's process)."""
+        total = self.averager.partial_rounds.value
+        delta, self.partial_seen = total - self.partial_seen, total
+        return delta
+
+    def _bytes_since_last(self) -> int:
+        total = self.averager.part_bytes.value
+        delta, self.bytes_seen = total - self.bytes_seen, total
+        return delta
+
+    def _anomaly(self, what: str, detail: str) -> None:
+        logger.warning("%s: %s", what, detail)
+        if self.anomalies is not None:
+            self.anomalies.report(what, detail)
+
+    def shutdown(self) -> None:
+        if self.in_flight is not None:
+            self.in_flight.control.cancel()
+        self.averager.shutdown()
+
+
+def swarm_averager_class():
+    """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
+    get_current_state in this process, from its background thread, when another peer asks), answering only the
+    run's members (workers/averaging/admission.py), and counting the bytes of the parts its reducer handles."""
+    from hivemind.averaging import DecentralizedAverager
+
+    from workers.averaging.admission import AdmittingAverager
+
+    paced_matchmaking()
+    live_target_matchmaking()
+
+    class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
+        state_provider = None
+
+        def get_current_state(self):
+            if self.state_provider is None:
+                return super().get_current_state()
+            metadata, tensors = self.state_provider()
+            return metadata, tensors, None
+
+    return StateSharingAverager
