@@ -16,9 +16,10 @@ from hivemind.proto import dht_pb2
 
 from tests.conftest import QUICKSTART, ROOT
 from workers.averaging.admission import SwarmKeyAuthorizer
+from workers.core.anomalies import Anomalies
 from workers.core.config import load_config
 from workers.core.errors import ConfigError
-from workers.core.membership import Anomalies, SwarmKeyError, is_member, membership_proof, new_swarm_key, read_swarm_key
+from workers.core.membership import SwarmKeyError, is_member, membership_proof, new_swarm_key, read_swarm_key
 
 PEER_A, PEER_B = b"\x00$\x08\x01\x12 " + bytes(32), b"\x00$\x08\x01\x12 " + bytes(range(32))
 

@@ -85,7 +85,7 @@ def test_compare_runs_known_answers(tmp_path):
 
 
 def test_a_ring_all_reduce_is_counted_as_a_hivemind_group_of_the_same_size():
-    from workers.averaging.base import ring_bytes
+    from workers.averaging.allreduce import ring_bytes
 
     assert ring_bytes(1_000_000, 4) == 1_500_000  # 2 (n - 1) / n of the tensor per peer
     assert 4 * ring_bytes(1_000_000, 4) == 2 * 3 * 1_000_000, "the swarm's traffic: 2 (n - 1) tensors"

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.averaging.base import AllReduceAveraging, OptimizerAveraging, averaged_tensors
+from workers.averaging.allreduce import AllReduceAveraging
+from workers.averaging.base import averaged_tensors
 from workers.averaging.gossip import GossipAveraging
+from workers.averaging.optimizer import OptimizerAveraging
 from workers.core.config import GossipConfig
 from workers.core.network import free_port
 

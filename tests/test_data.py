@@ -309,8 +309,8 @@ def test_data_generate_needs_cifar10_without_checksums(settings, message):
 
 
 def test_the_bandwidth_study_is_eight_valid_points():
-    from tests.conftest import ROOT
     from launcher.sweep.grammar import load_experiment
+    from tests.conftest import ROOT
 
     sweep = load_experiment(ROOT / "configs/experiments/bandwidth_study.yaml")
     points = {(p.config.emulation.rate_mbit, p.config.gossip.method) for p in sweep.points}

@@ -90,9 +90,9 @@ def test_an_overlapped_round_carries_over_an_epoch_end_but_lands_by_the_last_one
 
     def two_epoch_ends(peer: GossipAveraging) -> tuple:
         peer.average()
-        peer.after_epoch(final=False)
+        peer.after_epoch(last=False)
         carried = peer.in_flight is not None, peer.stats.ok
-        peer.after_epoch(final=True)
+        peer.after_epoch(last=True)
         return carried, (peer.in_flight is None, peer.stats.ok)
 
     assert in_parallel(peers, two_epoch_ends) == [((True, 0), (True, 1))] * 2
@@ -127,7 +127,8 @@ def test_matchmaking_reads_the_dht_at_most_once_per_poll_interval(dhts):
 
     from hivemind.averaging import matchmaking
 
-    from workers.averaging.gossip import MATCHMAKING_POLL_S, paced_matchmaking, swarm_averager_class
+    from workers.averaging.gossip import swarm_averager_class
+    from workers.averaging.matchmaking import MATCHMAKING_POLL_S, paced_matchmaking
 
     (dht,) = dhts(1)
     try:
@@ -164,7 +165,7 @@ def test_overlap_with_one_round_per_epoch_makes_exactly_one_round_per_epoch(dhts
                 time.sleep(0.02)
                 step += 1
                 peer.after_step(step, left)
-            peer.after_epoch(final=epoch == epochs)
+            peer.after_epoch(last=epoch == epochs)
         return peer.stats.ok + peer.stats.failed
 
     assert in_parallel(peers, train) == [epochs, epochs]
@@ -224,7 +225,7 @@ def test_a_round_in_flight_is_dropped_before_a_reload_replaces_the_parameters(dh
                 for tensor, state in zip(peer.tensors, reloaded, strict=True):
                     tensor.copy_(state)
             time.sleep(1.0)  # the other peer's round completes meanwhile
-            peer.after_epoch(final=True)  # the epoch's end lands whatever round is in flight: none
+            peer.after_epoch(last=True)  # the epoch's end lands whatever round is in flight: none
         else:
             peer.finish_round()
         return peer.in_flight is None

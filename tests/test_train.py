@@ -36,7 +36,7 @@ class EpochEndRound(NoAveraging):
         super().__init__()
         self.seconds = seconds
 
-    def after_epoch(self, final: bool = True) -> None:
+    def after_epoch(self, last: bool = True) -> None:
         time.sleep(self.seconds)
         self.stats.record(2, self.seconds)
 
@@ -64,21 +64,21 @@ class HalvingRounds(NoAveraging):
         self.model, self.every, self.early = model, every, early
         self.before: dict[int | str, torch.Tensor] = {}  # step, or "epoch <n>" -> parameters before that round
 
-    def round_after_step(self, step: int) -> bool:
+    def averages_after_step(self, step: int) -> bool:
         return self.every is not None and step % self.every == 0
 
-    def round_after_epoch(self) -> bool:
+    def averages_at_epoch_end(self) -> bool:
         return self.every is None
 
     def after_step(self, step: int, left: int = 0) -> None:
-        if self.round_after_step(step):
+        if self.averages_after_step(step):
             self._start(step)
             self._land()
-        elif self.round_after_epoch() and self.early and left == self.early:
+        elif self.averages_at_epoch_end() and self.early and left == self.early:
             self._start(f"epoch {len(self.before) + 1}")
 
-    def after_epoch(self, final: bool = True) -> None:
-        if self.round_after_epoch():
+    def after_epoch(self, last: bool = True) -> None:
+        if self.averages_at_epoch_end():
             if not self.early:
                 self._start(f"epoch {len(self.before) + 1}")
             self._land()

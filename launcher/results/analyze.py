@@ -17,6 +17,8 @@ import pandas as pd
 import yaml
 
 from launcher.results.summary import read_metrics, round_totals
+from launcher.results.tables import epoch_curve, final_rows, split_runs
+from workers.core.config import flatten_keys
 
 GOSSIP_KNOBS = ("group_size", "min_group_size", "alpha", "matchmaking_time", "every_steps")
 
@@ -41,18 +43,6 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return run_dirs
 
 
-def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'gossip': {'alpha': 1.0}} -> {'gossip.alpha': 1.0}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value if np.isscalar(value) or value is None else str(value)
-    return flat
-
-
 def load_run(run_dir: str | Path) -> pd.DataFrame:
     """One run's metrics rows with its config.yaml flattened into columns (`peers`, `gossip.method`, ...)."""
     run_dir = Path(run_dir)
@@ -61,7 +51,7 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     metrics = read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    for key, value in flatten_config(config).items():
+    for key, value in flatten_keys(config).items():
         if key not in metrics.columns:  # the measured columns win over a same-named config key
             metrics[key] = value
     metrics["run_dir"] = str(run_dir)
@@ -89,38 +79,6 @@ def _other_varying_settings(runs: list[pd.DataFrame]) -> list[str]:
     shown = {"gossip.method", *(f"gossip.{knob}" for knob in GOSSIP_KNOBS)}
     keys = [c for c in runs[0].columns if ("." in c or c == "seed") and c not in shown] if runs else []
     return [k for k in keys if len({str(run[k].iloc[0]) if k in run else "" for run in runs}) > 1]
-
-
-def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
-    """The rows of each run, in order of first appearance (keyed by folder: a copied run keeps its run_id)."""
-    key = "run_dir" if "run_dir" in df.columns else "run_id"
-    return [run for _, run in df.groupby(key, sort=False)]
-
-
-def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
-    """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
-    time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
-    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else np.nan)  # older runs: unknown
-    by_epoch = run.groupby("epoch")
-    curve = by_epoch.agg(
-        acc_mean=("test_acc", "mean"),
-        acc_min=("test_acc", "min"),
-        acc_max=("test_acc", "max"),
-        loss_mean=("test_loss", "mean"),
-        loss_min=("test_loss", "min"),
-        loss_max=("test_loss", "max"),
-        wall_time_s=("wall_time_s", "max"),
-        samples_seen=("samples_seen", "mean"),
-        consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
-        swarm_bytes=("avg_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known
-    ).sort_index()
-    curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum(skipna=False) / 1e6  # the swarm's averaging traffic so far
-    return curve
-
-
-def final_rows(run: pd.DataFrame) -> pd.DataFrame:
-    """Each peer's last row (an interrupted run's peers may have stopped at different epochs)."""
-    return run.sort_values(["peer", "epoch"]).groupby("peer").tail(1)
 
 
 def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:

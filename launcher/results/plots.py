@@ -12,8 +12,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from launcher.results.analyze import epoch_curve, split_runs
 from launcher.results.summary import read_events
+from launcher.results.tables import epoch_curve, split_runs
 
 METRICS = (("test_acc", "acc", "test accuracy (fraction)"), ("test_loss", "loss", "test loss (cross-entropy)"))
 LEGEND_MAX = 12  # beyond this many lines a legend hides the plot

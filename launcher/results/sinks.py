@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-from workers.core.config import ExperimentConfig
+from workers.core.config import ExperimentConfig, flatten_keys
 from workers.core.metrics import MetricsRow
 
 logger = logging.getLogger("launcher")
@@ -85,14 +85,12 @@ class MlflowSink:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from launcher.results.analyze import flatten_config
-
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir / 'mlflow.db'}"
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(cfg.name)
         experiment = found.experiment_id if found else self.client.create_experiment(cfg.name)
         self.run = self.client.create_run(experiment, run_name=run_id).info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in flatten_config(cfg.model_dump(mode="json")).items()]
+        params = [Param(k, str(v)[:500]) for k, v in flatten_keys(cfg.model_dump(mode="json")).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run, params=params[start : start + 100])
         logger.info("mlflow: run %s in experiment %r at %s", self.run, cfg.name, self.uri)

@@ -35,10 +35,10 @@ from launcher.driver.connect import connect_ray
 from launcher.driver.controller import run_experiment
 from launcher.driver.placement import TRIAL_CPU, trial_bundles
 from launcher.emulation.links import remove_orphans
-from launcher.results.analyze import epoch_curve
 from launcher.results.summary import read_metrics
+from launcher.results.tables import epoch_curve
 from launcher.sweep.grammar import Distribution, Sweep
-from workers.core.config import ExperimentConfig
+from workers.core.config import ExperimentConfig, dotted_get
 from workers.core.errors import ConfigError
 from workers.core.signals import install_interrupt_handlers, signals_ignored
 from workers.core.storage import FolderMirror, download_file, fetch_results, filesystem, is_remote, join, remote_of
@@ -314,16 +314,8 @@ def index_row(
     sweep: Sweep, cfg: ExperimentConfig, number: int, run_name: str, exit_code: int | str, status: str
 ) -> dict[str, Any]:
     resolved = cfg.model_dump(mode="json")
-    swept = {key: lookup(resolved, key) for key in sweep.keys}
+    swept = {key: dotted_get(resolved, key) for key in sweep.keys}
     return {"point": number, "run_dir": run_name, **swept, "exit_code": exit_code, "status": status}
-
-
-def lookup(tree: dict[str, Any], dotted_key: str) -> Any:
-    """The value at `a.b.c` in a nested dict (a swept key's value as the config resolved it)."""
-    node: Any = tree
-    for part in dotted_key.split("."):
-        node = node[part]
-    return node
 
 
 def append_index_row(path: Path, row: dict[str, Any]) -> None:

@@ -30,7 +30,8 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.auth import AuthorizedRequestBase, AuthorizedResponseBase, AuthorizerBase
 from hivemind.utils.timed_storage import TimedStorage, get_dht_time
 
-from workers.core.membership import MEMBERSHIP_S, Anomalies, is_member, members_key, membership_proof
+from workers.core.anomalies import Anomalies
+from workers.core.membership import MEMBERSHIP_S, is_member, members_key, membership_proof
 
 logger = logging.getLogger(__name__)
 

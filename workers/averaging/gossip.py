@@ -13,7 +13,6 @@ Matchmaking is paced (`paced_matchmaking`): hivemind re-read the DHT back to bac
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import multiprocessing as mp
@@ -24,13 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.averaging.base import Diverged, NoAveraging, all_finite, averaged_tensors
+from workers.averaging.base import AveragingStrategy, Diverged, all_finite, averaged_tensors
+from workers.averaging.matchmaking import live_target_matchmaking, paced_matchmaking
 from workers.core.config import GossipConfig
 from workers.peer.state import DONOR_WAIT_S
 
 logger = logging.getLogger(__name__)
 
-MATCHMAKING_POLL_S = 0.1  # the least time between two reads of the group's key in the DHT while matchmaking
 # the all-reduce's parts: 4 MiB instead of hivemind's 512 KiB. A 100 MB round of 4 peers on 2 cores took 2.0 s
 # instead of 2.5-2.8 s (1.0 s of CPU per peer instead of 1.3-1.5 s: fewer messages through protobuf and p2pd)
 PART_SIZE_BYTES = 2**22
@@ -72,82 +71,6 @@ def uniform_8bit():
     return codec
 
 
-def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
-    """hivemind 1.1.12's matchmaking reads the group's key from the DHT (`get_averagers`, a DHT get that asks every
-    node holding it) back to back for as long as a peer waits for its group: a leader waiting for a partner 0.3 s
-    late burnt 0.29 s of CPU in its averager, DHT and p2pd processes, against 0.055 s for a round whose peers
-    arrive at once (4 peers, 250 KB): CPU that training loses where peers share cores. Paced, a peer reads at most once
-    per `poll_s`; the first read of a round is at once, so a peer that arrives finds the waiting leader at once. Set
-    in hivemind's matchmaking module, before hivemind forks the averager's process, which inherits it."""
-    from hivemind.averaging import matchmaking
-    from hivemind.averaging.key_manager import GroupKeyManager
-
-    if getattr(matchmaking.GroupKeyManager, "poll_s", None) == poll_s:
-        return
-    hivemind_internals("paced_matchmaking")
-
-    class PacedGroupKeyManager(GroupKeyManager):
-        last_read = -math.inf
-
-        async def get_averagers(self, group_key, only_active: bool):
-            await asyncio.sleep(max(0.0, self.last_read + poll_s - time.monotonic()))
-            try:
-                return await super().get_averagers(group_key, only_active)
-            finally:
-                self.last_read = time.monotonic()
-
-    PacedGroupKeyManager.poll_s = poll_s
-    matchmaking.GroupKeyManager = PacedGroupKeyManager
-
-
-TESTED_HIVEMIND = ("1.1.12",)  # the versions whose internals these substitutions were written against
-
-
-def hivemind_internals(what: str) -> None:
-    """A guard before touching one of hivemind's internals: a version it was not written for gets a warning."""
-    import hivemind
-
-    if hivemind.__version__ not in TESTED_HIVEMIND and what not in _warned:
-        _warned.add(what)
-        logger.warning("%s touches hivemind internals tested with hivemind %s only; this is hivemind %s",
-                       what, ", ".join(TESTED_HIVEMIND), hivemind.__version__)  # fmt: skip
-
-
-_warned: set[str] = set()
-
-
-def live_target_matchmaking() -> None:
-    """hivemind's Matchmaking takes its group target once, when the averager's process starts; the swarm's size
-    changes as peers die, restart, join and leave. A leader whose target is a peer that is not there waits out
-    `matchmaking_time` every round. Here the target may be a shared value (multiprocessing.Value) that the training
-    process changes and the matchmaking reads each time. Set in hivemind's averager module before the averager's
-    process forks. (hivemind 1.1.12 starts every group in one bucket, `initial_group_bits=""`, so the key manager's
-    own target is unused.)"""
-    from hivemind.averaging import averager, matchmaking
-
-    if getattr(averager.Matchmaking, "follows_live_target", False):
-        return
-    hivemind_internals("live_target_matchmaking")
-
-    class LiveTargetMatchmaking(matchmaking.Matchmaking):
-        follows_live_target = True
-
-        def __init__(self, *args, target_group_size=None, **kwargs):
-            self._live = target_group_size if hasattr(target_group_size, "value") else None
-            size = self._live.value if self._live is not None else target_group_size
-            super().__init__(*args, target_group_size=size, **kwargs)
-
-        @property
-        def target_group_size(self) -> int | None:
-            return self._live.value if self._live is not None else self._fixed
-
-        @target_group_size.setter
-        def target_group_size(self, size: int | None) -> None:
-            self._fixed = size
-
-    averager.Matchmaking = LiveTargetMatchmaking
-
-
 @dataclass
 class Round:
     """A round in flight: the tensors as they were sent, hivemind's handle, the training thread's time so far."""
@@ -158,7 +81,7 @@ class Round:
     started: float  # perf_counter
 
 
-class GossipAveraging(NoAveraging):
+class GossipAveraging(AveragingStrategy):
     shares_state = True
 
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
@@ -178,7 +101,7 @@ class GossipAveraging(NoAveraging):
         self.bytes_seen = self.partial_seen = 0
         self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
         self.longest_epoch = 0  # the most steps an epoch had so far
-        self.epoch_round_started = False  # overlap, a round per epoch: this epoch's round was started early
+        self.early_epoch_round_started = False  # overlap, a round per epoch: this epoch's round was started early
         self._previous_step: float | None = None
         request_timeout = min(3.0, cfg.matchmaking_time / 2)  # hivemind: must be below matchmaking time
         # hivemind's step(timeout) is the deadline for *finding* a group, and it retries matchmaking until then:
@@ -213,7 +136,7 @@ class GossipAveraging(NoAveraging):
         if self.in_flight is not None:
             self.in_flight.control.cancel()
             self.in_flight = None
-        self.epoch_round_started = False
+        self.early_epoch_round_started = False
 
     def share_state(self, provider, priority) -> None:
         self.averager.state_provider, self._priority = provider, priority
@@ -226,21 +149,21 @@ class GossipAveraging(NoAveraging):
     def withhold_state(self) -> None:
         self.averager.allow_state_sharing = False
 
-    def round_after_step(self, step: int) -> bool:
+    def averages_after_step(self, step: int) -> bool:
         return self.cfg.every_steps != "epoch" and step % self.cfg.every_steps == 0
 
-    def round_after_epoch(self) -> bool:
+    def averages_at_epoch_end(self) -> bool:
         return self.cfg.every_steps == "epoch"
 
     def after_step(self, step: int, left: int = 0) -> None:
         self._time_step()
         if self.in_flight is not None and self.in_flight.control.done():
             self.finish_round()
-        epoch_round_due = (self.cfg.overlap and self.round_after_epoch() and not self.epoch_round_started
+        early_epoch_round = (self.cfg.overlap and self.averages_at_epoch_end() and not self.early_epoch_round_started
                            and left <= self.lead_steps(left))  # fmt: skip
-        if self.round_after_step(step) or epoch_round_due:
+        if self.averages_after_step(step) or early_epoch_round:
             self.average()
-            self.epoch_round_started = epoch_round_due
+            self.early_epoch_round_started = early_epoch_round
 
     def _time_step(self) -> None:
         now, previous = time.perf_counter(), self._previous_step
@@ -258,14 +181,14 @@ class GossipAveraging(NoAveraging):
             return 1
         return max(1, min(math.ceil(self.last_round_s / self.step_s), self.longest_epoch // 4))
 
-    def after_epoch(self, final: bool = True) -> None:
+    def after_epoch(self, last: bool = True) -> None:
         """A round in flight lands first, so that the epoch's row and evaluation see the rounds started in it; with
         overlap and a round every H steps it carries over into the next epoch instead (the training thread never
         waits for it there; the row counts it when it lands), but not past the peer's last epoch."""
-        if self.round_after_epoch() and not self.epoch_round_started:  # (with overlap it started `lead_steps`
+        if self.averages_at_epoch_end() and not self.early_epoch_round_started:  # (with overlap it started `lead_steps`
             self.start_round()  # before the end, unless the epoch was too short for that; it may have landed already)
-        self.epoch_round_started = False
-        carry_over = self.cfg.overlap and not self.round_after_epoch() and not final
+        self.early_epoch_round_started = False
+        carry_over = self.cfg.overlap and not self.averages_at_epoch_end() and not last
         if self.in_flight is not None and not carry_over:
             self.finish_round()
         self._previous_step = None  # the evaluation is no step

@@ -481,6 +481,26 @@ def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
+def dotted_get(tree: dict[str, Any], dotted_key: str) -> Any:
+    """The value at `a.b.c` in a nested dict (e.g. a swept key's value as the config resolved it)."""
+    node: Any = tree
+    for part in dotted_key.split("."):
+        node = node[part]
+    return node
+
+
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'gossip': {'alpha': 1.0}} -> {'gossip.alpha': 1.0}: a config as dotted keys (columns, parameters)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_keys(value, f"{name}."))
+        else:
+            flat[name] = value if value is None or isinstance(value, str | int | float | bool) else str(value)
+    return flat
+
+
 def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)

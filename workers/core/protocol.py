@@ -73,7 +73,3 @@ class Joined:
     source: str  # "peer N" (downloaded), "checkpoint of peer N" (a reseed, or a method without shared state), "fresh"
     seconds: float  # from the call to training
     processes: list[tuple[int, float]]  # see Peer.process_ids
-
-
-
-

@@ -24,11 +24,14 @@ import psutil
 import torch
 from torch.utils.data import DataLoader
 
-from workers.averaging.base import AllReduceAveraging, Diverged, NoAveraging, OptimizerAveraging, averaged_tensors
+from workers.averaging.allreduce import AllReduceAveraging
+from workers.averaging.base import AveragingStrategy, Diverged, NoAveraging, averaged_tensors
 from workers.averaging.diloco import DiLoCoAveraging
 from workers.averaging.gossip import GossipAveraging
+from workers.averaging.optimizer import OptimizerAveraging
+from workers.core.anomalies import Anomalies
 from workers.core.config import ExperimentConfig, train_set_size
-from workers.core.membership import Anomalies, read_swarm_key
+from workers.core.membership import read_swarm_key
 from workers.core.netns import NetnsLink, inside, namespace_config
 from workers.core.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
 from workers.core.protocol import Effects, Joined, LiveProgress, PeerEvent, PeerStatus, Report
@@ -86,7 +89,7 @@ class Peer:
         self.device = torch.device("cuda" if cfg.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.setup = self._build_setup()
         self.dht = None
-        self.averaging: NoAveraging = NoAveraging()
+        self.averaging: AveragingStrategy = NoAveraging()
         self._outbox: queue.Queue[Report | PeerEvent] = queue.Queue()  # reports and events, in order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -176,7 +179,7 @@ class Peer:
                           if proc.name() != "torch_shm_manager"]  # fmt: skip
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
-    def _hivemind_averaging(self) -> NoAveraging:
+    def _hivemind_averaging(self) -> AveragingStrategy:
         gossip, setup = self.cfg.gossip, self.setup
         if gossip.method in ("gossip", "diloco"):  # diloco: gossip's rounds with an outer step after each
             rounds = DiLoCoAveraging if gossip.method == "diloco" else GossipAveraging

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workers.averaging.base import Diverged, NoAveraging
+from workers.averaging.base import AveragingStrategy, Diverged
 from workers.core.metrics import MetricsRow
 from workers.core.protocol import Report
 from workers.peer.checkpoint import save_epoch
@@ -62,7 +62,7 @@ class RoundWatch:
         self.sketch_before = self.setup.sketch(flat)
 
 
-def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> Iterator[Report]:
+def train(setup: TrainSetup, averaging: AveragingStrategy, stop: threading.Event) -> Iterator[Report]:
     """Train from the epoch after `setup.progress.epoch` to `setup.epochs`; one report per epoch."""
     progress = setup.progress
     started = time.perf_counter() - progress.wall_time_s
@@ -75,7 +75,7 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
         if not math.isfinite(float(totals.loss_sum)):
             raise Diverged(f"its training loss in epoch {epoch} is not finite")
         setup.last_progress, setup.epoch_ending = time.monotonic(), True
-        averaging.after_epoch(final=setup.is_last(epoch))
+        averaging.after_epoch(last=setup.is_last(epoch))
         trained = time.perf_counter()
         test_loss, test_acc = evaluate(setup.model, setup.test_loader, setup.device, setup.amp, setup.channels_last,
                                        heartbeat=lambda: setattr(setup, "last_progress", time.monotonic()))  # fmt: skip
@@ -93,7 +93,7 @@ def train(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> I
             return
 
 
-def train_epoch(setup: TrainSetup, averaging: NoAveraging, stop: threading.Event) -> EpochTotals | None:
+def train_epoch(setup: TrainSetup, averaging: AveragingStrategy, stop: threading.Event) -> EpochTotals | None:
     """One pass over the shard (as many steps as the strategy allows); None when `stop` cut it short. A peer that
     took over another's state mid-epoch starts at that peer's step into the epoch."""
     model, progress, totals = setup.model, setup.progress, EpochTotals()
@@ -140,7 +140,7 @@ def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]
 
 def epoch_row(
     setup: TrainSetup,
-    averaging: NoAveraging,
+    averaging: AveragingStrategy,
     totals: EpochTotals,
     test: tuple[float, float],
     seconds: tuple[float, float],
@@ -208,5 +208,3 @@ def to_device(
 def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """bf16 needs no loss scaling (unlike fp16), so the step itself is unchanged."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-
