@@ -95,7 +95,7 @@ def throughput(bench_dir: Path, quick: bool) -> list[dict]:
                 speeds[method] = metrics.samples_per_s.mean()
                 rows.append(dict(bench="G1", what=method, model=model, every_steps=every_steps,
                                  samples_per_s=speeds[method], ratio=speeds[method] / speeds["none"],
-                                 rounds_ok=int(metrics.avg_rounds_ok.max()), avg_seconds=metrics.avg_seconds.sum() / 4,
+                                 rounds_ok=int(metrics.averaging_rounds_ok.max()), averaging_seconds=metrics.averaging_seconds.sum() / 4,
                                  run=result.run_dir.name))  # fmt: skip
     return rows
 
@@ -246,7 +246,7 @@ def serialization_seconds(tensor: torch.Tensor, codec: str) -> float:
 def markdown(table: pd.DataFrame, device: str) -> str:
     parts = [f"Measured on {device}, {datetime.now():%Y-%m-%d}.\n"]
     for bench, columns in [("G1", ["what", "model", "every_steps", "samples_per_s", "ratio", "rounds_ok",
-                                   "avg_seconds"]),
+                                   "averaging_seconds"]),
                            ("G2", ["what", "compression", "seconds", "gloo_s", "ratio", "matchmaking_s", "allreduce_s",
                                    "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
                            ("G7", ["what", "seconds", "bare_ray_s", "ratio"])]:  # fmt: skip

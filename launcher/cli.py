@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launcher.driver.connect import cluster_to_join
 from launcher.sweep.grammar import Sweep, load_experiment
 from workers.core.config import ExperimentConfig
 from workers.core.errors import ConfigError
@@ -137,12 +138,9 @@ def check_address(address: str | None) -> None:
 
 def check_local_ports(cfg: ExperimentConfig, address: str | None) -> None:
     """A fixed `network.port` range taken on this machine is an error before Ray starts when the run gets a private
-    local Ray, which puts every peer here: address "local", or none at all (no --address, no RAY_ADDRESS) and no live
-    `ray start` cluster to join (see connect_ray). On a cluster each peer checks its own port (`dht_maddrs`)."""
-    given = address or os.environ.get("RAY_ADDRESS")
-    if not cfg.network.port or given not in (None, "", "local"):
-        return
-    if not given and _started_cluster_is_up():
+    local Ray, which puts every peer here (launcher/driver/connect.py: cluster_to_join). On a cluster each peer checks
+    its own port (`dht_maddrs`)."""
+    if not cfg.network.port or cluster_to_join(address) is not None:
         return
     rendezvous = cfg.gossip.method == "allreduce"
     check_ports_free(cfg.network, listen_host(cfg.network), cfg.peers, rendezvous, joins=cfg.joins)
@@ -153,23 +151,12 @@ def check_emulation(cfg: ExperimentConfig, address: str | None) -> None:
     that can shape (and, for rtt_ms, delay): said before Ray starts, never run unshaped instead."""
     if not cfg.emulation.enabled:
         return
-    given = address or os.environ.get("RAY_ADDRESS")
-    if given not in (None, "", "local") or (not given and _started_cluster_is_up()):
-        joined = f"address {given}" if given else "the cluster `ray start` left up on this machine"
+    if (joined := cluster_to_join(address)) is not None:
         raise ConfigError(f"emulation.rate_mbit={cfg.emulation.rate_mbit:g}: emulated links need every peer on this "
-                          f"machine, but the run would join {joined}: run with --address local")  # fmt: skip
+                          f"machine, but the run would join the Ray cluster at {joined}: run with --address local")  # fmt: skip
     from launcher.emulation.links import check_support  # tries a throwaway namespace: only for emulated runs
 
     check_support(cfg.emulation)
-
-
-def _started_cluster_is_up() -> bool:
-    """Whether the cluster the last `ray start` on this machine joined is still up (the driver would join it)."""
-    from ray._private.services import find_gcs_addresses  # Ray's own record, read only: no Ray process is started
-    from ray._private.utils import read_ray_address
-
-    started = read_ray_address()
-    return bool(started) and started in find_gcs_addresses()
 
 
 def storage_staging(cfg: ExperimentConfig | Sweep) -> Path:

@@ -126,7 +126,7 @@ def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env
     assert all(d["state_parts"] == 0 for d in got["direct"])
     metrics = pd.read_csv(tmp_path / run_id / "metrics.csv")
     final = metrics[metrics.epoch == metrics.epoch.max()]
-    assert final.test_acc.mean() >= 0.93 and (final.avg_rounds_ok > 0).all()
+    assert final.test_acc.mean() >= 0.93 and (final.averaging_rounds_ok > 0).all()
     anomalies = pd.read_csv(tmp_path / run_id / "events.csv").query("event == 'anomaly'").detail
     assert anomalies.str.startswith("DHT request without the swarm key").any()
     assert anomalies.str.startswith("refused matchmaking: 12D3Koo").any()

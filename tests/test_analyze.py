@@ -1,5 +1,5 @@
 """The analysis of results folders: known-answer tables from synthetic runs, sweep expansion, the CLI and its plots.
-No Ray, no hivemind, no torch: every run folder here is written by hand through the real MetricsWriter."""
+No Ray, no hivemind, no torch: every run folder here is written by hand through the real RowWriter."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from launcher.cli import main
 from launcher.results.analyze import MissingMetricsError, compare_runs, load_run, load_runs
-from launcher.results.summary import MetricsWriter
 from workers.core.config import dump_config, parse_config
 from workers.core.metrics import CSV_COLUMNS, MetricsRow
+from workers.core.reporting import RowWriter
 
 # Two peers, three epochs; dyadic numbers so every mean below is exact in floating point.
 TEST_ACC = {0: [0.25, 0.5, 0.875], 1: [0.375, 0.75, 0.625]}  # across-peer means: 0.3125, 0.625, 0.75
@@ -38,7 +38,7 @@ def make_run(
     gossip = {"method": method, "alpha": alpha, "group_size": 2}
     cfg = parse_config({"name": name, "peers": 2, "gossip": gossip, "optim": {"lr": lr}})
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    writer = MetricsWriter(run_dir / "metrics.csv")
+    writer = RowWriter(run_dir / "metrics.csv")
     for e in range(epochs):
         writer.write([_row(name, peer, e) for peer in (0, 1)])
     writer.close()
@@ -50,8 +50,8 @@ def _row(run_id: str, peer: int, e: int) -> MetricsRow:
         run_id=run_id, peer=peer, epoch=e + 1, step=10 * (e + 1), samples_seen=SAMPLES[peer][e],
         wall_time_s=WALL_TIME[peer][e], train_loss=1.0 / (e + 1), train_acc=0.5, test_loss=2.0 - TEST_ACC[peer][e],
         test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], train_s=1.0, eval_s=0.5,
-        avg_rounds_ok=ROUNDS_OK[peer][e], avg_rounds_failed=ROUNDS_FAILED[peer][e], avg_group_size=2.0, avg_seconds=0.5,
-        consensus_dist=CONSENSUS[e], consensus_peers=2, node="test", avg_bytes=BYTES[peer][e],
+        averaging_rounds_ok=ROUNDS_OK[peer][e], averaging_rounds_failed=ROUNDS_FAILED[peer][e], averaging_group_size=2.0, averaging_seconds=0.5,
+        consensus_dist=CONSENSUS[e], consensus_peers=2, node="test", averaging_bytes=BYTES[peer][e],
     )  # fmt: skip
 
 
@@ -100,7 +100,7 @@ def test_target_never_reached_is_nan_and_no_target_no_columns(tmp_path):
 
 def test_interrupted_run_uses_each_peers_last_row(tmp_path):
     run_dir = make_run(tmp_path, "a", epochs=2)
-    writer = MetricsWriter(run_dir / "metrics.csv")
+    writer = RowWriter(run_dir / "metrics.csv")
     writer.write([_row("a", 0, 2)])  # peer 0 finished epoch 3; peer 1 stopped after epoch 2
     writer.close()
     row = compare_runs(load_run(run_dir)).iloc[0]
@@ -166,7 +166,7 @@ def test_cli_folder_without_metrics_exits_2(tmp_path, capsys):
 
 
 def test_cli_run_without_rows_exits_2(tmp_path, capsys):
-    MetricsWriter(tmp_path / "metrics.csv").close()  # header only: stopped before the first evaluation
+    RowWriter(tmp_path / "metrics.csv").close()  # header only: stopped before the first evaluation
     assert main(["analyze", str(tmp_path)]) == 2
     assert "no rows" in capsys.readouterr().err
 
@@ -191,7 +191,7 @@ def test_the_per_peer_plot_marks_the_runs_churn_events(tmp_path):
     from launcher.results.summary import EVENT_COLUMNS, Event, read_events, summarize
 
     run_dir = make_run(tmp_path, "churn")
-    writer = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
+    writer = RowWriter(run_dir / "events.csv", EVENT_COLUMNS)
     started = [Event(5.0, 0, 0, "started"), Event(5.0, 1, 0, "started")]
     churn = [Event(16.0, 1, 0, "died", "killed", 0.2, 1), Event(19.0, 1, 1, "restarted", "state from peer 0", 3.0, 1),
              Event(25.0, 0, 0, "left", epoch=2)]  # fmt: skip
@@ -217,13 +217,13 @@ def test_summary_and_comparison_count_the_rounds_of_every_incarnation(tmp_path):
     run_dir.mkdir()
     cfg = parse_config({"name": "restarted", "peers": 2})
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    writer = MetricsWriter(run_dir / "metrics.csv")
+    writer = RowWriter(run_dir / "metrics.csv")
     for epoch, (ok0, ok1, restarts1) in enumerate([(1, 1, 0), (2, 2, 0), (3, 1, 1)], start=1):
         for peer, ok, restarts in ((0, ok0, 0), (1, ok1, restarts1)):
             writer.write([MetricsRow(run_id="restarted", peer=peer, epoch=epoch, step=epoch, samples_seen=epoch,
                                      wall_time_s=epoch, train_loss=1, train_acc=0.5, test_loss=1, test_acc=0.5,
-                                     samples_per_s=1, train_s=1, eval_s=0, avg_rounds_ok=ok,
-                                     avg_rounds_failed=0, avg_group_size=2, avg_seconds=0, restarts=restarts,
+                                     samples_per_s=1, train_s=1, eval_s=0, averaging_rounds_ok=ok,
+                                     averaging_rounds_failed=0, averaging_group_size=2, averaging_seconds=0, restarts=restarts,
                                      averaging_rounds_partial=peer)])  # fmt: skip
     writer.close()
     summary = summarize(load_run(run_dir)).set_index("peer")
@@ -248,12 +248,25 @@ def test_a_run_whose_rounds_mostly_failed_is_called_out():
 
 
 def test_bytes_nobody_counted_are_unknown_not_zero(tmp_path):
-    """A run written before the byte count (no avg_bytes column): its swarm_mb is NaN, never 0 (which would read as
+    """A run written before the byte count (no averaging_bytes column): its swarm_mb is NaN, never 0 (which would read as
     'no traffic'); a run's bytes_source says whether its bytes were measured or modelled (the all-reduce ring)."""
     run_dir = make_run(tmp_path, "old")
-    metrics = pd.read_csv(run_dir / "metrics.csv").drop(columns=["avg_bytes", "bytes_source"])
+    metrics = pd.read_csv(run_dir / "metrics.csv").drop(columns=["averaging_bytes", "bytes_source"])
     metrics.to_csv(run_dir / "metrics.csv", index=False)
     (row,) = compare_runs(load_run(run_dir)).to_dict("records")
     assert math.isnan(row["swarm_mb"]) and row["bytes_source"] == "unknown"
     (row,) = compare_runs(load_run(make_run(tmp_path, "new"))).to_dict("records")
     assert row["swarm_mb"] == pytest.approx(5.0) and row["bytes_source"] == "measured"
+
+
+def test_runs_written_before_the_column_renames_read_alike(tmp_path):
+    """avg_* became averaging_*: a run folder from before compares exactly as the same run written today."""
+    from workers.core.metrics import RENAMED
+
+    new = make_run(tmp_path, "new")
+    old = make_run(tmp_path, "old")
+    table = pd.read_csv(old / "metrics.csv").rename(columns={v: k for k, v in RENAMED.items()})
+    table.to_csv(old / "metrics.csv", index=False)
+    assert "avg_rounds_ok" in (old / "metrics.csv").read_text()
+    rows = compare_runs(load_runs([new, old])).drop(columns=["run_id", "run_dir"])
+    pd.testing.assert_frame_equal(rows.iloc[[0]].reset_index(drop=True), rows.iloc[[1]].reset_index(drop=True))

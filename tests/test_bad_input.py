@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 
-from launcher.results.summary import MetricsWriter
 from tests.cluster import free_port_range
 from tests.conftest import QUICKSTART, ROOT, quick_config, ray_started
 from workers.averaging.base import NoAveraging
@@ -27,6 +26,7 @@ from workers.core.config import NetworkConfig
 from workers.core.csvfile import MetricsWriteError
 from workers.core.metrics import MetricsRow
 from workers.core.network import LOOPBACK, PortInUseError, check_ports_free, dht_maddrs, naming_taken_port
+from workers.core.reporting import RowWriter
 from workers.peer.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -291,8 +291,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_peer_naming_the
 def metrics_row(epoch: int) -> MetricsRow:
     return MetricsRow(run_id="full-disk", peer=0, epoch=epoch, step=10 * epoch, samples_seen=320 * epoch,
                       wall_time_s=1.5 * epoch, train_loss=0.5, train_acc=0.8, test_loss=0.6, test_acc=0.75,
-                      samples_per_s=213.3, train_s=1.2, eval_s=0.2, avg_rounds_ok=epoch, avg_rounds_failed=0,
-                      avg_group_size=2.0, avg_seconds=0.25, node="host", node_id="n1")  # fmt: skip
+                      samples_per_s=213.3, train_s=1.2, eval_s=0.2, averaging_rounds_ok=epoch, averaging_rounds_failed=0,
+                      averaging_group_size=2.0, averaging_seconds=0.25, node="host", node_id="n1")  # fmt: skip
 
 
 def write_until_full(write, disk) -> int:
@@ -315,7 +315,7 @@ def assert_whole_rows(path, rows: int) -> None:
 
 
 def test_a_full_disk_keeps_the_driver_s_rows_and_names_metrics_csv(small_disk):
-    writer = MetricsWriter(small_disk / "metrics.csv")
+    writer = RowWriter(small_disk / "metrics.csv")
     rows = write_until_full(lambda row: writer.write([row]), small_disk)
     writer.close()
     assert rows >= 1 and writer.rows_written == rows
@@ -324,10 +324,10 @@ def test_a_full_disk_keeps_the_driver_s_rows_and_names_metrics_csv(small_disk):
 
 def test_a_full_disk_keeps_a_standalone_peer_s_rows_and_names_metrics_csv(small_disk):
     from workers.core.protocol import Report
-    from workers.peer.standalone import MetricsFile
+    from workers.peer.standalone import write_reports
 
-    with MetricsFile(small_disk / "metrics.csv", append=False) as metrics:
-        rows = write_until_full(lambda row: metrics.write_reports([Report(row, None)], epochs=99), small_disk)
+    with RowWriter(small_disk / "metrics.csv", append=False) as metrics:
+        rows = write_until_full(lambda row: write_reports(metrics, [Report(row, None)], epochs=99), small_disk)
     assert rows >= 1 and metrics.rows_written == rows
     assert_whole_rows(small_disk / "metrics.csv", rows)
 

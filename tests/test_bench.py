@@ -24,7 +24,7 @@ def test_one_round_is_timed_for_hivemind_and_gloo_in_processes_of_their_own():
 def test_the_tables_show_each_bench_with_its_columns():
     table = pd.DataFrame([
         dict(bench="G1", what="gossip", model="cifar_cnn", every_steps=10, samples_per_s=480.0, ratio=0.91,
-             rounds_ok=6, avg_seconds=1.5),
+             rounds_ok=6, averaging_seconds=1.5),
         dict(bench="G2", what="1 MB, group of 2", compression="none", seconds=0.14, gloo_s=0.0056, ratio=25.0),
     ])  # fmt: skip
     text = markdown(table, "cpu (2 cores)")

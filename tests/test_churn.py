@@ -44,7 +44,7 @@ class Killer(threading.Thread):
             for metrics in self.out_dir.glob("*/metrics.csv"):
                 if len(metrics.read_text().splitlines()) - 1 >= self.after_rows:
                     actor = self.ray.get_actor(actor_name(metrics.parent.name, self.peer))
-                    processes = [psutil.Process(pid) for pid, _ in self.ray.get(actor.process_ids.remote())]
+                    processes = [psutil.Process(pid) for pid, _ in self.ray.get(actor.call.remote("process_ids"))]
                     victim = self.pick(processes)
                     self.victim = victim.name()
                     os.kill(victim.pid, signal.SIGKILL)
@@ -91,7 +91,7 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     assert reborn.epoch.tolist() == list(range(first, EPOCHS + 1))
     assert first <= metrics[metrics.restarts == 0].groupby("peer").epoch.max().drop(peer).min() + 2
     at_first = metrics[metrics.epoch == first]
-    assert (at_first.consensus_peers == 4).all() and reborn.avg_group_size.iloc[0] >= 2
+    assert (at_first.consensus_peers == 4).all() and reborn.averaging_group_size.iloc[0] >= 2
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
     assert at_first.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
@@ -134,7 +134,7 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     assert 2 <= first < EPOCHS and joiner.epoch.tolist() == list(range(first, EPOCHS + 1)), "swarm's epoch to the end"
     swarm_then = metrics[metrics.epoch == first - 1].peer.tolist()
     assert swarm_then and 4 not in swarm_then, "its first row follows the swarm's last epoch before it joined"
-    assert (joiner.avg_group_size >= 2).all() and joiner.avg_rounds_ok.iloc[-1] >= EPOCHS - first + 1
+    assert (joiner.averaging_group_size >= 2).all() and joiner.averaging_rounds_ok.iloc[-1] >= EPOCHS - first + 1
     assert set(events[events.peer == 4].event) >= {"joined", "state_downloaded", "done"}
     leaver = metrics[metrics.peer == 2]
     assert leaver.epoch.max() == 5 and "left" in set(events[events.peer == 2].event)
@@ -143,8 +143,8 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     assert final.consensus_dist.iloc[0] < 1e-4
     # the group target follows the live swarm: before the joiner is there and after the leave, a round of the peers
     # that are there does not wait out matchmaking_time (1.5 s) for a peer that is not
-    assert metrics[metrics.epoch == 1].avg_seconds.max() < 1.0
-    assert metrics[metrics.epoch > 6].avg_seconds.median() < 1.0
+    assert metrics[metrics.epoch == 1].averaging_seconds.max() < 1.0
+    assert metrics[metrics.epoch > 6].averaging_seconds.median() < 1.0
 
 
 def test_a_run_whose_averaging_mostly_failed_exits_1_and_says_so(ray_local, tmp_path, caplog):
@@ -157,7 +157,7 @@ def test_a_run_whose_averaging_mostly_failed_exits_1_and_says_so(ray_local, tmp_
     metrics = read_metrics(result.run_dir)
     assert sorted(metrics[metrics.peer < 2].epoch) == [1, 1, 2, 2, 3, 3, 4, 4], "training itself went on"
     final = metrics[metrics.epoch == 4]
-    assert (final.avg_rounds_ok == 1).all() and (final.avg_rounds_failed == 3).all()
+    assert (final.averaging_rounds_ok == 1).all() and (final.averaging_rounds_failed == 3).all()
     assert result.exit_code == 1
     assert any("averaging mostly failed: 3 of 9 rounds succeeded" in r.getMessage() for r in caplog.records)
 
@@ -187,7 +187,7 @@ def test_two_kills_in_one_tick_restart_one_swarm_from_the_newest_checkpoint(ray_
         reborn = restarted_rows(metrics, peer)
         assert reborn.epoch.tolist() == list(range(int(reborn.epoch.iloc[0]), EPOCHS + 1))
     final = metrics[metrics.epoch == EPOCHS]
-    assert (final.avg_group_size == 2).all() and final.consensus_dist.iloc[0] < 1e-4, "averaging together again"
+    assert (final.averaging_group_size == 2).all() and final.consensus_dist.iloc[0] < 1e-4, "averaging together again"
 
 
 def test_a_kill_after_the_others_are_done_joins_their_swarm(ray_local, tmp_path):
@@ -227,4 +227,4 @@ def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path)
     assert reborn.train_s.median() > 0.5 * others, "still slowed down like the others (unslowed: 30x faster)"
     summary = summarize(metrics, events_of(result.run_dir))
     table = compare_runs(load_run(result.run_dir))
-    assert table.rounds_ok.iloc[0] == summary.rounds_ok.sum() > metrics.groupby("peer").avg_rounds_ok.last().sum()
+    assert table.rounds_ok.iloc[0] == summary.rounds_ok.sum() > metrics.groupby("peer").averaging_rounds_ok.last().sum()

@@ -44,7 +44,7 @@ def test_bad_config_exits_2_before_ray_starts(args, expected, tmp_path, private_
 
 # Columns every row has a value in, also a row flushed after an interrupt (the others may be empty: no successful
 # round, no swarm figure for a lone peer, no round in the epoch).
-COMPLETE = [c for c in CSV_COLUMNS if c not in ("avg_group_size", "consensus_dist", "consensus_before")]
+COMPLETE = [c for c in CSV_COLUMNS if c not in ("averaging_group_size", "consensus_dist", "consensus_before")]
 
 
 @pytest.mark.integration

@@ -6,16 +6,17 @@ import numpy as np
 import pandas as pd
 
 from launcher.driver.collect import EpochCollector
-from launcher.results.summary import MetricsWriter, read_metrics, summarize
+from launcher.results.summary import read_metrics, summarize
 from workers.core.metrics import CSV_COLUMNS, MetricsRow
 from workers.core.protocol import Report
+from workers.core.reporting import RowWriter
 
 
 def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -> MetricsRow:
     return MetricsRow(
         run_id="r", peer=peer, epoch=epoch, step=10 * epoch, samples_seen=100 * epoch, wall_time_s=float(epoch),
         train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=test_acc, samples_per_s=100.0, train_s=1.0, eval_s=0.5,
-        avg_rounds_ok=rounds_ok, avg_rounds_failed=0, avg_group_size=2.0, avg_seconds=0.1, node="n",
+        averaging_rounds_ok=rounds_ok, averaging_rounds_failed=0, averaging_group_size=2.0, averaging_seconds=0.1, node="n",
     )  # fmt: skip
 
 
@@ -68,12 +69,12 @@ def test_flush_finishes_partial_epochs_with_what_is_there():
 
 def test_writer_flushes_each_batch_and_appends(tmp_path):
     path = tmp_path / "metrics.csv"
-    writer = MetricsWriter(path)
+    writer = RowWriter(path)
     writer.write([make_row(0, 1)])
     assert len(pd.read_csv(path)) == 1  # readable before close: already on disk
     writer.write([make_row(1, 1)])
     writer.close()
-    writer = MetricsWriter(path)  # reopening appends without a second header
+    writer = RowWriter(path)  # reopening appends without a second header
     writer.write([make_row(0, 2)])
     writer.close()
     frame = read_metrics(tmp_path)
@@ -81,7 +82,7 @@ def test_writer_flushes_each_batch_and_appends(tmp_path):
 
 
 def test_summary_takes_each_peers_last_row_and_best_accuracy(tmp_path):
-    writer = MetricsWriter(tmp_path / "metrics.csv")
+    writer = RowWriter(tmp_path / "metrics.csv")
     writer.write([make_row(0, 1, 0.9, 1), make_row(0, 2, 0.8, 2), make_row(1, 1, 0.3, 1), make_row(1, 2, 0.6, 3)])
     writer.close()
     summary = summarize(read_metrics(tmp_path)).set_index("peer")

@@ -193,9 +193,9 @@ def test_a_quickstart_diloco_run_learns_as_well_as_gossip(ray_local, tmp_path):
     diloco = runs["diloco"]
     assert sorted(diloco.groupby("peer")["epoch"].apply(list)) == [list(range(1, 11))] * 4
     final = diloco[diloco.epoch == 10]
-    assert (final.avg_rounds_ok == 10).all() and (final.avg_rounds_failed == 0).all()
-    assert (diloco.avg_group_size == 4).all() and (diloco.avg_seconds > 0).all()
-    swarm_bytes = {method: run.groupby("epoch").avg_bytes.sum() for method, run in runs.items()}
+    assert (final.averaging_rounds_ok == 10).all() and (final.averaging_rounds_failed == 0).all()
+    assert (diloco.averaging_group_size == 4).all() and (diloco.averaging_seconds > 0).all()
+    swarm_bytes = {method: run.groupby("epoch").averaging_bytes.sum() for method, run in runs.items()}
     # the same tensors through the same groups as gossip: the same traffic (to a few bytes of framing per round)
     assert (swarm_bytes["diloco"] - swarm_bytes["gossip"].median()).abs().max() < 0.01 * swarm_bytes["gossip"].median()
     # a full group with one θ_sync and one outer momentum takes the same outer step: the peers stay one model

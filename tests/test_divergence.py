@@ -60,7 +60,7 @@ def test_a_diverged_peer_shares_nothing_and_is_given_up_when_it_cannot_train(run
     others = metrics[metrics.peer != 1]
     # from the epoch after the one it blew up in (its last report is the epoch before that one)
     after = others[others.epoch > metrics[metrics.peer == 1].epoch.max() + 1]
-    assert len(after) and (after.avg_group_size <= 3).all(), "from its blow-up on, no group had peer 1 in it"
+    assert len(after) and (after.averaging_group_size <= 3).all(), "from its blow-up on, no group had peer 1 in it"
     assert others.test_loss.notna().all() and (others.test_loss < 10).all(), "no row shows a poisoned model"
     final = others[others.epoch == EPOCHS]
     assert len(final) == 3 and final.consensus_dist.iloc[0] < 1e-4, "the others averaged on among themselves"
@@ -76,4 +76,4 @@ def test_a_strongly_skewed_run_raises_no_divergence(runs):
     events = read_events(result.run_dir)
     assert not events.event.isin(["diverged", "reloaded"]).any(), events.to_string()
     final = read_metrics(result.run_dir).query(f"epoch == {EPOCHS}")
-    assert (final.avg_rounds_ok > 0).all() and final.consensus_dist.notna().all()
+    assert (final.averaging_rounds_ok > 0).all() and final.consensus_dist.notna().all()

@@ -282,7 +282,7 @@ def test_a_quickstart_run_trains_on_measured_links_and_leaves_nothing(support, t
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert sorted(metrics.groupby("peer").epoch.apply(list)) == [[1, 2], [1, 2]]
     # the namespaces' only way to each other is the bridge: a group of 2 went over the shaped links
-    assert (metrics.avg_group_size == 2).all() and (metrics.avg_rounds_ok >= 1).all()
+    assert (metrics.averaging_group_size == 2).all() and (metrics.averaging_rounds_ok >= 1).all()
     token = links.namespace[0].split("-")[1]
     assert system_leftovers(token) == [], "namespaces, veths or the bridge left behind"
     time.sleep(2)  # Ray's own processes of this run (its session folders stay): none left running

@@ -59,8 +59,8 @@ def assert_averaged_across_peers(run_dir: Path, peers: int) -> None:
         assert (run_dir / name).is_file(), f"{name} missing in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
     metrics = read_metrics(run_dir)
     assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [list(range(1, EPOCHS + 1))] * peers
-    assert (metrics.groupby("peer")["avg_rounds_ok"].max() > 0).all(), "every peer averaged at least once"
-    group_sizes = metrics.avg_group_size.dropna()
+    assert (metrics.groupby("peer")["averaging_rounds_ok"].max() > 0).all(), "every peer averaged at least once"
+    group_sizes = metrics.averaging_group_size.dropna()
     assert len(group_sizes) > 0 and (group_sizes == peers).all(), "every round was a group of all the peers"
     assert (metrics.consensus_peers == peers).all()
     # a full-group round right before evaluation leaves the peers equal; one round may fail or lose a part under

@@ -100,5 +100,5 @@ def test_peers_in_two_namespaces_announce_their_own_ip_and_average(namespaces, p
     metrics = pd.concat(pd.read_csv(tmp_path / f"peer-{i}" / "metrics.csv") for i in range(2))
     assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [list(range(1, EPOCHS + 1))] * 2
     final = metrics[metrics.epoch == EPOCHS]
-    assert (final.avg_rounds_ok >= EPOCHS).all(), "each peer averages once per epoch"
-    assert (metrics.avg_group_size == 2).all()
+    assert (final.averaging_rounds_ok >= EPOCHS).all(), "each peer averages once per epoch"
+    assert (metrics.averaging_group_size == 2).all()

@@ -9,7 +9,7 @@ import math
 
 from rich.console import Console
 
-from launcher.results.progress import PeerLine, Progress, format_line, samples_rate
+from launcher.results.progress import PeerLine, ProgressDisplay, format_line, samples_rate
 from workers.core.protocol import LiveProgress
 
 
@@ -35,7 +35,7 @@ def test_a_log_line_names_every_peer_compactly():
 def test_not_a_terminal_logs_at_most_once_per_interval(caplog, monkeypatch):
     clock = iter([0.0, 0.0, 0.5, 1.0, 2.5, 3.0])
     monkeypatch.setattr("launcher.results.progress.time.monotonic", lambda: next(clock))
-    progress = Progress(epochs=3, interactive=False, interval_s=2.0)
+    progress = ProgressDisplay(epochs=3, interactive=False, interval_s=2.0)
     with caplog.at_level(logging.INFO, logger="launcher.results.progress"):
         for samples in (0, 100, 200, 500, 600):
             progress.update([(0, 0, "running", live(1, samples // 32, samples))])
@@ -45,7 +45,7 @@ def test_not_a_terminal_logs_at_most_once_per_interval(caplog, monkeypatch):
 
 
 def test_a_terminal_gets_a_table_with_one_row_per_peer():
-    progress = Progress(epochs=3, interactive=True)
+    progress = ProgressDisplay(epochs=3, interactive=True)
     shown = progress.update([(0, 0, "running", live(2, 5, 160, ok=4)), (1, 2, "running", live(2, 7, 224)),
                              (2, 0, "starting", None)])  # fmt: skip
     assert [line.peer for line in shown] == [0, 1], "a peer without a status yet has no row"

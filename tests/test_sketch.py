@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from workers.peer.sketch import ParameterSketch, consensus_distance
+from workers.core.metrics import consensus_distance
+from workers.peer.sketch import ParameterSketch
 
 
 def test_consensus_distance_known_answers():

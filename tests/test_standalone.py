@@ -199,11 +199,11 @@ def test_three_standalone_peers_average_with_each_other(launch, tmp_path):
     # a round per epoch, all but at most one per peer succeeding: under a loaded machine hivemind's leader can give
     # up at its step's deadline just as it starts the round (its followers then run it without it and fail too);
     # seen once in a full-suite run. A failed round is counted, and the group sizes of the others are checked.
-    assert (final.avg_rounds_ok + final.avg_rounds_failed >= EPOCHS).all(), "each peer averages once per epoch"
-    assert (final.avg_rounds_ok >= EPOCHS - 1).all()
-    assert metrics.avg_group_size.dropna().between(2, 3).all() and metrics.avg_group_size.notna().sum() >= 6
+    assert (final.averaging_rounds_ok + final.averaging_rounds_failed >= EPOCHS).all(), "each peer averages once per epoch"
+    assert (final.averaging_rounds_ok >= EPOCHS - 1).all()
+    assert metrics.averaging_group_size.dropna().between(2, 3).all() and metrics.averaging_group_size.notna().sum() >= 6
     assert metrics.consensus_dist.isna().all(), "no driver, no consensus distance"
-    if (final.avg_group_size == 3).all():  # one group of all three, alpha 1: identical parameters
+    if (final.averaging_group_size == 3).all():  # one group of all three, alpha 1: identical parameters
         assert final.test_acc.nunique() == 1
     assert (tmp_path / "peer-0.out").read_text().count("VISIBLE_MADDRS") == 1
     assert (tmp_path / "peer-1.out").read_text() == "", "only the first peer prints; the others log"
@@ -230,7 +230,7 @@ def test_three_peers_with_only_the_original_flags_train_at_once_and_agree(tmp_pa
         assert re.search(r"state from peer 0: training from epoch \d", (tmp_path / f"peer-{name}.log").read_text())
     metrics = pd.concat(pd.read_csv(folder / "metrics.csv") for folder in folders)
     assert (metrics.groupby("run_id").size() > 0).all() and metrics.epoch.max() == 4
-    assert (metrics.avg_group_size.dropna() >= 2).all() and metrics.avg_rounds_ok.max() >= 2
+    assert (metrics.averaging_group_size.dropna() >= 2).all() and metrics.averaging_rounds_ok.max() >= 2
     models = [torch.load(folder / "peer-0_final.pt", weights_only=True)["model"] for folder in folders]
     flat = torch.stack([torch.cat([t.flatten().double() for t in m.values()]) for m in models])
     mean = flat.mean(0)
@@ -256,8 +256,8 @@ def test_ctrl_c_stops_the_peer_cleanly(launch, tmp_path):
     assert metrics.read_text().splitlines()[0] == ",".join(CSV_COLUMNS), "the launcher's schema"
     frame = pd.read_csv(metrics)
     assert len(frame) >= rows_before and (frame.peer == 0).all()
-    assert frame.epoch.tolist() == list(range(1, len(frame) + 1)) and (frame.avg_rounds_failed == frame.epoch).all()
-    assert frame.drop(columns=["avg_group_size", "consensus_dist", "consensus_before", "node_id"]).notna().all().all()
+    assert frame.epoch.tolist() == list(range(1, len(frame) + 1)) and (frame.averaging_rounds_failed == frame.epoch).all()
+    assert frame.drop(columns=["averaging_group_size", "consensus_dist", "consensus_before", "node_id"]).notna().all().all()
 
 
 def wait_for_a_row(metrics: Path, timeout: float) -> int:

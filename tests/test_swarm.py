@@ -31,8 +31,8 @@ def test_every_peer_reports_every_epoch_and_really_averaged(gossip_and_none):
     assert result.exit_code == 0
     assert sorted(metrics.groupby("peer")["epoch"].apply(list)) == [[1, 2, 3]] * 4
     final = metrics[metrics.epoch == 3]
-    assert (final.avg_rounds_ok >= 3).all(), "each peer averages at least once per epoch"
-    assert (metrics.avg_group_size >= 2).all() and (metrics.avg_group_size <= 4).all()
+    assert (final.averaging_rounds_ok >= 3).all(), "each peer averages at least once per epoch"
+    assert (metrics.averaging_group_size >= 2).all() and (metrics.averaging_group_size <= 4).all()
     assert (final.consensus_peers == 4).all()
 
 
@@ -44,7 +44,7 @@ def test_the_driver_polls_each_peer_a_few_times_a_second_not_back_to_back(gossip
 
 def test_gossip_reaches_consensus_that_no_communication_does_not(gossip_and_none):
     _, gossip, _, none = gossip_and_none
-    assert (none.avg_rounds_ok == 0).all() and none.avg_group_size.isna().all()
+    assert (none.averaging_rounds_ok == 0).all() and none.averaging_group_size.isna().all()
     final_gossip = gossip[gossip.epoch == 3].consensus_dist.iloc[0]
     final_none = none[none.epoch == 3].consensus_dist.iloc[0]
     assert final_none > 0.1  # independent local SGD drifts apart from the same initial point
@@ -114,8 +114,8 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     stamps = [r.created for r in caplog.records if r.name == "launcher.results.progress"]
     assert min(b - a for a, b in zip(stamps, stamps[1:], strict=False)) >= 0.9, "never a flood"
     final = metrics[metrics.epoch == 3]
-    assert (metrics.avg_group_size.dropna() == 2).all(), "target group size 2 gives pairs"
-    assert (final.avg_rounds_ok >= 3).all()
+    assert (metrics.averaging_group_size.dropna() == 2).all(), "target group size 2 gives pairs"
+    assert (final.averaging_rounds_ok >= 3).all()
     # pairs at half strength repair only part of the drift; how much varies with the random pairings (a full-suite
     # run once ended at 0.59 of `none`): below `none` in every epoch, and clearly below it at the end
     pairs, alone = (m.groupby("epoch").consensus_dist.first() for m in (metrics, none))
@@ -159,11 +159,11 @@ def test_allreduce_baseline_is_exact_consensus_after_each_averaging(ray_local, t
     metrics = read_metrics(result.run_dir)
     assert result.exit_code == 0 and len(metrics) == 4 * 3
     assert (metrics.consensus_dist < 1e-6).all() and (metrics.consensus_peers == 4).all()
-    assert (metrics.avg_group_size == 4).all() and (metrics.avg_rounds_failed == 0).all()
+    assert (metrics.averaging_group_size == 4).all() and (metrics.averaging_rounds_failed == 0).all()
     final = metrics[metrics.epoch == 3]
     steps_per_epoch = final.step.iloc[0] // 3
     expected_rounds = 3 if mode == ["gossip.every_steps=epoch"] else 3 * steps_per_epoch
-    assert (final.avg_rounds_ok == expected_rounds).all()
+    assert (final.averaging_rounds_ok == expected_rounds).all()
     assert final.test_acc.nunique() == 1, "identical parameters give identical predictions"
 
 
@@ -175,12 +175,12 @@ def test_hivemind_optimizer_mode_really_moves_peers_together(ray_local, tmp_path
     cfg = quick_config(*short, "gossip.method=optimizer", "gossip.target_batch_size=180")
     optimizer = read_metrics(run_experiment(cfg, tmp_path).run_dir)
     none = read_metrics(run_experiment(quick_config(*short, "gossip.method=none"), tmp_path).run_dir)
-    assert (optimizer[optimizer.epoch == 4].avg_rounds_ok >= 8).all(), "rounds every target_batch_size samples"
-    assert (optimizer.avg_group_size.dropna() == 2).all()
+    assert (optimizer[optimizer.epoch == 4].averaging_rounds_ok >= 8).all(), "rounds every target_batch_size samples"
+    assert (optimizer.averaging_group_size.dropna() == 2).all()
     # its bytes are counted on the wire too (hivemind.Optimizer's averagers), not written as 0: a round of 2 peers
     # moves the parameters (digits' small_cnn) once each way through the reducers
     params = 4 * sum(p.numel() for p in build_model(cfg.model, 10, (1, 8, 8)).parameters())
-    assert (optimizer.bytes_source == "measured").all() and optimizer.avg_bytes.sum() >= 8 * params
+    assert (optimizer.bytes_source == "measured").all() and optimizer.averaging_bytes.sum() >= 8 * params
     late, late_none = (m[m.epoch >= 3].consensus_dist.mean() for m in (optimizer, none))
     print(f"consensus, epochs 3-4: optimizer {late:.3f}, none {late_none:.3f}")
     assert late < late_none / 2
@@ -202,6 +202,6 @@ def test_overlapped_rounds_keep_the_accuracy_and_the_consensus(overlap_and_none)
     final, final_none = overlap[overlap.epoch == 10], none[none.epoch == 10]
     assert final.test_acc.mean() >= 0.93
     assert final.consensus_dist.iloc[0] <= 0.1 * final_none.consensus_dist.iloc[0]
-    assert (final.avg_rounds_ok >= 9).all(), "a round per epoch, each landing before the epoch's evaluation"
+    assert (final.averaging_rounds_ok >= 9).all(), "a round per epoch, each landing before the epoch's evaluation"
     # per epoch, the swarm's traffic (one peer's reducer may get no part of a group's tensors)
-    assert (overlap.groupby("epoch").avg_bytes.sum() > 0).all() and (none.avg_bytes == 0).all()
+    assert (overlap.groupby("epoch").averaging_bytes.sum() > 0).all() and (none.averaging_bytes == 0).all()

@@ -48,9 +48,9 @@ def test_throughput_counts_training_and_averaging_but_not_evaluation(torch_threa
     (report,) = train(peer.setup, EpochEndRound(0.3), threading.Event())
     elapsed = time.perf_counter() - started
     row = report.row
-    assert row.eval_s >= 1.5 and row.avg_seconds == pytest.approx(0.3)
-    assert row.samples_per_s == pytest.approx(row.samples_seen / (row.train_s + row.avg_seconds))
-    assert row.train_s + row.avg_seconds + row.eval_s <= elapsed
+    assert row.eval_s >= 1.5 and row.averaging_seconds == pytest.approx(0.3)
+    assert row.samples_per_s == pytest.approx(row.samples_seen / (row.train_s + row.averaging_seconds))
+    assert row.train_s + row.averaging_seconds + row.eval_s <= elapsed
     assert row.samples_seen / row.samples_per_s < elapsed - 1.5, "the evaluation is not in the throughput"
 
 

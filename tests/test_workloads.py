@@ -90,7 +90,7 @@ def test_gossip_with_the_gpu_options_forced_on_cpu_averages(tmp_path, torch_thre
     finally:
         for averaging in averagings:
             averaging.shutdown()
-    assert [r.row.avg_rounds_ok for (r,) in reports] == [1, 1] and [r.row.avg_group_size for (r,) in reports] == [2, 2]
+    assert [r.row.averaging_rounds_ok for (r,) in reports] == [1, 1] and [r.row.averaging_group_size for (r,) in reports] == [2, 2]
     first, second = (setup.model for setup in setups)
     assert first.features[0].weight.is_contiguous(memory_format=torch.channels_last), "the GPU layout was used"
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
@@ -110,7 +110,7 @@ def assert_ran_and_averaged(cfg, result, metrics) -> None:
     assert result.exit_code == 0
     assert sorted(metrics.peer) == [0, 1] and (metrics.epoch == 1).all()
     assert metrics.train_loss.notna().all() and metrics.test_acc.between(0, 1).all()
-    assert (metrics.avg_rounds_ok >= 1).all(), "the peers gossiped"
+    assert (metrics.averaging_rounds_ok >= 1).all(), "the peers gossiped"
     for peer in range(cfg.peers):
         assert checkpoint_path(result.run_dir, peer, "final").is_file()
 

@@ -15,9 +15,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from workers.core.metrics import MetricsRow
+from workers.core.metrics import MetricsRow, consensus_distance
 from workers.core.protocol import Report
-from workers.peer.sketch import consensus_distance
 
 
 class EpochCollector:

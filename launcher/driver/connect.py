@@ -8,8 +8,6 @@ import math
 import os
 from pathlib import Path
 
-import ray
-
 from launcher import DRIVER_ONLY_ENV
 from launcher.driver.ray_tokens import dashboard_auth_mode, enable_token_auth, token_auth_warning
 from workers.core.config import ExperimentConfig
@@ -21,14 +19,14 @@ def connect_ray(cfg: ExperimentConfig, address: str | None = None, num_cpus: flo
     """Connect to the Ray cluster at `address` or RAY_ADDRESS, else to one started with `ray start` on this machine
     and still up, else start a private local one (with `num_cpus`, by default what `cfg`'s peers take). False when
     this process had Ray initialized already."""
+    import ray
+
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     for key in DRIVER_ONLY_ENV:  # read when Ray was imported; not for the Ray processes started here
         os.environ.pop(key, None)
-    address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
-    if address == "local":  # explicitly a private one, whatever `ray start` left on this machine
-        address = None
+    address = cluster_to_join(address)
     if address:
         enable_token_auth(os.environ)
         context = ray.init(address=address, **quiet)
@@ -41,9 +39,17 @@ def connect_ray(cfg: ExperimentConfig, address: str | None = None, num_cpus: flo
     return True
 
 
+def cluster_to_join(address: str | None) -> str | None:
+    """The one decision of which Ray a run uses: the cluster at `address`, else at RAY_ADDRESS, else the one the last
+    `ray start` on this machine joined if it is still up; None: a private local Ray, just for this run, which puts
+    every peer on this machine ("local" asks for one whatever `ray start` left up)."""
+    address = address or os.environ.get("RAY_ADDRESS") or started_cluster_address()
+    return None if address in (None, "", "local") else address
+
+
 def started_cluster_address() -> str | None:
     """The address of the cluster the last `ray start` on this machine joined, if its processes are still up."""
-    from ray._private.services import find_gcs_addresses
+    from ray._private.services import find_gcs_addresses  # Ray's own record, read only: no Ray process is started
     from ray._private.utils import read_ray_address
 
     address = read_ray_address()
@@ -62,4 +68,6 @@ def warn_if_open(node_count: int, dashboard_url: str | None) -> None:
 
 
 def alive_nodes() -> list[dict]:
+    import ray
+
     return [node for node in ray.nodes() if node["Alive"]]

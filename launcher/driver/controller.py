@@ -23,11 +23,10 @@ from launcher.driver.policy import decide, exit_code, restart_support
 from launcher.driver.scenario import Action, Clock, Scenario
 from launcher.driver.swarm import Swarm
 from launcher.emulation.links import Emulation, EmulationError
-from launcher.results.progress import Progress
+from launcher.results.progress import ProgressDisplay
 from launcher.results.sinks import Sink, run_sinks
 from launcher.results.summary import (
     EVENT_COLUMNS,
-    MetricsWriter,
     averaging_verdict,
     format_summary,
     read_events,
@@ -38,7 +37,13 @@ from launcher.results.summary import (
 from workers.core.config import ExperimentConfig, dump_config
 from workers.core.csvfile import MetricsWriteError
 from workers.core.metrics import MetricsRow
-from workers.core.signals import install_interrupt_handlers, raise_if_interrupted, signals_ignored
+from workers.core.reporting import RowWriter, epoch_line
+from workers.core.signals import (
+    install_interrupt_handlers,
+    interrupts_deferred,
+    raise_if_interrupted,
+    signals_ignored,
+)
 from workers.core.storage import FolderMirror, remote_of
 from workers.peer.checkpoint import run_checkpoint_dir
 
@@ -65,8 +70,8 @@ class RunFiles:
 
     def __init__(self, run_dir: Path, sinks: list[Sink] | None = None, mirror: FolderMirror | None = None):
         """`mirror`: the storage copy of the run folder (a sink too): rows and events reach it as they are written."""
-        self.metrics = MetricsWriter(run_dir / "metrics.csv")
-        self.events = MetricsWriter(run_dir / "events.csv", EVENT_COLUMNS)
+        self.metrics = RowWriter(run_dir / "metrics.csv")
+        self.events = RowWriter(run_dir / "events.csv", EVENT_COLUMNS)
         self.sinks, self.mirror = [*(sinks or []), *([mirror] if mirror else [])], mirror
 
     def write(self, epochs: list[list[MetricsRow]], swarm: Swarm, cfg: ExperimentConfig) -> None:
@@ -159,19 +164,20 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
     dead or wedged peers, and play the scenario."""
     scenario, can_restart = Scenario(cfg.scenario, cfg.peers), restart_support(cfg.gossip.method)
     round_s = cfg.gossip.matchmaking_time + cfg.gossip.round_timeout
-    progress = Progress(cfg.optim.epochs)
+    display = ProgressDisplay(cfg.optim.epochs)
     try:
-        while swarm.active():
-            raise_if_interrupted()
-            epochs = swarm.tick(TICK_S)
-            for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
-                epochs += swarm.carry_out(decision)
-            for action in scenario.due(clock(swarm)):
-                play(swarm, action)
-            files.write(epochs, swarm, cfg)
-            progress.update(swarm.progress())
+        with interrupts_deferred():  # a signal stops the loop between two passes: no row taken is lost
+            while swarm.active():
+                raise_if_interrupted()
+                epochs = swarm.tick(TICK_S)
+                for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
+                    epochs += swarm.carry_out(decision)
+                for action in scenario.due(clock(swarm)):
+                    play(swarm, action)
+                files.write(epochs, swarm, cfg)
+                display.update(swarm.progress())
     finally:
-        progress.close()
+        display.close()
     views = swarm.views()
     for view in views:
         if view.phase == "given_up":
@@ -200,13 +206,7 @@ def play(swarm: Swarm, action: Action) -> None:
 
 
 def log_epoch(rows: list[MetricsRow], cfg: ExperimentConfig, elapsed: float) -> None:
-    accs = [r.test_acc for r in rows]
-    ok, failed = sum(r.avg_rounds_ok for r in rows), sum(r.avg_rounds_failed for r in rows)
-    logger.info(
-        "epoch %d/%d | %d peers | test_acc mean %.3f [%.3f, %.3f] | rounds ok %d failed %d | consensus %.2e | %.0f s",
-        rows[0].epoch, cfg.optim.epochs, len(rows), sum(accs) / len(accs), min(accs), max(accs),
-        ok, failed, rows[0].consensus_dist, elapsed,
-    )  # fmt: skip
+    logger.info(epoch_line(rows, cfg.optim.epochs, elapsed))
 
 
 def finish(run_dir: Path, rows_written: int, method: str) -> str | None:

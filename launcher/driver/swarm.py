@@ -30,8 +30,8 @@ from workers.core.metrics import MetricsRow
 from workers.core.netns import NetnsLink
 from workers.core.protocol import Effects, Joined, LiveProgress, PeerEvent, PeerStatus
 from workers.core.storage import forwarded_env, is_remote
+from workers.peer.actor import PeerActor
 from workers.peer.checkpoint import atomic_write_bytes, checkpoint_path
-from workers.peer.peer import Peer
 
 logger = logging.getLogger("launcher")
 
@@ -82,7 +82,7 @@ class Swarm:
         self.swarm_size = 0  # running peers, as last told to them (a group aims at that many)
         self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
         self.here = ray.get_runtime_context().get_node_id()
-        self.peer_actor = ray.remote(Peer)
+        self.peer_actor = ray.remote(PeerActor)
         # the run's secret (workers/averaging/admission.py): to the actors through Ray only, never in a log, a file or a name
         key_file = cfg.network.swarm_key_file
         self.swarm_key = read_swarm_key(key_file) if key_file else new_swarm_key()
@@ -98,21 +98,21 @@ class Swarm:
         self.standby = {i: self._create(i, restarts=0) for i in range(cfg.peers, cfg.peers + cfg.joins)}
         for incarnation in self.peers.values():
             self._signal(incarnation, Signal.LAUNCHED)
-        bootstrap = ray.get(self.peers[0].actor.start_dht.remote([]), timeout=timeout)
+        bootstrap = ray.get(self.peers[0].actor.call.remote("start_dht", []), timeout=timeout)
         logger.info("peer 0 is up at %s", bootstrap)
         others = ray.get(
-            [self.peers[i].actor.start_dht.remote(bootstrap) for i in range(1, cfg.peers)], timeout=timeout
+            [self.peers[i].actor.call.remote("start_dht", bootstrap) for i in range(1, cfg.peers)], timeout=timeout
         )
         for incarnation, maddrs in zip(self.peers.values(), [bootstrap, *others], strict=True):
             incarnation.maddrs = maddrs
         if cfg.gossip.method == "allreduce":
-            address = ray.get(self.peers[0].actor.rendezvous_address.remote())
-            ray.get([p.actor.join_allreduce.remote(address) for p in self.peers.values()], timeout=timeout)
-        pids = ray.get([p.actor.process_ids.remote() for p in self.peers.values()], timeout=timeout)
-        self.state_timeout_s = ray.get(self.peers[0].actor.state_timeout.remote(), timeout=timeout)
+            address = ray.get(self.peers[0].actor.call.remote("rendezvous_address"))
+            ray.get([p.actor.call.remote("join_allreduce", address) for p in self.peers.values()], timeout=timeout)
+        pids = ray.get([p.actor.call.remote("process_ids") for p in self.peers.values()], timeout=timeout)
+        self.state_timeout_s = ray.get(self.peers[0].actor.call.remote("state_timeout"), timeout=timeout)
         self.swarm_size = cfg.peers
-        ray.get([p.actor.set_swarm_size.remote(cfg.peers) for p in self.peers.values()], timeout=timeout)
-        ray.get([p.actor.start_training.remote() for p in self.peers.values()], timeout=timeout)
+        ray.get([p.actor.call.remote("set_swarm_size", cfg.peers) for p in self.peers.values()], timeout=timeout)
+        ray.get([p.actor.call.remote("start_training") for p in self.peers.values()], timeout=timeout)
         self.training_since = time.monotonic()
         for incarnation, processes in zip(self.peers.values(), pids, strict=True):
             incarnation.processes = processes
@@ -155,7 +155,7 @@ class Swarm:
         ends = time.monotonic() + wait_s
         for incarnation in self.live():
             if incarnation.phase == "running" and incarnation.poll is None:
-                incarnation.poll, incarnation.poll_sent = incarnation.actor.poll.remote(), time.monotonic()
+                incarnation.poll, incarnation.poll_sent = incarnation.actor.call.remote("poll"), time.monotonic()
         calls = {inc.poll: inc for inc in self.live() if inc.poll} | {i.launch: i for i in self.live() if i.launch}
         ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=wait_s) if calls else ([], [])
         epochs = []
@@ -191,7 +191,7 @@ class Swarm:
             self._signal(incarnation, Signal.LEFT if status.state == "left" else Signal.FINISHED)
             self._event(incarnation, incarnation.phase)
             if incarnation.phase == Phase.LEFT:  # gone from the swarm: its DHT and averager too
-                incarnation.actor.stop.remote(STOP_TIMEOUT_S - 5)
+                incarnation.actor.call.remote("stop", STOP_TIMEOUT_S - 5)
             epochs += self.collector.drop_peer(incarnation.peer)
         return epochs
 
@@ -239,7 +239,7 @@ class Swarm:
         if self.training_since is not None and len(running) != self.swarm_size:
             self.swarm_size = len(running)
             for inc in running:
-                inc.actor.set_swarm_size.remote(self.swarm_size)
+                inc.actor.call.remote("set_swarm_size", self.swarm_size)
 
     def views(self) -> list[PeerView]:
         now = time.monotonic()
@@ -325,7 +325,7 @@ class Swarm:
         incarnation.waiting_since = waiting_since or time.monotonic()
         self._signal(incarnation, Signal.LAUNCHED)
         effects = self.effects.setdefault(peer, Effects())
-        incarnation.launch = incarnation.actor.join.remote(initial_peers, effects, max(self.swarm_size, 1), donor)
+        incarnation.launch = incarnation.actor.call.remote("join", initial_peers, effects, max(self.swarm_size, 1), donor)
         self.peers[peer] = incarnation
 
     def kill(self, peer: int, process: str = "peer") -> None:
@@ -353,7 +353,7 @@ class Swarm:
     def _set_effects(self, peer: int, detail: str, event: str, **changes) -> None:
         """A scenario effect on `peer`: on its running incarnation now, and on every one after it."""
         effects = self.effects[peer] = dataclasses.replace(self.effects.get(peer, Effects()), **changes)
-        self.peers[peer].actor.apply_effects.remote(effects)
+        self.peers[peer].actor.call.remote("apply_effects", effects)
         self._event(self.peers[peer], event, detail)
 
     def _kill(self, incarnation: Incarnation) -> None:
@@ -387,10 +387,10 @@ class Swarm:
             [], [])  # fmt: skip
         epochs = [rows for ref in ready for rows in self._last_reports(ref)]
         up = self.live() + [inc for inc in self.peers.values() if inc.phase == Phase.DONE]
-        stops = [inc.actor.stop.remote(STOP_TIMEOUT_S - 5) for inc in up]
+        stops = [inc.actor.call.remote("stop", STOP_TIMEOUT_S - 5) for inc in up]
         if stops:
             ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
-        polls = [inc.actor.poll.remote() for inc in running]
+        polls = [inc.actor.call.remote("poll") for inc in running]
         ready, _ = ray.wait(polls, num_returns=len(polls), timeout=DRAIN_TIMEOUT_S) if polls else ([], [])
         epochs += [rows for ref in ready for rows in self._last_reports(ref)]
         return epochs + self.collector.flush()
@@ -415,7 +415,7 @@ class Swarm:
         for inc in remote:
             try:
                 data = ray.get(
-                    inc.actor.checkpoint_bytes.remote("final"), timeout=max(0.1, deadline - time.monotonic())
+                    inc.actor.call.remote("checkpoint_bytes", "final"), timeout=max(0.1, deadline - time.monotonic())
                 )
                 if data is not None:
                     atomic_write_bytes(checkpoint_path(self.checkpoint_dir, inc.peer, "final"), data)

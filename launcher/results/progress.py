@@ -57,7 +57,7 @@ def format_line(lines: list[PeerLine], elapsed_s: float) -> str:
     return f"progress {elapsed_s:.0f} s | " + " | ".join(parts)
 
 
-class Progress:
+class ProgressDisplay:
     """Fed the live peers' last status on every driver tick; shows it in place or logs it at a steady rate."""
 
     def __init__(self, epochs: int, interactive: bool | None = None, interval_s: float | None = None):

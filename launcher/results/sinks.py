@@ -19,7 +19,7 @@ from workers.core.metrics import MetricsRow
 
 logger = logging.getLogger("launcher")
 
-PEER_SERIES = ("test_acc", "test_loss", "train_acc", "train_loss", "samples_per_s", "avg_rounds_ok", "avg_bytes")
+PEER_SERIES = ("test_acc", "test_loss", "train_acc", "train_loss", "samples_per_s", "averaging_rounds_ok", "averaging_bytes")
 
 
 class Sink(Protocol):
@@ -40,20 +40,40 @@ def swarm_scalars(rows: list[MetricsRow]) -> dict[str, float]:
     }
 
 
+class ScalarWriter:
+    """TensorBoard's event files written with the tensorboard package's own writer and protos (what torch's
+    SummaryWriter does for scalars, without importing torch into the driver)."""
+
+    def __init__(self, folder: Path):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # slow to import: only when used
+
+        self._file = EventFileWriter(str(folder), flush_secs=10)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        self._file.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class TensorBoardSink:
     """run_dir/tensorboard/peer-<i>/ (one series per peer) and .../swarm/: `tensorboard --logdir` overlays the peers
     on each tag's chart, and over a sweep folder shows its runs side by side."""
 
     def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter  # tensorboard's writer: slow to import, only when used
-
-        self._writer = SummaryWriter
         self.folder = run_dir / "tensorboard"
-        self._writers: dict[str, object] = {}
+        self._writers: dict[str, ScalarWriter] = {}
 
-    def _for(self, name: str):
+    def _for(self, name: str) -> ScalarWriter:
         if name not in self._writers:
-            self._writers[name] = self._writer(str(self.folder / name), flush_secs=10)
+            self._writers[name] = ScalarWriter(self.folder / name)
         return self._writers[name]
 
     def epoch(self, rows: list[MetricsRow]) -> None:

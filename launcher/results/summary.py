@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workers.core.csvfile import DurableCsv
-from workers.core.metrics import CSV_COLUMNS, MetricsRow
+from workers.core.metrics import RENAMED
 
 
 @dataclass
@@ -30,26 +29,9 @@ class Event:
 EVENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Event))
 
 
-class MetricsWriter:
-    """Appends rows to a CSV, each on disk before the next, so an interrupted run keeps what it reported. A row
-    that cannot be written (a full disk) raises MetricsWriteError naming the file; the rows before it stay."""
-
-    def __init__(self, path: Path, columns: tuple[str, ...] = CSV_COLUMNS):
-        self.path = path
-        self._csv = DurableCsv(path, columns)
-        self.rows_written = 0
-
-    def write(self, rows: list[MetricsRow] | list[Event]) -> None:
-        for row in rows:
-            self._csv.write(dataclasses.asdict(row))
-            self.rows_written += 1
-
-    def close(self) -> None:
-        self._csv.close()
-
-
 def read_metrics(run_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(run_dir / "metrics.csv")
+    """A run's metrics.csv, columns under their current names (runs written before a rename read alike)."""
+    return pd.read_csv(Path(run_dir) / "metrics.csv").rename(columns=RENAMED)
 
 
 def read_events(run_dir: Path) -> pd.DataFrame:
@@ -58,7 +40,7 @@ def read_events(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(EVENT_COLUMNS))
 
 
-ROUND_COUNTS = {"rounds_ok": "avg_rounds_ok", "rounds_failed": "avg_rounds_failed",
+ROUND_COUNTS = {"rounds_ok": "averaging_rounds_ok", "rounds_failed": "averaging_rounds_failed",
                 "rounds_partial": "averaging_rounds_partial"}  # fmt: skip
 
 
@@ -105,7 +87,7 @@ def summarize(metrics: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.D
             "rounds_ok": rounds["rounds_ok"],
             "rounds_failed": rounds["rounds_failed"],
             "rounds_partial": rounds["rounds_partial"],
-            "mean_group_size": by_peer["avg_group_size"].mean(),
+            "mean_group_size": by_peer["averaging_group_size"].mean(),
             "samples_per_s": by_peer["samples_per_s"].mean(),
             "wall_time_s": last["wall_time_s"],
             "final_consensus_dist": last["consensus_dist"],

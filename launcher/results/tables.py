@@ -16,7 +16,7 @@ def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
 def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
     """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
     time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
-    run = run.assign(avg_bytes=run["avg_bytes"] if "avg_bytes" in run.columns else np.nan)  # older runs: unknown
+    run = run.assign(averaging_bytes=run["averaging_bytes"] if "averaging_bytes" in run.columns else np.nan)  # older runs: unknown
     by_epoch = run.groupby("epoch")
     curve = by_epoch.agg(
         acc_mean=("test_acc", "mean"),
@@ -28,7 +28,7 @@ def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
         wall_time_s=("wall_time_s", "max"),
         samples_seen=("samples_seen", "mean"),
         consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
-        swarm_bytes=("avg_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known
+        swarm_bytes=("averaging_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known
     ).sort_index()
     curve["swarm_mb"] = curve.pop("swarm_bytes").cumsum(skipna=False) / 1e6  # the swarm's averaging traffic so far
     return curve

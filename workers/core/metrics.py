@@ -1,44 +1,96 @@
-"""The one results schema: a metrics row per peer per evaluation (long format), and its CSV header."""
+"""The one results schema: a metrics row per peer per evaluation (long format). Each column is defined here once, with
+what it means, its unit, where its value comes from and how it accumulates; the CSV header, `summary`, `analyze` and
+docs/metrics.md (generated: `python -m workers.core.metrics`) all read these definitions."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def column(meaning: str, unit: str = "", source: str = "measured", scope: str = "at this row", **kwargs: Any) -> Any:
+    """A column's definition. `source`: measured (on this peer or the wire), modelled (computed from a model of what
+    is not measured), the run's (its identity), or the driver's (filled in over all peers). `scope`: at this row
+    (a state), this epoch (since the previous row), or cumulative (since the incarnation started)."""
+    return field(metadata={"meaning": meaning, "unit": unit, "source": source, "scope": scope}, **kwargs)
 
 
 @dataclass
 class MetricsRow:
-    run_id: str
-    peer: int
-    epoch: int  # 1-based: the number of epochs completed when this row was measured
-    step: int  # local optimizer steps so far
-    samples_seen: int  # training samples this peer has processed so far
-    wall_time_s: float  # seconds since this peer started training
-    train_loss: float  # mean over this epoch's batches
-    train_acc: float
-    test_loss: float
-    test_acc: float
-    samples_per_s: float  # this epoch's samples / (train_s + avg_seconds): evaluation not included
-    train_s: float  # seconds of local training this epoch (data, forward, backward, optimizer steps), averaging not
-    eval_s: float  # seconds of this epoch's test-set evaluation
-    avg_rounds_ok: int  # cumulative successful averaging rounds
-    avg_rounds_failed: int  # cumulative failed rounds (no group in time, all-reduce error, timeout)
-    avg_group_size: float  # mean size of the groups of the successful rounds since the previous row
-    avg_seconds: float  # seconds the training thread spent averaging since the previous row (this epoch's rounds)
-    # gossip: bytes through this peer's reducer since the previous row, parts in and averages out (summed over the
-    # peers: the swarm's averaging traffic, every part once each way)
-    avg_bytes: int = 0
-    bytes_source: str = "measured"  # avg_bytes counted on the wire ("measured") or the all-reduce ring's "modelled"
-    # cumulative rounds that ran but whose all-reduce lost a part (a reducer or a sender failed): neither ok nor
-    # failed, and not in avg_group_size
-    averaging_rounds_partial: int = 0
-    consensus_dist: float = math.nan  # swarm's sqrt(mean_i ||theta_i - mean||^2), filled in by the driver
-    consensus_before: float = math.nan  # the same, just before each peer's last round of the epoch (nan: no round)
-    consensus_peers: int = 0  # how many peers' parameters that figure covers
-    node: str = ""  # host name of the machine the peer ran on
-    node_id: str = ""  # the Ray node the peer ran on (several Ray nodes may share a machine; "" without Ray)
-    restarts: int = 0  # how many times this peer was restarted before this row (its incarnation)
+    run_id: str = column("the run's id (its folder's name)", source="the run's")
+    peer: int = column("the peer's index (joiners come after the initial peers)", source="the run's")
+    epoch: int = column("epochs completed when this row was measured, 1-based", scope="cumulative")
+    step: int = column("local optimizer steps so far", scope="cumulative")
+    samples_seen: int = column("training samples this peer has processed so far", "samples", scope="cumulative")
+    wall_time_s: float = column("seconds of training so far (the runs before a resume included; a restarted or "
+                                "joining peer continues its donor's)", "s", scope="cumulative")  # fmt: skip
+    train_loss: float = column("mean training loss over this epoch's batches", scope="this epoch")
+    train_acc: float = column("mean training accuracy over this epoch's batches", scope="this epoch")
+    test_loss: float = column("loss on the whole test split, with this peer's own parameters")
+    test_acc: float = column("accuracy on the whole test split, with this peer's own parameters")
+    samples_per_s: float = column("this epoch's training throughput: its samples / (train_s + averaging_seconds), "
+                                  "the evaluation not counted", "samples/s", scope="this epoch")  # fmt: skip
+    train_s: float = column("seconds of local training (data, forward, backward, optimizer steps), averaging not "
+                            "included", "s", scope="this epoch")  # fmt: skip
+    eval_s: float = column("seconds of the test-set evaluation", "s", scope="this epoch")
+    averaging_rounds_ok: int = column("averaging rounds that succeeded (every part averaged)", scope="cumulative")
+    averaging_rounds_failed: int = column("averaging rounds that failed (no group in time, an error, a timeout; a "
+                                          "round a diverged peer skipped is no round)", scope="cumulative")  # fmt: skip
+    averaging_group_size: float = column("mean size of the groups of the rounds that succeeded (empty: none did)",
+                                         "peers", scope="this epoch")  # fmt: skip
+    averaging_seconds: float = column("seconds the training thread spent in (or waiting for) averaging rounds",
+                                      "s", scope="this epoch")  # fmt: skip
+    averaging_bytes: float = column("bytes through this peer's averaging: hivemind's parts in and averaged parts "
+                                    "out (summed over the peers: the swarm's traffic); the all-reduce ring's "
+                                    "2(n-1)/n of the tensors; empty where unknown", "bytes", source="see "
+                                    "bytes_source", scope="this epoch", default=0)  # fmt: skip
+    bytes_source: str = column("where averaging_bytes comes from: measured (counted on the wire) or modelled (gloo "
+                               "counts no bytes)", source="the method's", default="measured")  # fmt: skip
+    averaging_rounds_partial: int = column("rounds that ran but whose all-reduce lost a part (a reducer or a sender "
+                                           "failed): neither ok nor failed", scope="cumulative", default=0)  # fmt: skip
+    consensus_dist: float = column("the swarm's distance from consensus, sqrt(mean_i ||theta_i - mean||^2) over the "
+                                   "peers that reported this epoch (the same on each of their rows)",
+                                   source="the driver's", default=math.nan)  # fmt: skip
+    consensus_before: float = column("the same distance as each peer's last round of the epoch started (the drift it "
+                                     "repaired); empty without a round", source="the driver's",
+                                     default=math.nan)  # fmt: skip
+    consensus_peers: int = column("how many peers' parameters consensus_dist covers", source="the driver's",
+                                  default=0)  # fmt: skip
+    node: str = column("host name of the machine the peer ran on", source="the run's", default="")
+    node_id: str = column("the Ray node the peer ran on (empty without Ray)", source="the run's", default="")
+    restarts: int = column("the peer's incarnation: how many times it was restarted before this row",
+                           source="the run's", default=0)  # fmt: skip
 
 
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))
+
+# Columns renamed since runs were written: `analyze` (launcher/results/summary.py: read_metrics) reads old runs too.
+RENAMED = {"avg_rounds_ok": "averaging_rounds_ok", "avg_rounds_failed": "averaging_rounds_failed",
+           "avg_group_size": "averaging_group_size", "avg_seconds": "averaging_seconds",
+           "avg_bytes": "averaging_bytes"}  # fmt: skip
+
+
+def consensus_distance(sketches: Sequence[np.ndarray]) -> float:
+    """consensus_dist from the peers' parameter sketches (workers/peer/sketch.py: linear, so the distance of the
+    sketches estimates the parameters'): sqrt(mean_i ||s_i - mean_j s_j||^2); 0.0 for a single peer."""
+    stacked = np.stack([np.asarray(s, dtype=np.float64) for s in sketches])
+    deviations = stacked - stacked.mean(axis=0, keepdims=True)
+    return float(np.sqrt((deviations**2).sum(axis=1).mean()))
+
+
+def columns_markdown() -> str:
+    """docs/metrics.md's table, from the definitions above."""
+    lines = ["| column | meaning | unit | source | scope |", "|---|---|---|---|---|"]
+    for spec in dataclasses.fields(MetricsRow):
+        meta = spec.metadata
+        lines.append(f"| `{spec.name}` | {meta['meaning']} | {meta['unit']} | {meta['source']} | {meta['scope']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(columns_markdown(), end="")

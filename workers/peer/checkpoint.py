@@ -23,13 +23,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.core.config import ExperimentConfig
 from workers.core.errors import ConfigError
 from workers.core.metrics import MetricsRow
 from workers.core.storage import fetch, is_remote, join, upload_file
-from workers.peer.setup import TrainSetup
+
+if TYPE_CHECKING:  # (a type only: importing the setup's module would load torch)
+    from workers.peer.setup import TrainSetup
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,6 @@ preserves squared norms in expectation (relative std about sqrt(2 / dim)). Small
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -30,10 +28,3 @@ class ParameterSketch:
         out = torch.zeros(self.dim, dtype=torch.float64)
         out.index_add_(0, self.bucket, flat * self.sign)
         return out.numpy()
-
-
-def consensus_distance(sketches: Sequence[np.ndarray]) -> float:
-    """sqrt(mean_i ||s_i - mean_j s_j||^2); 0.0 for a single peer."""
-    stacked = np.stack([np.asarray(s, dtype=np.float64) for s in sketches])
-    deviations = stacked - stacked.mean(axis=0, keepdims=True)
-    return float(np.sqrt((deviations**2).sum(axis=1).mean()))

@@ -22,8 +22,6 @@ driver to gather the swarm's parameter sketches, so the consensus_dist column st
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -32,7 +30,6 @@ import re
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from workers.core.config import (
@@ -43,7 +40,14 @@ from workers.core.config import (
     load_config,
     parse_config,
 )
-from workers.core.csvfile import DurableCsv, MetricsWriteError
+from workers.core.csvfile import MetricsWriteError
+from workers.core.reporting import RowWriter, epoch_line
+from workers.core.signals import (
+    install_interrupt_handlers,
+    interrupts_deferred,
+    raise_if_interrupted,
+    signals_ignored,
+)
 from workers.peer.datasets import check_data
 
 logger = logging.getLogger("workers.peer.standalone")
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")  # fmt: skip
     run_id = args.run_id or f"standalone-{cfg.name}"  # the DHT key prefix: every peer of one swarm uses the same
     out = args.out or Path("results") / run_id / name
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `timeout`: shut down as on Ctrl-C
+    install_interrupt_handlers()  # `kill`, `timeout`: shut down as on Ctrl-C
     join_timeout = 0.0 if whole_set else args.join_timeout
     return run_peer(cfg, index, run_id, args.initial_peers, out, join_timeout, whole_set)
 
@@ -233,7 +237,7 @@ def run_peer(
     (out / "config.yaml").write_text(dump_config(cfg))
     peer, exit_code = None, EXIT_INTERRUPTED
     # a resumed peer goes on in the same file: its rows continue from the checkpoint's epoch
-    with MetricsFile(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
+    with RowWriter(out / "metrics.csv", append=cfg.resume_from is not None) as metrics:
         try:
             # exactly the port asked for: unlike Ray peers, standalone ones on one machine each pass their own
             checkpoints = run_checkpoint_dir(cfg, run_id, out)
@@ -261,7 +265,7 @@ def run_peer(
             logger.error("%s; stopping this peer", err)
             exit_code = 1
         finally:
-            with _signals_ignored():
+            with signals_ignored():
                 if peer is not None:
                     try:
                         peer.stop()
@@ -270,12 +274,12 @@ def run_peer(
     return exit_code
 
 
-def write_last_reports(metrics: MetricsFile, peer, epochs: int) -> None:
+def write_last_reports(metrics: RowWriter, peer, epochs: int) -> None:
     """Whatever the training thread reported up to its end; on a file that takes no more rows they are lost, and
     said so (the error that stopped the peer was logged already)."""
     reports, written_before = peer.poll().reports, metrics.rows_written
     try:
-        metrics.write_reports(reports, epochs)
+        write_reports(metrics, reports, epochs)
     except MetricsWriteError as err:
         logger.error("%s: %d last rows lost", err, len(reports) - (metrics.rows_written - written_before))
 
@@ -320,72 +324,26 @@ def wait_for_swarm(dht, key: str, peer_index: int, expected: int, timeout: float
     return joined
 
 
-def follow(peer, metrics: MetricsFile, epochs: int) -> int:
-    """Write and log this peer's rows as its epochs finish; 0 when training completes, 1 when it fails."""
-    while True:
-        status = peer.poll()
-        metrics.write_reports(status.reports, epochs)
-        for what, who, count in status.anomalies:  # with --swarm_key: refused strangers, oversized groups
-            logger.warning("%s: %s (%dx)", what, who, count)
-        if status.state == "failed":
-            logger.error("training failed:\n%s", status.error)
-            return 1
-        if status.state in ("done", "stopped"):
-            return 0
-        time.sleep(POLL_INTERVAL_S)
+def write_reports(metrics: RowWriter, reports: list, epochs: int) -> None:
+    """The rows of `reports`, each on disk and logged (the driver's epoch line, for one peer)."""
+    for report in reports:
+        metrics.write([report.row])
+        logger.info(epoch_line([report.row], epochs, report.row.wall_time_s))
 
 
-class MetricsFile:
-    """This peer's metrics.csv in the launcher's schema, each row on disk before the next; a row that cannot be
-    written (a full disk) raises MetricsWriteError naming the file, and the rows before it stay."""
-
-    def __init__(self, path: Path, append: bool):
-        from workers.core.metrics import CSV_COLUMNS
-
-        exists = path.exists() and path.stat().st_size > 0
-        if exists and not append:
-            logger.warning("replacing %s", path)
-        self.path, self.rows_written = path, 0
-        columns = CSV_COLUMNS
-        if exists and append:  # keep the file's own header (written by an older version, maybe with fewer columns)
-            with path.open(newline="") as file:
-                columns = next(csv.reader(file))
-        self._csv = DurableCsv(path, columns, append=append)
-
-    def write_reports(self, reports: list, epochs: int) -> None:
-        for report in reports:
-            row = report.row
-            self._csv.write(dataclasses.asdict(row))
-            self.rows_written += 1
-            logger.info(
-                "epoch %d/%d | test_acc %.4f | rounds ok %d failed %d | group size %.1f | %.0f s",
-                row.epoch, epochs, row.test_acc, row.avg_rounds_ok, row.avg_rounds_failed, row.avg_group_size,
-                row.wall_time_s,
-            )  # fmt: skip
-
-    def __enter__(self) -> MetricsFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._csv.close()
-
-
-def _interrupt(signum, frame):
-    if os.getpid() != _MAIN_PID:  # a hivemind child forked after main() set this handler: die as by default
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-_MAIN_PID = os.getpid()
-
-
-@contextmanager
-def _signals_ignored():
-    """Cleanup must finish, or p2pd daemons would be left behind: a second Ctrl-C or SIGTERM waits for it."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def follow(peer, metrics: RowWriter, epochs: int) -> int:
+    """Write and log this peer's rows as its epochs finish; 0 when training completes, 1 when it fails. A signal stops
+    it between two passes: the rows a poll took are written first."""
+    with interrupts_deferred():
+        while True:
+            raise_if_interrupted()
+            status = peer.poll()
+            write_reports(metrics, status.reports, epochs)
+            for what, who, count in status.anomalies:  # with --swarm_key: refused strangers, oversized groups
+                logger.warning("%s: %s (%dx)", what, who, count)
+            if status.state == "failed":
+                logger.error("training failed:\n%s", status.error)
+                return 1
+            if status.state in ("done", "stopped"):
+                return 0
+            time.sleep(POLL_INTERVAL_S)

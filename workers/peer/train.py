@@ -146,7 +146,7 @@ def epoch_row(
     seconds: tuple[float, float],
 ) -> MetricsRow:
     """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
-    group_size, avg_seconds, avg_bytes = averaging.take_window()
+    group_size, averaging_seconds, averaging_bytes = averaging.take_window()
     progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
@@ -160,13 +160,13 @@ def epoch_row(
         test_loss=test[0],
         test_acc=test[1],
         samples_per_s=totals.seen / trained_s,
-        train_s=max(trained_s - avg_seconds, 0.0),  # a blocking hivemind.Optimizer round counts its whole step
+        train_s=max(trained_s - averaging_seconds, 0.0),  # a blocking hivemind.Optimizer round counts its whole step
         eval_s=eval_s,
-        avg_rounds_ok=averaging.stats.ok,
-        avg_rounds_failed=averaging.stats.failed,
-        avg_group_size=group_size,
-        avg_seconds=avg_seconds,
-        avg_bytes=avg_bytes,
+        averaging_rounds_ok=averaging.stats.ok,
+        averaging_rounds_failed=averaging.stats.failed,
+        averaging_group_size=group_size,
+        averaging_seconds=averaging_seconds,
+        averaging_bytes=averaging_bytes,
         bytes_source=averaging.bytes_source,
         averaging_rounds_partial=averaging.stats.partial,
         node=setup.node,
