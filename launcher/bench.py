@@ -95,7 +95,8 @@ def throughput(bench_dir: Path, quick: bool) -> list[dict]:
                 speeds[method] = metrics.samples_per_s.mean()
                 rows.append(dict(bench="G1", what=method, model=model, every_steps=every_steps,
                                  samples_per_s=speeds[method], ratio=speeds[method] / speeds["none"],
-                                 rounds_ok=int(metrics.averaging_rounds_ok.max()), averaging_seconds=metrics.averaging_seconds.sum() / 4,
+                                 rounds_ok=int(metrics.averaging_rounds_ok.max()),
+                                 averaging_seconds=metrics.averaging_seconds.sum() / 4,
                                  run=result.run_dir.name))  # fmt: skip
     return rows
 

@@ -153,7 +153,8 @@ def check_emulation(cfg: ExperimentConfig, address: str | None) -> None:
         return
     if (joined := cluster_to_join(address)) is not None:
         raise ConfigError(f"emulation.rate_mbit={cfg.emulation.rate_mbit:g}: emulated links need every peer on this "
-                          f"machine, but the run would join the Ray cluster at {joined}: run with --address local")  # fmt: skip
+                          f"machine, but the run would join the Ray cluster at {joined}: run with --address "
+                          "local")  # fmt: skip
     from launcher.emulation.links import check_support  # tries a throwaway namespace: only for emulated runs
 
     check_support(cfg.emulation)
@@ -179,7 +180,8 @@ def resumable_sweep(cfg: ExperimentConfig | Sweep, args: argparse.Namespace) -> 
 
 
 def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | None = None) -> int:
-    """The points on Ray Tune (launcher/sweep/runner.py), then the same comparison as `gossip-launch analyze SWEEP_DIR`."""
+    """The points on Ray Tune (launcher/sweep/runner.py), then the same comparison as `gossip-launch analyze
+    SWEEP_DIR`."""
     from launcher.sweep.runner import run_sweep
 
     result = run_sweep(sweep, out, address, resume_dir)

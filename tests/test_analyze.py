@@ -50,7 +50,8 @@ def _row(run_id: str, peer: int, e: int) -> MetricsRow:
         run_id=run_id, peer=peer, epoch=e + 1, step=10 * (e + 1), samples_seen=SAMPLES[peer][e],
         wall_time_s=WALL_TIME[peer][e], train_loss=1.0 / (e + 1), train_acc=0.5, test_loss=2.0 - TEST_ACC[peer][e],
         test_acc=TEST_ACC[peer][e], samples_per_s=SAMPLES_PER_S[peer][e], train_s=1.0, eval_s=0.5,
-        averaging_rounds_ok=ROUNDS_OK[peer][e], averaging_rounds_failed=ROUNDS_FAILED[peer][e], averaging_group_size=2.0, averaging_seconds=0.5,
+        averaging_rounds_ok=ROUNDS_OK[peer][e], averaging_rounds_failed=ROUNDS_FAILED[peer][e],
+        averaging_group_size=2.0, averaging_seconds=0.5,
         consensus_dist=CONSENSUS[e], consensus_peers=2, node="test", averaging_bytes=BYTES[peer][e],
     )  # fmt: skip
 
@@ -223,7 +224,8 @@ def test_summary_and_comparison_count_the_rounds_of_every_incarnation(tmp_path):
             writer.write([MetricsRow(run_id="restarted", peer=peer, epoch=epoch, step=epoch, samples_seen=epoch,
                                      wall_time_s=epoch, train_loss=1, train_acc=0.5, test_loss=1, test_acc=0.5,
                                      samples_per_s=1, train_s=1, eval_s=0, averaging_rounds_ok=ok,
-                                     averaging_rounds_failed=0, averaging_group_size=2, averaging_seconds=0, restarts=restarts,
+                                     averaging_rounds_failed=0, averaging_group_size=2, averaging_seconds=0,
+                                     restarts=restarts,
                                      averaging_rounds_partial=peer)])  # fmt: skip
     writer.close()
     summary = summarize(load_run(run_dir)).set_index("peer")
@@ -248,8 +250,8 @@ def test_a_run_whose_rounds_mostly_failed_is_called_out():
 
 
 def test_bytes_nobody_counted_are_unknown_not_zero(tmp_path):
-    """A run written before the byte count (no averaging_bytes column): its swarm_mb is NaN, never 0 (which would read as
-    'no traffic'); a run's bytes_source says whether its bytes were measured or modelled (the all-reduce ring)."""
+    """A run written before the byte count (no averaging_bytes column): its swarm_mb is NaN, never 0 (which would read
+    as 'no traffic'); a run's bytes_source says whether its bytes were measured or modelled (the all-reduce ring)."""
     run_dir = make_run(tmp_path, "old")
     metrics = pd.read_csv(run_dir / "metrics.csv").drop(columns=["averaging_bytes", "bytes_source"])
     metrics.to_csv(run_dir / "metrics.csv", index=False)

@@ -291,7 +291,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_the_peer_naming_the
 def metrics_row(epoch: int) -> MetricsRow:
     return MetricsRow(run_id="full-disk", peer=0, epoch=epoch, step=10 * epoch, samples_seen=320 * epoch,
                       wall_time_s=1.5 * epoch, train_loss=0.5, train_acc=0.8, test_loss=0.6, test_acc=0.75,
-                      samples_per_s=213.3, train_s=1.2, eval_s=0.2, averaging_rounds_ok=epoch, averaging_rounds_failed=0,
+                      samples_per_s=213.3, train_s=1.2, eval_s=0.2, averaging_rounds_ok=epoch,
+                      averaging_rounds_failed=0,
                       averaging_group_size=2.0, averaging_seconds=0.25, node="host", node_id="n1")  # fmt: skip
 
 

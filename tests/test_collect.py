@@ -16,7 +16,8 @@ def make_row(peer: int, epoch: int, test_acc: float = 0.5, rounds_ok: int = 0) -
     return MetricsRow(
         run_id="r", peer=peer, epoch=epoch, step=10 * epoch, samples_seen=100 * epoch, wall_time_s=float(epoch),
         train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=test_acc, samples_per_s=100.0, train_s=1.0, eval_s=0.5,
-        averaging_rounds_ok=rounds_ok, averaging_rounds_failed=0, averaging_group_size=2.0, averaging_seconds=0.1, node="n",
+        averaging_rounds_ok=rounds_ok, averaging_rounds_failed=0, averaging_group_size=2.0, averaging_seconds=0.1,
+        node="n",
     )  # fmt: skip
 
 

@@ -97,14 +97,14 @@ def test_the_circle_check_sees_a_lazy_import(tmp_path):
     assert imports_of(tmp_path / "b.py", {"launcher.cli"}) == {"launcher.cli"}
 
 
-SPY = """
+SPY = f"""
 import sys
 from launcher.cli import main
 code = main(sys.argv[1:])
-heavy = sorted({m.split('.')[0] for m in sys.modules} & set(%r))
+heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))
 print('HEAVY', heavy)
 sys.exit(code)
-""" % (HEAVY,)
+"""
 
 
 @pytest.mark.integration

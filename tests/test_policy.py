@@ -210,3 +210,22 @@ def test_every_phase_change_is_in_the_one_table():
         with pytest.raises(InvalidTransition, match=f"phase {phase} cannot take signal {signal}"):
             advance(phase, signal)
     assert {phase for phase, _ in TRANSITIONS} | set(TRANSITIONS.values()) == set(Phase), "every phase is reachable"
+
+
+def test_no_phase_is_set_outside_the_lifecycle_table():
+    """The driver changes a peer's phase in one place (Swarm._signal, through lifecycle.advance): nowhere else does
+    its code assign a phase."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    assignments = []
+    for path in (ROOT / "launcher").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for function in [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]:
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                names = [t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+                if any(isinstance(t, ast.Attribute) and t.attr == "phase" for t in names):
+                    assignments.append(f"{path.name}:{function.name}")
+    assert assignments == ["swarm.py:_signal"]

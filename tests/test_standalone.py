@@ -199,7 +199,9 @@ def test_three_standalone_peers_average_with_each_other(launch, tmp_path):
     # a round per epoch, all but at most one per peer succeeding: under a loaded machine hivemind's leader can give
     # up at its step's deadline just as it starts the round (its followers then run it without it and fail too);
     # seen once in a full-suite run. A failed round is counted, and the group sizes of the others are checked.
-    assert (final.averaging_rounds_ok + final.averaging_rounds_failed >= EPOCHS).all(), "each peer averages once per epoch"
+    assert (final.averaging_rounds_ok + final.averaging_rounds_failed >= EPOCHS).all(), (
+        "each peer averages once per epoch"
+    )
     assert (final.averaging_rounds_ok >= EPOCHS - 1).all()
     assert metrics.averaging_group_size.dropna().between(2, 3).all() and metrics.averaging_group_size.notna().sum() >= 6
     assert metrics.consensus_dist.isna().all(), "no driver, no consensus distance"
@@ -256,8 +258,15 @@ def test_ctrl_c_stops_the_peer_cleanly(launch, tmp_path):
     assert metrics.read_text().splitlines()[0] == ",".join(CSV_COLUMNS), "the launcher's schema"
     frame = pd.read_csv(metrics)
     assert len(frame) >= rows_before and (frame.peer == 0).all()
-    assert frame.epoch.tolist() == list(range(1, len(frame) + 1)) and (frame.averaging_rounds_failed == frame.epoch).all()
-    assert frame.drop(columns=["averaging_group_size", "consensus_dist", "consensus_before", "node_id"]).notna().all().all()
+    assert (
+        frame.epoch.tolist() == list(range(1, len(frame) + 1)) and (frame.averaging_rounds_failed == frame.epoch).all()
+    )
+    assert (
+        frame.drop(columns=["averaging_group_size", "consensus_dist", "consensus_before", "node_id"])
+        .notna()
+        .all()
+        .all()
+    )
 
 
 def wait_for_a_row(metrics: Path, timeout: float) -> int:

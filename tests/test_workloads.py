@@ -90,7 +90,9 @@ def test_gossip_with_the_gpu_options_forced_on_cpu_averages(tmp_path, torch_thre
     finally:
         for averaging in averagings:
             averaging.shutdown()
-    assert [r.row.averaging_rounds_ok for (r,) in reports] == [1, 1] and [r.row.averaging_group_size for (r,) in reports] == [2, 2]
+    assert [r.row.averaging_rounds_ok for (r,) in reports] == [1, 1] and [
+        r.row.averaging_group_size for (r,) in reports
+    ] == [2, 2]
     first, second = (setup.model for setup in setups)
     assert first.features[0].weight.is_contiguous(memory_format=torch.channels_last), "the GPU layout was used"
     for a, b in zip(first.parameters(), second.parameters(), strict=True):

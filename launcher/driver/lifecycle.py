@@ -1,8 +1,9 @@
 """A peer's life as the driver sees it: one table of (phase, signal) -> phase. Pure: no Ray, no clock.
 
-A peer is a sequence of incarnations (its restarts); its phase is its current incarnation's. `Swarm` (launcher/driver/swarm.py)
-feeds the signals it observes or decides and carries out what the new phase means (start an actor, stop one, reap
-its processes); `policy.decide` says what to do about a dead peer. No phase is set anywhere but through `advance`.
+A peer is a sequence of incarnations (its restarts); its phase is its current incarnation's. `Swarm`
+(launcher/driver/swarm.py) feeds the signals it observes or decides and carries out what the new phase means (start an
+actor, stop one, reap its processes); `policy.decide` says what to do about a dead peer. No phase is set anywhere but
+through `advance`.
 
     standby --launched--> starting --joined--> running --finished--> done
                              |                    |  \\--left--> left

@@ -83,7 +83,8 @@ class Swarm:
         self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
         self.here = ray.get_runtime_context().get_node_id()
         self.peer_actor = ray.remote(PeerActor)
-        # the run's secret (workers/averaging/admission.py): to the actors through Ray only, never in a log, a file or a name
+        # the run's secret (workers/averaging/admission.py): to the actors through Ray only, never in a log, a file or a
+        # name
         key_file = cfg.network.swarm_key_file
         self.swarm_key = read_swarm_key(key_file) if key_file else new_swarm_key()
 
@@ -120,8 +121,9 @@ class Swarm:
             self._event(incarnation, "started")
         logger.info("all %d peers joined the DHT and started training", cfg.peers)
 
-    def _create(self, peer: int, restarts: int) -> Incarnation:
-        """A new actor for `peer` in the peer's own bundle (its predecessor's resources are freed when it dies)."""
+    def _create(self, peer: int, restarts: int, phase: Phase = Phase.STANDBY) -> Incarnation:
+        """A new actor for `peer` in the peer's own bundle (its predecessor's resources are freed when it dies), in the
+        phase its predecessor left it (the first one: STANDBY) until `_signal` launches it."""
         bundle = self.bundles[peer]
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
         actor = self.peer_actor.options(
@@ -135,7 +137,7 @@ class Swarm:
             ),
         ).remote(self.cfg, peer, self.run_id, self.checkpoint_dir, restarts=restarts, swarm_key=self.swarm_key,
                  checkpoint_uri=self.checkpoint_uri, netns=self.netns.get(peer))  # fmt: skip
-        return Incarnation(peer, restarts, actor, self.bundle_nodes[peer])
+        return Incarnation(peer, restarts, actor, self.bundle_nodes[peer], phase)
 
     def _storage_env(self) -> dict | None:
         """The driver's storage endpoint and credentials (AWS_*), for peers on nodes that lack them: only when a
@@ -231,8 +233,8 @@ class Swarm:
         return self.collector.drop_peer(incarnation.peer)
 
     def _signal(self, incarnation: Incarnation, signal_: Signal, reason: str = "") -> None:
-        """The one place a phase changes (launcher/driver/lifecycle.py). The swarm's size follows its running peers: each
-        running peer is told, so that its rounds aim at the peers that are there."""
+        """The one place a phase changes (launcher/driver/lifecycle.py). The swarm's size follows its running peers:
+        each running peer is told, so that its rounds aim at the peers that are there."""
         incarnation.phase, incarnation.since = advance(incarnation.phase, signal_), time.monotonic()
         incarnation.reason = reason or incarnation.reason
         running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
@@ -320,12 +322,12 @@ class Swarm:
             self.retired.append(self.peers[peer])
             ray.kill(self.peers[peer].actor, no_restart=True)  # frees its bundle, whatever state it was in
         previous = self.peers[peer].phase if peer in self.peers else Phase.STANDBY
-        incarnation = self.standby.pop(peer, None) or self._create(peer, restarts)
-        incarnation.phase, incarnation.donor = previous, donor
-        incarnation.waiting_since = waiting_since or time.monotonic()
+        incarnation = self.standby.pop(peer, None) or self._create(peer, restarts, previous)  # (a standby: STANDBY)
+        incarnation.donor, incarnation.waiting_since = donor, waiting_since or time.monotonic()
         self._signal(incarnation, Signal.LAUNCHED)
         effects = self.effects.setdefault(peer, Effects())
-        incarnation.launch = incarnation.actor.call.remote("join", initial_peers, effects, max(self.swarm_size, 1), donor)
+        size = max(self.swarm_size, 1)
+        incarnation.launch = incarnation.actor.call.remote("join", initial_peers, effects, size, donor)
         self.peers[peer] = incarnation
 
     def kill(self, peer: int, process: str = "peer") -> None:

@@ -19,7 +19,8 @@ from workers.core.metrics import MetricsRow
 
 logger = logging.getLogger("launcher")
 
-PEER_SERIES = ("test_acc", "test_loss", "train_acc", "train_loss", "samples_per_s", "averaging_rounds_ok", "averaging_bytes")
+PEER_SERIES = ("test_acc", "test_loss", "train_acc", "train_loss", "samples_per_s", "averaging_rounds_ok",
+               "averaging_bytes")  # fmt: skip
 
 
 class Sink(Protocol):

@@ -16,7 +16,8 @@ def split_runs(df: pd.DataFrame) -> list[pd.DataFrame]:
 def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
     """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
     time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
-    run = run.assign(averaging_bytes=run["averaging_bytes"] if "averaging_bytes" in run.columns else np.nan)  # older runs: unknown
+    bytes_known = run["averaging_bytes"] if "averaging_bytes" in run.columns else np.nan  # older runs: unknown
+    run = run.assign(averaging_bytes=bytes_known)
     by_epoch = run.groupby("epoch")
     curve = by_epoch.agg(
         acc_mean=("test_acc", "mean"),

@@ -84,7 +84,7 @@ class AllReduceAveraging(AveragingStrategy):
 
 
 def ring_bytes(size: int, peers: int) -> int:
-    """A ring all-reduce's traffic per peer, counted as hivemind's is (workers/averaging/admission.py: part_bytes): the parts
-    this peer reduces in and sends out, 2 (n - 1) / n of the tensor. gloo does not count bytes, so this is the model
-    of its ring; summed over the peers it is the swarm's 2 (n - 1) tensors, as for a hivemind group of n."""
+    """A ring all-reduce's traffic per peer, counted as hivemind's is (workers/averaging/admission.py: part_bytes): the
+    parts this peer reduces in and sends out, 2 (n - 1) / n of the tensor. gloo does not count bytes, so this is the
+    model of its ring; summed over the peers it is the swarm's 2 (n - 1) tensors, as for a hivemind group of n."""
     return round(2 * (peers - 1) * size / peers)

@@ -133,7 +133,8 @@ class AveragingStrategy:
         """After optimizer step `step` (counted over the run); `left`: steps left in this epoch."""
 
     def after_epoch(self, last: bool = True) -> None:
-        """After an epoch's last step, before its evaluation; `last`: no epoch follows on this peer (its run's end, or its scripted leave)."""
+        """After an epoch's last step, before its evaluation; `last`: no epoch follows on this peer (its run's end, or
+        its scripted leave)."""
 
     def shutdown(self) -> None:
         pass

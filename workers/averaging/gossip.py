@@ -89,8 +89,8 @@ class GossipAveraging(AveragingStrategy):
         """`swarm_size`: the most peers the swarm can have (the run's peers and scripted joiners; None: unknown, an
         open swarm). A group aims at min(group_size, the peers in the swarm now: `set_swarm_size`, at first
         `swarm_size`): a round starts as soon as they are all there, not after matchmaking_time. `swarm_key`: only
-        the run's members take part (workers/averaging/admission.py); `anomalies` hears of refusals and of a group larger than
-        the swarm can be."""
+        the run's members take part (workers/averaging/admission.py); `anomalies` hears of refusals and of a group
+        larger than the swarm can be."""
         super().__init__()
         self.cfg, self.lock = cfg, lock or threading.Lock()
         self.anomalies, self.swarm_size = anomalies, swarm_size

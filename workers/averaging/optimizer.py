@@ -88,7 +88,8 @@ class OptimizerAveraging(AveragingStrategy):
     def __init__(self, optimizer: torch.optim.Optimizer, dht, cfg: GossipConfig, prefix: str, batch_size: int,
                  target_batch_size: int, peers: int, stop: threading.Event, join_timeout: float = 60.0,
                  swarm_key: bytes | None = None, anomalies=None):  # fmt: skip
-        """`swarm_key`, `anomalies`: hivemind's averagers admit only the run's members (workers/averaging/admission.py)."""
+        """`swarm_key`, `anomalies`: hivemind's averagers admit only the run's members
+        (workers/averaging/admission.py)."""
         super().__init__()
         self.peers, self.stop, self.join_timeout, self._joined = peers, stop, join_timeout, False
         self.background = cfg.background_averaging
@@ -145,7 +146,8 @@ class OptimizerAveraging(AveragingStrategy):
         return self.stats.take_window()
 
     def partial_since_last(self) -> int:
-        """Rounds of the state averager whose all-reduce lost a part, since the last call (workers/averaging/admission.py)."""
+        """Rounds of the state averager whose all-reduce lost a part, since the last call
+        (workers/averaging/admission.py)."""
         total = self.optimizer.state_averager.partial_rounds.value
         delta, self._partial_seen = total - self._partial_seen, total
         return delta

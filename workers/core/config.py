@@ -113,8 +113,8 @@ class GossipConfig(_Section):
     overlap: bool = False
     # gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a quarter)
     compression: Literal["none", "float16", "uint8"] = "none"
-    # diloco: the outer SGD (Nesterov) on the pseudo-gradient θ_sync − avg(θ) after each round (workers/averaging/diloco.py);
-    # outer_lr 1 with outer_momentum 0 is plain gossip averaging
+    # diloco: the outer SGD (Nesterov) on the pseudo-gradient θ_sync − avg(θ) after each round
+    # (workers/averaging/diloco.py); outer_lr 1 with outer_momentum 0 is plain gossip averaging
     outer_lr: PositiveFloat = 0.7
     outer_momentum: float = Field(0.9, ge=0, lt=1)
 
@@ -252,7 +252,8 @@ MAX_EMULATED_PEERS = 250  # one /24 of namespace addresses, the hub's included
 
 class EmulationConfig(_Section):
     """Bandwidth-limited links for peers on one machine (a private local Ray): each peer in a network namespace of
-    its own whose upload and download are shaped, measured before training (launcher/emulation/links.py). Off: no rate."""
+    its own whose upload and download are shaped, measured before training (launcher/emulation/links.py). Off: no
+    rate."""
 
     rate_mbit: PositiveFloat | None = None  # every peer's upload and download, Mbit/s
     rtt_ms: float = Field(0.0, ge=0)  # round trip between two peers of this link (half of it on each link); netem

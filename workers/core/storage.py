@@ -215,8 +215,8 @@ def upload_files(files: list[Path], local_dir: Path, location: str) -> list[str]
 class FolderMirror:
     """Keeps a remote copy of a local folder's files (checkpoints aside: each peer uploads its own). `sync` uploads
     what changed since its last upload, at most every `min_interval_s` unless forced. A no-op without a remote.
-    It is also one of the driver's sinks (launcher/results/sinks.py): the last one, so after each epoch's rows are written
-    it uploads them and what the other sinks wrote."""
+    It is also one of the driver's sinks (launcher/results/sinks.py): the last one, so after each epoch's rows are
+    written it uploads them and what the other sinks wrote."""
 
     def __init__(self, local_dir: Path, remote: str | None, min_interval_s: float = 5.0, top_level: bool = False):
         """`top_level`: only the folder's own files (a sweep's: its run folders upload themselves)."""

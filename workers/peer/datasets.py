@@ -98,8 +98,8 @@ def prepare_data(cfg: DataConfig, archive: Archive | None = None) -> None:
 
 
 def generate_if_missing(cfg: DataConfig) -> None:
-    """`data.generate`: a generated CIFAR-10 (class-coloured images, workers/peer/synthetic.py) where no set is; said loudly,
-    and marked by a GENERATED file, so that nobody mistakes its accuracy for CIFAR-10's."""
+    """`data.generate`: a generated CIFAR-10 (class-coloured images, workers/peer/synthetic.py) where no set is; said
+    loudly, and marked by a GENERATED file, so that nobody mistakes its accuracy for CIFAR-10's."""
     from workers.peer.synthetic import write_tiny_cifar10  # numpy: only when asked for
 
     base = cfg.root.expanduser().resolve() / "cifar-10-batches-py"

@@ -72,9 +72,9 @@ class Peer:
         `restarts`: this peer's incarnation. `whole_set`: train on the whole training set in an order of its own
         (standalone peers of an open swarm) instead of shard `peer % peers`. `swarm_key`: the run's secret (the
         driver's, through Ray); None: `network.swarm_key_file`'s, or none at all (an open swarm). `checkpoint_uri`: the
-        storage folder (workers/core/storage.py) its checkpoints are uploaded to as they are saved; None: they stay local.
-        `netns`: this peer's network namespace (emulation: launcher/emulation/links.py), where its DHT, averager and gloo
-        group live, on its shaped link."""
+        storage folder (workers/core/storage.py) its checkpoints are uploaded to as they are saved; None: they stay
+        local. `netns`: this peer's network namespace (emulation: launcher/emulation/links.py), where its DHT, averager
+        and gloo group live, on its shaped link."""
         quiet_hivemind()
         children_die_with_this_process()
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
