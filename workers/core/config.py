@@ -37,23 +37,45 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "tinyimagenet"] = "digits"
-    root: Path = Path("data")  # holds cifar-10-batches-py/ or tiny-imagenet-200/; digits ships with scikit-learn
-    download: bool = False  # fetch a missing dataset into `root` (needs internet on every peer's machine)
-    download_timeout: PositiveFloat = 3600.0  # seconds the download may take (the launcher's, before the peers start)
-    batch_size: PositiveInt = 32
-    test_batch_size: PositiveInt = 512
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without an official test split (digits)
-    partition: Literal["iid", "dirichlet"] = "iid"  # how the training set is split among the peers
-    dirichlet_alpha: PositiveFloat = 0.5  # concentration of the per-class Dirichlet: small = strong label skew
-    augment: bool = True  # random crop + horizontal flip of training images (cifar10, tinyimagenet)
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per peer
-    # cifar10: check every file's md5 against the official release (torchvision's check). Turn off only for
-    # copies that are re-packed or converted (same format, other bytes) and for tests' tiny generated files.
-    verify_checksums: bool = True
-    # cifar10 without the real set (offline machines, the bandwidth study): when `root` holds no CIFAR-10, write a
-    # generated one in its on-disk format with this many training images (a tenth as many test images); 0: never.
-    generate: int = Field(0, ge=0)
+    dataset: Literal["digits", "cifar10", "tinyimagenet"] = Field(
+        "digits", description="digits (scikit-learn's, offline), cifar10, tinyimagenet"
+    )
+    root: Path = Field(
+        Path("data"), description="holds cifar-10-batches-py/ or tiny-imagenet-200/; digits ships with scikit-learn"
+    )
+    download: bool = Field(
+        False, description="fetch a missing dataset into `root` (needs internet on every peer's machine)"
+    )
+    download_timeout: PositiveFloat = Field(
+        3600.0, description="seconds the download may take (the launcher's, before the peers start)"
+    )
+    batch_size: PositiveInt = Field(32, description="training batch size, per peer")
+    test_batch_size: PositiveInt = Field(512, description="evaluation batch size, per peer")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="only for datasets without an official test split (digits)"
+    )
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="how the training set is split among the peers")
+    dirichlet_alpha: PositiveFloat = Field(
+        0.5, description="concentration of the per-class Dirichlet: small = strong label skew"
+    )
+    augment: bool = Field(True, description="random crop + horizontal flip of training images (cifar10, tinyimagenet)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per peer")
+    verify_checksums: bool = Field(
+        True,
+        description=(
+            "cifar10: check every file's md5 against the official release (torchvision's check). Turn off only for "
+            "copies that are re-packed or converted (same format, other bytes) and for tests' tiny generated files."
+        ),
+    )
+    generate: int = Field(
+        0,
+        ge=0,
+        description=(
+            "cifar10 without the real set (offline machines, the bandwidth study): when `root` holds no CIFAR-10, "
+            "write a generated one in its on-disk format with this many training images (a tenth as many test images);"
+            " 0: never."
+        ),
+    )
 
     @model_validator(mode="after")
     def _generated_data_is_cifar10_without_checksums(self) -> DataConfig:
@@ -66,23 +88,31 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["small_cnn", "cifar_cnn", "resnet50"] = "small_cnn"
-    channels_last: bool = False  # NHWC memory format on GPU (faster convolutions with AMP)
+    name: Literal["small_cnn", "cifar_cnn", "resnet50"] = Field(
+        "small_cnn", description="small_cnn (digits), cifar_cnn, resnet50 (adapted to 64x64 inputs)"
+    )
+    channels_last: bool = Field(False, description="NHWC memory format on GPU (faster convolutions with AMP)")
 
 
 class OptimConfig(_Section):
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # the local steps' (diloco: the inner) optimizer
-    lr: PositiveFloat = 0.05
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: PositiveInt = 10  # in total: a resumed run trains from its checkpoint's epoch up to this one
-    # Learning rate per epoch (it changes between epochs, never within one): constant, cosine decay over the
-    # epochs after warmup, or step (multiplied by `gamma` every `step_size` epochs after warmup).
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_size: PositiveInt = 30  # step: epochs between decays
-    gamma: float = Field(0.1, gt=0, le=1)  # step: factor applied at each decay
-    warmup_epochs: int = Field(0, ge=0)  # linear ramp up to `lr` over the first epochs, before the schedule
-    amp: bool = False  # bf16 autocast for forward passes on GPU; ignored (with a log line) on CPU
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="the local steps' (diloco: the inner) optimizer")
+    lr: PositiveFloat = Field(0.05, description="the local optimizer's learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0, description="the local optimizer's weight decay")
+    epochs: PositiveInt = Field(
+        10, description="in total: a resumed run trains from its checkpoint's epoch up to this one"
+    )
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant",
+        description=(
+            "Learning rate per epoch (it changes between epochs, never within one): constant, cosine decay over the "
+            "epochs after warmup, or step (multiplied by `gamma` every `step_size` epochs after warmup)."
+        ),
+    )
+    step_size: PositiveInt = Field(30, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: factor applied at each decay")
+    warmup_epochs: int = Field(0, ge=0, description="linear ramp up to `lr` over the first epochs, before the schedule")
+    amp: bool = Field(False, description="bf16 autocast for forward passes on GPU; ignored (with a log line) on CPU")
 
     @model_validator(mode="after")
     def _warmup_leaves_epochs(self) -> OptimConfig:
@@ -92,31 +122,65 @@ class OptimConfig(_Section):
 
 
 class GossipConfig(_Section):
-    # gossip: DecentralizedAverager every H steps; optimizer: hivemind.Optimizer; allreduce: torch.distributed
-    # exact mean over all peers (the baseline); none: no communication (the other baseline); diloco: gossip's
-    # rounds every H steps, each followed by an outer Nesterov step on the parameters of the last sync
-    method: Literal["gossip", "diloco", "optimizer", "allreduce", "none"] = "gossip"
-    group_size: int = Field(16, ge=2)  # target group size; a "group" of one is no averaging (use method: none)
-    min_group_size: int = Field(2, ge=2)
-    alpha: float = Field(1.0, gt=0, le=1)  # averaging_alpha: step towards the group mean, 1.0 = take the mean
-    matchmaking_time: PositiveFloat = 5.0  # seconds a group leader waits for followers
-    every_steps: PositiveInt | Literal["epoch"] = "epoch"  # average every H local steps, or once per epoch
-    round_timeout: PositiveFloat = 30.0  # seconds an all-reduce may take after the group is formed
-    allreduce_on: Literal["parameters", "gradients"] = "parameters"  # allreduce: gradients every step = DP-SGD
-    target_batch_size: PositiveInt | None = None  # optimizer: swarm samples per round (None: one swarm epoch)
-    local_updates: bool = True  # optimizer: step on local gradients, average parameters every target batch
-    # optimizer: hivemind's delay_state_averaging. Off by default: in the background hivemind applies each round as
-    # a delta against the parameters of when the round began, so local drift during the round survives (README).
-    background_averaging: bool = False
-    # gossip: run each round in the background while local steps go on; its result lands as a correction that keeps
-    # those steps (workers/averaging/gossip.py). At most one round in flight.
-    overlap: bool = False
-    # gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a quarter)
-    compression: Literal["none", "float16", "uint8"] = "none"
-    # diloco: the outer SGD (Nesterov) on the pseudo-gradient θ_sync − avg(θ) after each round
-    # (workers/averaging/diloco.py); outer_lr 1 with outer_momentum 0 is plain gossip averaging
-    outer_lr: PositiveFloat = 0.7
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    method: Literal["gossip", "diloco", "optimizer", "allreduce", "none"] = Field(
+        "gossip",
+        description=(
+            "gossip: DecentralizedAverager every H steps; optimizer: hivemind.Optimizer; allreduce: torch.distributed "
+            "exact mean over all peers (the baseline); none: no communication (the other baseline); diloco: gossip's "
+            "rounds every H steps, each followed by an outer Nesterov step on the parameters of the last sync"
+        ),
+    )
+    group_size: int = Field(
+        16, ge=2, description='target group size; a "group" of one is no averaging (use method: none)'
+    )
+    min_group_size: int = Field(2, ge=2, description="a round needs at least this many peers")
+    alpha: float = Field(
+        1.0, gt=0, le=1, description="averaging_alpha: step towards the group mean, 1.0 = take the mean"
+    )
+    matchmaking_time: PositiveFloat = Field(5.0, description="seconds a group leader waits for followers")
+    every_steps: PositiveInt | Literal["epoch"] = Field(
+        "epoch", description="average every H local steps, or once per epoch"
+    )
+    round_timeout: PositiveFloat = Field(30.0, description="seconds an all-reduce may take after the group is formed")
+    allreduce_on: Literal["parameters", "gradients"] = Field(
+        "parameters", description="allreduce: gradients every step = DP-SGD"
+    )
+    target_batch_size: PositiveInt | None = Field(
+        None, description="optimizer: swarm samples per round (None: one swarm epoch)"
+    )
+    local_updates: bool = Field(
+        True, description="optimizer: step on local gradients, average parameters every target batch"
+    )
+    background_averaging: bool = Field(
+        False,
+        description=(
+            "optimizer: hivemind's delay_state_averaging. Off by default: in the background hivemind applies each "
+            "round as a delta against the parameters of when the round began, so local drift during the round survives"
+            " (README)."
+        ),
+    )
+    overlap: bool = Field(
+        False,
+        description=(
+            "gossip: run each round in the background while local steps go on; its result lands as a correction that "
+            "keeps those steps (workers/averaging/gossip.py). At most one round in flight."
+        ),
+    )
+    compression: Literal["none", "float16", "uint8"] = Field(
+        "none",
+        description=(
+            "gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a "
+            "quarter)"
+        ),
+    )
+    outer_lr: PositiveFloat = Field(
+        0.7,
+        description=(
+            "diloco: the outer SGD (Nesterov) on the pseudo-gradient θ_sync − avg(θ) after each round "
+            "(workers/averaging/diloco.py); outer_lr 1 with outer_momentum 0 is plain gossip averaging"
+        ),
+    )
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov momentum (0: plain SGD)")
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -166,15 +230,28 @@ _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
 
 
 class ResourcesConfig(_Section):
-    num_cpus: PositiveFloat = 1.0  # per peer; also the peer's torch thread count (at least 1)
-    num_gpus: float = Field(0.0, ge=0)  # per peer; a fraction packs several peers on one GPU
-    custom: dict[str, PositiveFloat] = {}  # extra Ray resources every peer needs, e.g. {"accelerator_type:H100": 0.01}
-    # Extra Ray resources per peer: entry i is added to peer i's bundle (pins peers to nodes that advertise them).
-    peer_custom: list[dict[str, PositiveFloat]] = []
-    # How the placement group lays the peers' bundles out: SPREAD puts peers on different nodes when it can; None:
-    # PACK when peers share GPUs (0 < num_gpus < 1), else SPREAD.
-    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] | None = None
-    placement_timeout: PositiveFloat = 120.0  # seconds to wait for a feasible placement group to be scheduled
+    num_cpus: PositiveFloat = Field(1.0, description="per peer; also the peer's torch thread count (at least 1)")
+    num_gpus: float = Field(0.0, ge=0, description="per peer; a fraction packs several peers on one GPU")
+    custom: dict[str, PositiveFloat] = Field(
+        {}, description='extra Ray resources every peer needs, e.g. {"accelerator_type:H100": 0.01}'
+    )
+    peer_custom: list[dict[str, PositiveFloat]] = Field(
+        [],
+        description=(
+            "Extra Ray resources per peer: entry i is added to peer i's bundle (pins peers to nodes that advertise "
+            "them)."
+        ),
+    )
+    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] | None = Field(
+        None,
+        description=(
+            "How the placement group lays the peers' bundles out: SPREAD puts peers on different nodes when it can; "
+            "None: PACK when peers share GPUs (0 < num_gpus < 1), else SPREAD."
+        ),
+    )
+    placement_timeout: PositiveFloat = Field(
+        120.0, description="seconds to wait for a feasible placement group to be scheduled"
+    )
 
     @field_validator("num_gpus")
     @classmethod
@@ -193,17 +270,35 @@ class ResourcesConfig(_Section):
 
 
 class NetworkConfig(_Section):
-    # The interface the peers' DHT listens on: "auto" is 127.0.0.1 when the Ray cluster has one node and 0.0.0.0
-    # (all interfaces) when it has several; or an IPv4 address.
-    host: str = "auto"
-    # The IPv4 address other peers dial; None: the peer's node IP when listening on 0.0.0.0, else `host`.
-    announce_host: str | None = None
-    # Peer i listens on port + i (0: any free port); the allreduce baseline's rendezvous uses port + peers.
-    port: int = Field(0, ge=0, le=65535)
-    # A file holding the swarm's secret key (64 hex digits); None: the launcher makes a new key for each run.
-    # Only peers holding the key take part (workers/averaging/admission.py); standalone peers joining a run by hand
-    # (`python -m workers --swarm_key FILE`) need this file.
-    swarm_key_file: Path | None = None
+    host: str = Field(
+        "auto",
+        description=(
+            'The interface the peers\' DHT listens on: "auto" is 127.0.0.1 when the Ray cluster has one node and '
+            "0.0.0.0 (all interfaces) when it has several; or an IPv4 address."
+        ),
+    )
+    announce_host: str | None = Field(
+        None,
+        description=(
+            "The IPv4 address other peers dial; None: the peer's node IP when listening on 0.0.0.0, else `host`."
+        ),
+    )
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Peer i listens on port + i (0: any free port); the allreduce baseline's rendezvous uses port + peers."
+        ),
+    )
+    swarm_key_file: Path | None = Field(
+        None,
+        description=(
+            "A file holding the swarm's secret key (64 hex digits); None: the launcher makes a new key for each run. "
+            "Only peers holding the key take part (workers/averaging/admission.py); standalone peers joining a run by "
+            "hand (`python -m workers --swarm_key FILE`) need this file."
+        ),
+    )
 
     @field_validator("swarm_key_file")
     @classmethod
@@ -235,8 +330,8 @@ def _ipv4(value: str) -> str:
 class LinkConfig(_Section):
     """One peer's link where it differs from `emulation`'s (heterogeneous links); unset fields keep those."""
 
-    rate_mbit: PositiveFloat | None = None  # upload and download
-    up_mbit: PositiveFloat | None = None  # or each on its own (an asymmetric link)
+    rate_mbit: PositiveFloat | None = Field(None, description="upload and download")
+    up_mbit: PositiveFloat | None = Field(None, description="or each on its own (an asymmetric link)")
     down_mbit: PositiveFloat | None = None
     rtt_ms: float | None = Field(None, ge=0)
 
@@ -255,9 +350,11 @@ class EmulationConfig(_Section):
     its own whose upload and download are shaped, measured before training (launcher/emulation/links.py). Off: no
     rate."""
 
-    rate_mbit: PositiveFloat | None = None  # every peer's upload and download, Mbit/s
-    rtt_ms: float = Field(0.0, ge=0)  # round trip between two peers of this link (half of it on each link); netem
-    links: dict[int, LinkConfig] = {}  # per peer index: where its link differs
+    rate_mbit: PositiveFloat | None = Field(None, description="every peer's upload and download, Mbit/s")
+    rtt_ms: float = Field(
+        0.0, ge=0, description="round trip between two peers of this link (half of it on each link); netem"
+    )
+    links: dict[int, LinkConfig] = Field({}, description="per peer index: where its link differs")
 
     @property
     def enabled(self) -> bool:
@@ -272,26 +369,52 @@ class EmulationConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    # Consensus distance is computed from a CountSketch of each peer's parameters with this many buckets
-    # (seed shared by all peers); 0, or a model with at most this many parameters, sends them exactly.
-    sketch_dim: int = Field(1024, ge=0)
-    tensorboard: bool = True  # event files in <run>/tensorboard/: one series per peer, and the swarm's
-    tracking: Literal["none", "mlflow"] = "none"  # mlflow: MLFLOW_TRACKING_URI, else <results>/mlflow.db
+    sketch_dim: int = Field(
+        1024,
+        ge=0,
+        description=(
+            "Consensus distance is computed from a CountSketch of each peer's parameters with this many buckets (seed "
+            "shared by all peers); 0, or a model with at most this many parameters, sends them exactly."
+        ),
+    )
+    tensorboard: bool = Field(
+        True, description="event files in <run>/tensorboard/: one series per peer, and the swarm's"
+    )
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: MLFLOW_TRACKING_URI, else <results>/mlflow.db"
+    )
 
 
 class FaultsConfig(_Section):
     """What the driver does when a peer dies, hangs or loses its hivemind processes."""
 
-    max_restarts: int = Field(2, ge=0)  # per peer; past it the peer is given up and the run goes on without it
-    # A running peer whose training thread has made no progress (no step, no finished round) for
-    # max(stall_min_s, stall_factor x its longest epoch so far) is wedged: it is killed and restarted like a dead one.
-    stall_factor: float = Field(3.0, ge=1)
-    stall_min_s: PositiveFloat = 60.0
-    poll_timeout_s: PositiveFloat = 10.0  # a peer that does not answer a status poll this long is wedged too
-    start_timeout_s: PositiveFloat = 300.0  # loading data, building the model, starting the DHT, downloading state
-    # A peer whose loss or parameters are no longer finite shares nothing (its round is skipped) and then takes the
-    # swarm's state from a live peer and goes on (`reload`), or stops (`stop`: the driver restarts it as a death).
-    on_divergence: Literal["reload", "stop"] = "reload"
+    max_restarts: int = Field(
+        2, ge=0, description="per peer; past it the peer is given up and the run goes on without it"
+    )
+    stall_factor: float = Field(
+        3.0,
+        ge=1,
+        description=(
+            "A running peer whose training thread has made no progress (no step, no finished round) for "
+            "max(stall_min_s, stall_factor x its longest epoch so far) is wedged: it is killed and restarted like a "
+            "dead one."
+        ),
+    )
+    stall_min_s: PositiveFloat = Field(60.0, description="the least time without progress that counts as a stall")
+    poll_timeout_s: PositiveFloat = Field(
+        10.0, description="a peer that does not answer a status poll this long is wedged too"
+    )
+    start_timeout_s: PositiveFloat = Field(
+        300.0, description="loading data, building the model, starting the DHT, downloading state"
+    )
+    on_divergence: Literal["reload", "stop"] = Field(
+        "reload",
+        description=(
+            "A peer whose loss or parameters are no longer finite shares nothing (its round is skipped) and then takes"
+            " the swarm's state from a live peer and goes on (`reload`), or stops (`stop`: the driver restarts it as a"
+            " death)."
+        ),
+    )
 
 
 class ScenarioEvent(_Section):
@@ -301,12 +424,22 @@ class ScenarioEvent(_Section):
     peer's learning rate is multiplied by `factor` from then on (e.g. a large one makes it diverge)."""
 
     event: Literal["kill", "leave", "join", "slow", "lr"]
-    peer: int | None = Field(None, ge=0)  # kill, leave, slow: which peer (joiners are numbered peers, peers+1, ...)
-    at_epoch: PositiveInt | None = None  # when that peer (for join: the swarm) has reported this epoch
-    at_s: float | None = Field(None, ge=0)  # seconds after every peer started training
-    factor: float | None = Field(None, gt=0)  # slow: step time multiplier (> 1); lr: learning-rate multiplier
-    # kill: which process gets SIGKILL: the peer's own, or its hivemind DHT process (the peer lives on, wedged)
-    process: Literal["peer", "dht"] = "peer"
+    peer: int | None = Field(
+        None, ge=0, description="kill, leave, slow: which peer (joiners are numbered peers, peers+1, ...)"
+    )
+    at_epoch: PositiveInt | None = Field(
+        None, description="when that peer (for join: the swarm) has reported this epoch"
+    )
+    at_s: float | None = Field(None, ge=0, description="seconds after every peer started training")
+    factor: float | None = Field(
+        None, gt=0, description="slow: step time multiplier (> 1); lr: learning-rate multiplier"
+    )
+    process: Literal["peer", "dht"] = Field(
+        "peer",
+        description=(
+            "kill: which process gets SIGKILL: the peer's own, or its hivemind DHT process (the peer lives on, wedged)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _fields_fit_the_event(self) -> ScenarioEvent:
@@ -342,26 +475,39 @@ def steps_per_epoch(data: DataConfig, peers: int) -> int:
 
 
 class ExperimentConfig(_Section):
-    name: str = "experiment"
-    peers: PositiveInt = 4
-    seed: int = 0
+    name: str = Field("experiment", description="the run id's prefix (a config file's name: its stem)")
+    peers: PositiveInt = Field(4, description="peers that start the run (one Ray actor each)")
+    seed: int = Field(0, description="model initialisation (the same on every peer), data partition, batch orders")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     gossip: GossipConfig = GossipConfig()
     resources: ResourcesConfig = ResourcesConfig()
     network: NetworkConfig = NetworkConfig()
-    emulation: EmulationConfig = EmulationConfig()  # shaped links for peers on one machine
+    emulation: EmulationConfig = Field(EmulationConfig(), description="shaped links for peers on one machine")
     metrics: MetricsConfig = MetricsConfig()
-    # Where runs write their folders: a local folder or a URI of pyarrow.fs (s3://bucket/prefix, gs://...), whose
-    # endpoint and credentials come from the environment (AWS_ENDPOINT_URL, ...): workers/core/storage.py
-    storage: str = "results"
-    # A previous run's folder (or its checkpoint_dir), local or a storage URI, with peer-<i>_final.pt for every peer:
-    # each peer continues from its own checkpoint (model, optimizer, schedule, counters, RNG) up to optim.epochs.
-    resume_from: Path | str | None = None
-    checkpoint_dir: Path | None = None  # where peer-<i>_{best,final}.pt are written; None: the run's folder
+    storage: str = Field(
+        "results",
+        description=(
+            "Where runs write their folders: a local folder or a URI of pyarrow.fs (s3://bucket/prefix, gs://...), "
+            "whose endpoint and credentials come from the environment (AWS_ENDPOINT_URL, ...): workers/core/storage.py"
+        ),
+    )
+    resume_from: Path | str | None = Field(
+        None,
+        description=(
+            "A previous run's folder (or its checkpoint_dir), local or a storage URI, with peer-<i>_final.pt for every"
+            " peer: each peer continues from its own checkpoint (model, optimizer, schedule, counters, RNG) up to "
+            "optim.epochs."
+        ),
+    )
+    checkpoint_dir: Path | None = Field(
+        None, description="where peer-<i>_{best,final}.pt are written; None: the run's folder"
+    )
     faults: FaultsConfig = FaultsConfig()
-    scenario: list[ScenarioEvent] = []  # scripted churn: kills, leaves, joins, stragglers (Ray runs only)
+    scenario: list[ScenarioEvent] = Field(
+        [], description="scripted churn: kills, leaves, joins, stragglers (Ray runs only)"
+    )
 
     @property
     def joins(self) -> int:
@@ -549,5 +695,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return parse_config(apply_overrides(raw, overrides or []))
 
 
+def config_reference() -> str:
+    """docs/config.md's table, from the fields' descriptions (`python -m workers.core.config`)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, spec in model.model_fields.items():
+            if isinstance(spec.annotation, type) and issubclass(spec.annotation, BaseModel):
+                walk(spec.annotation, f"{prefix}{name}.")
+                continue
+            default = "(required)" if spec.is_required() else f"`{_shown(spec.default)}`"
+            lines.append(f"| `{prefix}{name}` | {default} | {spec.description or ''} |")
+
+    walk(ExperimentConfig, "")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(default: Any) -> str:
+    """A default as it would be written in a config's YAML."""
+    return yaml.safe_dump(default if not isinstance(default, Path) else str(default), default_flow_style=True).strip(
+        "\n."
+    ).removesuffix("\n...")
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")
