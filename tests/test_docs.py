@@ -22,8 +22,11 @@ def test_every_config_key_and_every_column_is_documented():
     from workers.core.metrics import CSV_COLUMNS
 
     assert all(f"| `{column}` |" in metrics for column in CSV_COLUMNS)
-    assert all(f"| `{name}` |" in config for name in ExperimentConfig.model_fields if name not in
-               ("data", "model", "optim", "gossip", "resources", "network", "emulation", "metrics", "faults"))
+    assert all(
+        f"| `{name}` |" in config
+        for name in ExperimentConfig.model_fields
+        if name not in ("data", "model", "optim", "gossip", "resources", "network", "emulation", "metrics", "faults")
+    )
     assert "|  |" not in config.split("<!-- generated: start -->")[1], "a config key without a description"
 
 

@@ -713,9 +713,11 @@ def config_reference() -> str:
 
 def _shown(default: Any) -> str:
     """A default as it would be written in a config's YAML."""
-    return yaml.safe_dump(default if not isinstance(default, Path) else str(default), default_flow_style=True).strip(
-        "\n."
-    ).removesuffix("\n...")
+    return (
+        yaml.safe_dump(default if not isinstance(default, Path) else str(default), default_flow_style=True)
+        .strip("\n.")
+        .removesuffix("\n...")
+    )
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
