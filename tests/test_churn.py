@@ -75,7 +75,8 @@ def run_with_fault(ray, tmp_path, caplog, pick, peer: int = 0):
     killer = Killer(ray, tmp_path, peer, pick, after_rows=2 * 4)
     killer.start()
     with caplog.at_level(logging.INFO, logger="launcher"):
-        result = run_experiment(churn_config(f"scenario=[{slowed(4, 20)}]"), tmp_path)
+        # slowed epochs arrive at their rounds seconds apart: 5 s of matchmaking keeps the groups whole
+        result = run_experiment(churn_config(f"scenario=[{slowed(4, 20)}]", "gossip.matchmaking_time=5"), tmp_path)
     killer.join(5)
     assert killer.killed_at is not None, "the fault was injected"
     epoch_lines = [r.created for r in caplog.records if r.getMessage().startswith("epoch ")]
@@ -101,11 +102,11 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
     assert at_first.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
-    # round that lost the peer (it waits out its matchmaking deadline: 1.5 s + a 0.75 s request timeout), not
+    # round that lost the peer (it waits out its matchmaking deadline: 5 s + a 2.5 s request timeout), not
     # the restart's 10 s or more
     gaps = [b - a for a, b in zip(epoch_lines, epoch_lines[1:], strict=False)]
     typical = sorted(gaps)[len(gaps) // 2]
-    assert max(gaps) <= 3 * typical + 2.25 + 1, f"epoch lines {gaps}"
+    assert max(gaps) <= 3 * typical + 7.5 + 1, f"epoch lines {gaps}"
     final = metrics[metrics.epoch == EPOCHS]
     assert len(final) == 4 and final.test_acc.mean() >= 0.93
     assert leftover == [], "no p2pd left behind"
