@@ -28,6 +28,12 @@ def churn_config(*overrides: str):
     return quick_config(f"optim.epochs={EPOCHS}", *overrides)
 
 
+def everyone_slowed(factor: float, peers: int = 4) -> str:
+    """Every peer's steps take `factor` times as long: epochs long enough for a restart to land before the run's end,
+    whatever a round costs (a sticky round of the quickstart takes a few tens of milliseconds)."""
+    return ", ".join(f"{{peer: {peer}, event: slow, factor: {factor:g}}}" for peer in range(peers))
+
+
 class Killer(threading.Thread):
     """Waits until the run's metrics.csv holds `after_rows` rows, then sends SIGKILL to a process of peer `peer`
     chosen by `pick` from its (actor process, hivemind processes...), and notes when."""
@@ -69,7 +75,7 @@ def run_with_fault(ray, tmp_path, caplog, pick, peer: int = 0):
     killer = Killer(ray, tmp_path, peer, pick, after_rows=2 * 4)
     killer.start()
     with caplog.at_level(logging.INFO, logger="launcher"):
-        result = run_experiment(churn_config(), tmp_path)
+        result = run_experiment(churn_config(f"scenario=[{everyone_slowed(15)}]"), tmp_path)  # epochs of 1-2 s
     killer.join(5)
     assert killer.killed_at is not None, "the fault was injected"
     epoch_lines = [r.created for r in caplog.records if r.getMessage().startswith("epoch ")]
@@ -214,7 +220,7 @@ def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path)
     from launcher.results.summary import read_events as events_of
     from launcher.results.summary import summarize
 
-    slow = ", ".join(f"{{peer: {peer}, event: slow, factor: 30}}" for peer in range(4))  # epochs of about 2 s
+    slow = everyone_slowed(30)  # epochs of about 2 s
     scenario = f"scenario=[{slow}, {{at_epoch: 8, peer: 1, event: leave}}, {{at_epoch: 2, peer: 1, event: kill}}]"
     result = run_experiment(churn_config(scenario), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.partition import TensorPartReducer
 from hivemind.p2p import PeerID
 
@@ -38,21 +38,31 @@ class ShieldedPartReducer(TensorPartReducer):
 
 class SaferRunner(AllReduceRunner):
     """hivemind's AllReduceRunner with a ShieldedPartReducer, and part streams that must open within `open_timeout` s
-    (hivemind opens them with no timeout; one that does not open counts as a failed reducer, as any stream error)."""
+    (hivemind opens them with no timeout; one that does not open counts as a failed reducer, as any stream error).
+    `fail_fast`: the round gives up at the first reducer or sender it loses, before any of its results is handed out
+    (hivemind would finish it without them, keeping local values: a round that lost a part)."""
 
     open_timeout: float = 10.0
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fail_fast: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.tensor_part_reducer.__class__ = ShieldedPartReducer  # the same state, one method more careful
-        self.failures: list[str] = []  # why this peer could not complete its parts with a reducer
+        self.fail_fast = fail_fast
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         try:
             await super()._communicate_with_peer(peer_id)
         except BaseException as err:
-            self.failures.append(f"reducer {str(peer_id)[-6:]}: {err!r:.120}")
+            self._lost(f"reducer {peer_id}: {err!r:.120}")  # (at once: no output is handed out in between)
             raise
+
+    async def _ban_sender(self, peer_id: PeerID):
+        await super()._ban_sender(peer_id)
+        self._lost(f"sender {peer_id}")
+
+    def _lost(self, what: str) -> None:
+        if self.fail_fast:
+            self.finalize(exception=AllreduceException(f"gave up the round, it lost {what}"))
 
     def _get_peer_stub(self, peer: PeerID):
         return _BoundedOpenStub(super()._get_peer_stub(peer), self.open_timeout)

@@ -6,16 +6,19 @@ Protocol (each member runs it alone; nothing is exchanged beyond what hivemind's
 1. Forming. A matchmade round completes at this member (no part lost: `lost_a_part`), its group has >= 2 members, all
    in NODE mode, and equals the live set read in full from the DHT. The member keeps G = (base id = the matchmade
    group_id, the ordered peer ids, the gathered data, counter 0).
-2. A sticky round. At its next step the member checks locally that the live set still equals G's peers and that its
-   gather data is unchanged; then counter += 1 and it runs hivemind's all-reduce at once in
-   GroupInfo(sha256(base id, counter), G's peers in G's order, G's gathered data). hivemind accepts a part only for the
-   runner's group_id, so only members running the same attempt of the same group average together. Senders must
-   come within `sticky_wait` (min_matchmaking_time + request_timeout, what a plain round waits for its group).
+2. A sticky round. Where hivemind's step would look for a group (`Matchmaking.look_for_group`), the member checks
+   locally that the live set still equals G's peers and that its gather data is unchanged; then counter += 1 and the
+   group is GroupInfo(sha256(base id, counter), G's peers in G's order, G's gathered data), at once. hivemind's step
+   then runs its all-reduce as for any group; hivemind accepts a part only for the runner's group_id, so only members
+   running the same attempt of the same group average together. Senders must come within `sticky_wait`
+   (min_matchmaking_time + request_timeout, what a plain round waits for its group).
 3. Arrivals apart. A part for this member's next attempt that arrives before the member registered it waits for the
    registration (at most sticky_wait), instead of hivemind's immediate BAD_GROUP_ID.
-4. Failure. Anything but a complete round (a timeout, an error, a lost part, a cancelled step) fails the round and
-   drops G; so does a change of the live set or of the gather data. The next round uses matchmaking. A member without
-   G answers parts for G's next attempt with BAD_GROUP_ID at once.
+4. Failure. A sticky all-reduce gives up at the first reducer or sender it loses (SaferRunner's `fail_fast`: its
+   tensors, one flat buffer, are then left as they were), and anything but a complete round drops G; so does a change
+   of the live set or of the gather data. hivemind's step then retries, by matchmaking, within the step's deadline:
+   members whose views of the live set differed, or the survivors of a dead member, meet there in the same round. A
+   member without G answers parts for G's next attempt with BAD_GROUP_ID at once, so its groupmates give up at once.
    Counters cannot drift: a sticky round completes at a member only if every member sent it parts for the same
    group_id and reduced its parts in it, i.e. every member ran the same attempt. A member that failed or left drops
    G; the others' next attempt then fails (its parts never come, or are refused) and they drop G too. A new G starts
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator  # noqa: UP035 (hivemind's ServicerBase finds streams by typing's _name)
 
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
-from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
@@ -75,18 +78,18 @@ class StickyGroup:
 class StickyGroups(LeverAware):
     """Mixin for hivemind's DecentralizedAverager (before it in the bases). See the module's docstring."""
 
-    # -- the averager process's state ----------------------------------------------------------------------------
+    def run(self):
+        """In the averager's (forked) process: its state, and hivemind's Matchmaking with the sticky group first."""
+        from hivemind.averaging import averager
 
-    def _sticky_on(self) -> bool:
-        if not hasattr(self, "_sticky_counts"):
-            if self.levers.sticky:
-                hivemind_internals("StickyGroups")
-            self._sticky_group: StickyGroup | None = None
-            self._sticky_waiters: dict[bytes, asyncio.Future] = {}
-            self._sticky_counts = collections.Counter()
-            self._round_complete: bool | None = None  # the last all-reduce at this member: complete or not
-            self._live_task = None
-        return self.levers.sticky
+        self._sticky_group: StickyGroup | None = None
+        self._sticky_waiters: dict[bytes, asyncio.Future] = {}
+        self._sticky_counts = collections.Counter()
+        self._live_task = None
+        if self.levers.sticky:
+            hivemind_internals("StickyGroups")
+            averager.Matchmaking = sticky_matchmaking(averager.Matchmaking, self)
+        super().run()
 
     def _wait_s(self) -> float:
         waits = self.matchmaking_kwargs
@@ -99,13 +102,9 @@ class StickyGroups(LeverAware):
     # -- liveness ------------------------------------------------------------------------------------------------
 
     async def _declare_for_download_periodically(self):
-        if self._sticky_on():
-            self._ensure_liveness()  # the averager's process has just started its loop
-        return await super()._declare_for_download_periodically()
-
-    def _ensure_liveness(self) -> None:
-        if self._live_task is None or self._live_task.done():
+        if self.levers.sticky and self._live_task is None:  # the averager's process has just started its loop
             self._live_task = asyncio.create_task(self._live_periodically())
+        return await super()._declare_for_download_periodically()
 
     async def _live_periodically(self) -> None:
         while True:
@@ -130,22 +129,23 @@ class StickyGroups(LeverAware):
         return frozenset([peer for peer in live if await self._counts_as_live(peer)])
 
     async def _shutdown(self, timeout: float | None) -> None:
-        if self._sticky_on():
+        if self.levers.sticky:
             with contextlib.suppress(Exception):  # (the record expires anyway)
                 await asyncio.wait_for(self._declare_live(False), timeout=1.0)
         await super()._shutdown(timeout)
 
     # -- rounds --------------------------------------------------------------------------------------------------
 
-    async def _step(self, *, step: StepControl, future_for_init: MPFuture):
-        if not self._sticky_on():
-            return await super()._step(step=step, future_for_init=future_for_init)
-        self._ensure_liveness()
-        if self._sticky_group is not None and (reason := await self._reason_to_drop(self._sticky_group, step)):
+    async def _sticky_attempt(self, step: StepControl) -> GroupInfo | None:
+        """The sticky group's next attempt, or None (matchmaking)."""
+        group = self._sticky_group
+        if group is None:
+            return None
+        if reason := await self._reason_to_drop(group, step):
             self._drop(reason)
-        if self._sticky_group is None:
-            return await super()._step(step=step, future_for_init=future_for_init)
-        return await self._sticky_step(step, future_for_init)
+            return None
+        group.counter += 1
+        return group.group_info()
 
     async def _reason_to_drop(self, group: StickyGroup, step: StepControl) -> str | None:
         if step.data_for_gather != group.my_gather:
@@ -168,81 +168,54 @@ class StickyGroups(LeverAware):
                 waiter.set_result(False)
         self._sticky_waiters.clear()
 
+    def _is_sticky(self, group_info: GroupInfo) -> bool:
+        group = self._sticky_group
+        return group is not None and group_info.group_id == sticky_group_id(group.base_id, group.counter)
+
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
-        sticky, self._round_complete = self._sticky_on(), None
-        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        if sticky:
+        sticky = self._is_sticky(group_info)
+        if sticky:  # registered by now: the parts that came early go on
+            waiter = self._sticky_waiters.pop(group_info.group_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+            wait_s = self._wait_s()
+            kwargs.update(sender_timeout=wait_s, reducer_timeout=2 * wait_s, fail_fast=True)
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
             future = self._running_groups.get(group_info.group_id)
-            runner = future.result() if future is not None and future.done() else None
-            self._round_complete = runner is not None and not lost_a_part(runner)
-            if self._sticky_group is None:  # a matchmade round: decided before hivemind hands out its result
-                await self._maybe_form(group_info)
+            complete = future is not None and future.done() and not lost_a_part(future.result())
+            if sticky and not complete:
+                raise AllreduceException(f"sticky round {self._sticky_group.counter} lost a part")
+        except BaseException as err:
+            if sticky:
+                self._sticky_counts["sticky_failed"] += 1
+                self._drop(f"sticky round failed: {err!r:.200}")
+            raise
+        if sticky:
+            self._sticky_counts["sticky"] += 1
+        elif self.levers.sticky and complete:  # a matchmade round: decided before hivemind hands out its result
+            await self._maybe_form(group_info)
         return gathered
 
     async def _maybe_form(self, info: GroupInfo) -> None:
         """Keep a complete matchmade group that equals the live swarm."""
-        if not self._round_complete or info.group_size < 2:
-            return
         try:
             modes = [AveragingMode(self.serializer.loads(data)[1]) for data in info.gathered]
             live = await self._live_set(full=True)
         except Exception as err:  # noqa: BLE001
             logger.debug("no sticky group: %r", err)
             return
-        if all(mode == AveragingMode.NODE for mode in modes) and live == frozenset(info.peer_ids):
+        nodes = all(mode == AveragingMode.NODE for mode in modes)
+        if info.group_size >= 2 and nodes and live == frozenset(info.peer_ids):
             my_gather = info.gathered[info.peer_ids.index(self.peer_id)]
             self._sticky_group = StickyGroup(info.group_id, info.peer_ids, info.gathered, my_gather)
             self._sticky_counts["formed"] += 1
-
-    async def _sticky_step(self, step: StepControl, future_for_init: MPFuture):
-        group = self._sticky_group
-        group.counter += 1
-        group_info = group.group_info()
-        try:
-            await self._await_trigger(step, future_for_init)
-            with self._register_allreduce_group(group_info):
-                waiter = self._sticky_waiters.pop(group_info.group_id, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(True)
-                step.stage = AveragingStage.RUNNING_ALLREDUCE
-                wait_s = self._wait_s()
-                kwargs = dict(self.allreduce_kwargs, sender_timeout=wait_s, reducer_timeout=2 * wait_s)
-                aggregate = self._aggregate_with_group(group_info, tensor_infos=self.tensor_infos, weight=step.weight,
-                                                       **kwargs)  # fmt: skip
-                gathered = await asyncio.wait_for(aggregate, timeout=self._allreduce_timeout)
-            if not self._round_complete:
-                raise AllreduceException(f"sticky round {group.counter} lost a part")
-            self._sticky_counts["sticky"] += 1
-            step.set_result(gathered)
-        except BaseException as err:
-            self._sticky_counts["sticky_failed"] += 1
-            self._drop(f"sticky round failed: {err!r:.200}")
-            if not step.done():
-                step.set_exception(err if isinstance(err, Exception) else AllreduceException(repr(err)))
-            if not isinstance(err, Exception):
-                raise
-        finally:
-            step.stage = AveragingStage.FINISHED
-
-    async def _await_trigger(self, step: StepControl, future_for_init: MPFuture) -> None:
-        """What hivemind's _step does before its all-reduce: hand out the trigger, wait for it (or a cancel)."""
-        trigger, cancel = MPFuture(), MPFuture()
-        step.attach(trigger, cancel)
-        future_for_init.set_result((trigger, cancel))
-        if not step.triggered:
-            step.stage = AveragingStage.AWAITING_TRIGGER
-            waits = {asyncio.create_task(step.wait_for_trigger()), asyncio.create_task(step.wait_for_cancel())}
-            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-        if step.cancelled():
-            raise asyncio.CancelledError()
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         request = await anext(stream)
-        if self._sticky_on() and request.group_id not in self._running_groups:
+        if self.levers.sticky and request.group_id not in self._running_groups:
             await self._await_registration(request.group_id)
         async for message in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
@@ -268,7 +241,18 @@ class StickyGroups(LeverAware):
         return future.result(timeout=timeout)
 
     async def _sticky_report(self, future: MPFuture) -> None:
-        self._sticky_on()
         group = self._sticky_group
         where = None if group is None else (group.base_id.hex(), group.counter, len(group.peer_ids))
         future.set_result(dict(counts=dict(self._sticky_counts), group=where))
+
+
+def sticky_matchmaking(base: type, averager: StickyGroups) -> type:
+    """hivemind's Matchmaking (as the project adjusted it), whose group is the averager's sticky group when it has one:
+    hivemind's step then runs, registers, retries and times out a sticky round as any other."""
+
+    class StickyMatchmaking(base):
+        async def look_for_group(self, step: StepControl) -> GroupInfo | None:
+            group_info = await averager._sticky_attempt(step)
+            return group_info if group_info is not None else await super().look_for_group(step)
+
+    return StickyMatchmaking
