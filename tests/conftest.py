@@ -97,17 +97,19 @@ def torch_threads():
 
 @pytest.fixture
 def dhts():
-    """dhts(n): n hivemind DHTs on loopback in this process, the first one the others' bootstrap peer; all shut down
-    afterwards. (Not `Peer.stop`, which also kills this process's other children, torch's shared-memory manager
-    among them: fine in a peer's own process, fatal to the later tests of a pytest process.)"""
-    import hivemind
+    """dhts(n): n hivemind DHTs on loopback in this process, started as a peer starts its own, the first one the
+    others' bootstrap peer; all shut down afterwards. (Not `Peer.stop`, which also kills this process's other
+    children, torch's shared-memory manager among them: fine in a peer's own process, fatal to the later tests of a
+    pytest process.)"""
+    from workers.averaging.levers import Levers, start_dht
 
     started = []
 
-    def start(count: int) -> list:
+    def start(count: int, levers: Levers | None = None) -> list:
+        """`levers`: whose DHT options (default: a peer's, caching off and p2pd on one thread)."""
         for _ in range(count):
             initial = started[0].get_visible_maddrs() if started else []
-            started.append(hivemind.DHT(initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True))
+            started.append(start_dht(levers or Levers(), initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
         return started[-count:]
 
     yield start

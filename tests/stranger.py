@@ -23,6 +23,7 @@ from hivemind.utils import get_dht_time
 
 from tests.conftest import quick_config
 from workers.averaging.base import averaged_tensors
+from workers.averaging.flat import FlatLayout
 from workers.averaging.gossip import swarm_averager_class
 from workers.peer.data import load_dataset
 from workers.peer.models import build_model
@@ -37,7 +38,8 @@ def model_tensors() -> list[torch.Tensor]:
     cfg = quick_config()
     splits = load_dataset(cfg.data)
     model = build_model(cfg.model, splits.num_classes, splits.input_shape)
-    return [torch.full_like(t, POISON) for t in averaged_tensors(model)]
+    tensors = averaged_tensors(model)  # as the run's averagers hold them: one flat buffer per dtype
+    return [torch.full_like(buffer, POISON) for buffer in FlatLayout(tensors).buffers(tensors)]
 
 
 def target(run_id: str, method: str) -> tuple[type, str]:

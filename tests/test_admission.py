@@ -157,6 +157,7 @@ def test_a_member_that_shares_nan_poisons_nobody():
 
     from workers.averaging.admission import publish_membership
     from workers.averaging.base import averaged_tensors
+    from workers.averaging.flat import FlatLayout
     from workers.averaging.gossip import GossipAveraging, swarm_averager_class
     from workers.core.config import GossipConfig
 
@@ -173,7 +174,8 @@ def test_a_member_that_shares_nan_poisons_nobody():
     models = [nn.Linear(256, 64), nn.Linear(256, 64)]  # parts for every reducer
     honest = [GossipAveraging(m, d, cfg, "run", swarm_key=key, anomalies=a)
               for m, d, a in zip(models, dhts, anomalies, strict=False)]  # fmt: skip
-    poison = [torch.full_like(t, float("nan")) for t in averaged_tensors(models[0])]
+    tensors = averaged_tensors(models[0])  # as the honest peers' averagers hold them: one flat buffer
+    poison = [torch.full_like(buffer, float("nan")) for buffer in FlatLayout(tensors).buffers(tensors)]
     rogue = swarm_averager_class()(poison, dhts[2], prefix="run", target_group_size=3, min_group_size=3,
                                       min_matchmaking_time=3.0, request_timeout=1.5, swarm_key=key,
                                       anomalies=anomalies[2], start=True)  # fmt: skip

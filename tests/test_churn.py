@@ -141,7 +141,10 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     assert 2 <= first < EPOCHS and joiner.epoch.tolist() == list(range(first, EPOCHS + 1)), "swarm's epoch to the end"
     swarm_then = metrics[metrics.epoch == first - 1].peer.tolist()
     assert swarm_then and 4 not in swarm_then, "its first row follows the swarm's last epoch before it joined"
-    assert (joiner.averaging_group_size >= 2).all() and joiner.averaging_rounds_ok.iloc[-1] >= EPOCHS - first + 1
+    # it averages in every epoch but perhaps its last: a joiner an epoch's fraction behind may come to the run's
+    # last round after the others have done theirs (seen in CI: a group of 4 in every epoch, then none)
+    assert (joiner.averaging_group_size.iloc[:-1] >= 2).all()
+    assert joiner.averaging_rounds_ok.iloc[-1] >= EPOCHS - first
     assert set(events[events.peer == 4].event) >= {"joined", "state_downloaded", "done"}
     leaver = metrics[metrics.peer == 2]
     assert leaver.epoch.max() == 5 and "left" in set(events[events.peer == 2].event)
@@ -222,7 +225,7 @@ def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path)
     from launcher.results.summary import read_events as events_of
     from launcher.results.summary import summarize
 
-    slow = ", ".join(f"{{peer: {peer}, event: slow, factor: 30}}" for peer in range(4))  # epochs of about 2 s
+    slow = slowed(4, 30)  # epochs of about 2 s
     scenario = f"scenario=[{slow}, {{at_epoch: 8, peer: 1, event: leave}}, {{at_epoch: 2, peer: 1, event: kill}}]"
     result = run_experiment(churn_config(scenario), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)

@@ -14,6 +14,7 @@ from hivemind.proto import averaging_pb2
 from torch import nn
 
 from workers.averaging.base import averaged_tensors
+from workers.averaging.flat import FlatLayout
 from workers.averaging.gossip import GossipAveraging
 from workers.core.config import GossipConfig
 
@@ -26,8 +27,7 @@ def linear(seed: int, width: int = 64) -> nn.Module:
 
 
 def layers(seed: int, count: int = 15, width: int = 64) -> nn.Module:
-    """Many small tensors (30 here): hivemind cuts its parts at tensor boundaries, so every member of a group of a
-    few reduces a share (a single Linear's two tensors may leave one member with none)."""
+    """Many small tensors (30 here), to be averaged as one flat buffer: every member of a group reduces a share."""
     torch.manual_seed(seed)
     return nn.Sequential(*(nn.Linear(width, width) for _ in range(count)))
 
@@ -193,7 +193,8 @@ def test_a_round_whose_reducer_failed_counts_as_partial_not_ok(dhts):
     first, second, third = dhts(3)
     models = [layers(seed) for seed in range(2)]
     peers = [GossipAveraging(m, d, cfg, "partial", swarm_size=3) for m, d in zip(models, (first, second), strict=True)]
-    broken = BrokenReducer(averaged_tensors(layers(2)), third, prefix="partial", target_group_size=3,
+    tensors = averaged_tensors(layers(2))  # as the other peers' averagers hold them: one flat buffer
+    broken = BrokenReducer(FlatLayout(tensors).buffers(tensors), third, prefix="partial", target_group_size=3,
                            min_group_size=3, min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=5.0,
                            start=True)  # fmt: skip
     try:

@@ -169,11 +169,11 @@ def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
         with interrupts_deferred():  # a signal stops the loop between two passes: no row taken is lost
             while swarm.active():
                 raise_if_interrupted()
+                for action in scenario.due(clock(swarm)):  # first: a slow or lr event "from the start" is played
+                    play(swarm, action)  # as training starts, not a tick later (a few epochs, with cheap rounds)
                 epochs = swarm.tick(TICK_S)
                 for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
                     epochs += swarm.carry_out(decision)
-                for action in scenario.due(clock(swarm)):
-                    play(swarm, action)
                 files.write(epochs, swarm, cfg)
                 display.update(swarm.progress())
     finally:

@@ -18,24 +18,27 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import multiprocessing as mp
 import secrets
 import time
 from typing import AsyncIterator  # noqa: UP035 (hivemind's ServicerBase finds streams by typing's _name)
 
 from hivemind.averaging.allreduce import AllreduceException
-from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.auth import AuthorizedRequestBase, AuthorizedResponseBase, AuthorizerBase
 from hivemind.utils.timed_storage import TimedStorage, get_dht_time
 
+from workers.averaging.flat import finite_part
+from workers.averaging.runner import lost_a_part
 from workers.core.anomalies import Anomalies
 from workers.core.membership import MEMBERSHIP_S, is_member, members_key, membership_proof
 
 logger = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW_S = 60.0  # a signed DHT request older than this is a replay (hivemind's own limit too)
+STRANGER_S = 10.0  # a PeerID with a liveness record but no membership proof is looked up again after this long
 
 
 class MembershipError(RuntimeError):
@@ -132,6 +135,7 @@ class AdmittingAverager:
         self.part_bytes = fork.Value("q", 0, lock=False)  # bytes through this peer's reducer, both ways
         self.partial_rounds = fork.Value("q", 0, lock=False)  # rounds whose all-reduce lost a part
         self._admitted: set[PeerID] = set()
+        self._strangers: dict[PeerID, float] = {}  # PeerIDs whose liveness records were refused: when
         super().__init__(*args, **kwargs)
 
     async def _is_member(self, peer_id: PeerID) -> bool:
@@ -142,16 +146,30 @@ class AdmittingAverager:
             return True
         return False
 
-    async def _published(self, peer_id: PeerID) -> bool:
+    async def _counts_as_live(self, peer_id: PeerID) -> bool:
+        """For sticky groups (workers/averaging/sticky.py): whether a liveness record's PeerID is a member. One look
+        at the DHT, and a PeerID found to be none is not looked up again for STRANGER_S."""
+        if self.swarm_key is None or peer_id in self._admitted:
+            return True
+        if time.monotonic() < self._strangers.get(peer_id, -math.inf) + STRANGER_S:
+            return False
+        if await self._published(peer_id, tries=1):
+            self._admitted.add(peer_id)
+            return True
+        self._strangers[peer_id] = time.monotonic()
+        return False
+
+    async def _published(self, peer_id: PeerID, tries: int = 3) -> bool:
         """Whether the DHT holds a valid proof for `peer_id` (a newcomer's may take a moment to appear)."""
         key = members_key(self.members_prefix or self.prefix)
-        for attempt in range(3):
+        for attempt in range(tries):
             found = await self.dht.get(key, latest=True, return_future=True)
             proofs = found.value if found is not None and isinstance(found.value, dict) else {}
             proof = proofs.get(peer_id.to_bytes())
             if proof is not None and is_member(self.swarm_key, peer_id.to_bytes(), proof.value):
                 return True
-            await asyncio.sleep(0.5 * (attempt + 1))
+            if attempt + 1 < tries:
+                await asyncio.sleep(0.5 * (attempt + 1))
         return False
 
     def _refuse(self, what: str, peer_id: PeerID) -> None:
@@ -181,9 +199,7 @@ class AdmittingAverager:
         is averaged without them): such a round is counted in `partial_rounds`."""
         group_id = group_info.group_id if group_id is None else group_id
         await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        runner = self._running_groups[group_id].result()
-        senders_failed = any(after != float("inf") for after in runner.tensor_part_reducer.sender_failed_after)
-        if runner.tensor_part_container.failed_size or senders_failed:
+        if lost_a_part(self._running_groups[group_id].result()):
             self.partial_rounds.value += 1
 
     async def rpc_aggregate_part(
@@ -197,7 +213,7 @@ class AdmittingAverager:
         """The sender's parts as they come, up to one that is not finite (NaN or Inf): then the stream fails, and
         hivemind averages the rest of the round without that sender."""
         async for message in stream:
-            if message.tensor_part.buffer and not deserialize_torch_tensor(message.tensor_part).isfinite().all():
+            if message.tensor_part.buffer and not finite_part(message.tensor_part):
                 if self.anomalies is not None:
                     self.anomalies.report("refused a non-finite part", str(sender))
                 raise AllreduceException(f"{sender} sent a part that is not finite")

@@ -72,7 +72,7 @@ class OuterOptimizer:
 
 class DiLoCoAveraging(GossipAveraging):
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, **gossip_options):
-        """`gossip_options`: GossipAveraging's (lock, swarm_key, anomalies, swarm_size)."""
+        """`gossip_options`: GossipAveraging's (lock, swarm_key, anomalies, swarm_size, levers)."""
         super().__init__(model, dht, cfg, prefix, **gossip_options)
         self.params = sum(1 for _ in model.parameters())  # averaged_tensors: the parameters first, then the buffers
         self.outer = OuterOptimizer(self.tensors[: self.params], cfg.outer_lr, cfg.outer_momentum)
@@ -93,7 +93,7 @@ class DiLoCoAveraging(GossipAveraging):
             if not all_finite(shared):
                 self._anomaly("a round's average that is not finite", "stepped on its own parameters")
                 return False
-            averaged = [src.to(dst.device) for dst, src in zip(self.tensors, shared, strict=True)]
+            averaged = [src.to(dst.device) for dst, src in zip(self.tensors, self._views(shared), strict=True)]
             for dst, src in zip(self.tensors[self.params :], averaged[self.params :], strict=True):
                 dst.copy_(src)  # buffers: the group's mean
             self.outer.step(averaged[: self.params], self.tensors[: self.params])

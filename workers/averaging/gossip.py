@@ -9,6 +9,9 @@ one waits for it). A round per epoch lands before the epoch's evaluation; a roun
 epoch's end, but not past the peer's last epoch.
 
 Matchmaking is paced (`paced_matchmaking`): hivemind re-read the DHT back to back while a peer waited for its group.
+A round costs what it must (workers/averaging/levers.py, `Levers`): a group that is the whole live swarm is kept for
+the next rounds (sticky.py), the DHT is asked only what a small swarm needs, and the tensors travel as one flat buffer
+per dtype, a part per reducer (flat.py). `levers=Levers.off()` (or `gossip.cheap_rounds: false`) is plain hivemind.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 from torch import nn
 
 from workers.averaging.base import AveragingStrategy, Diverged, all_finite, averaged_tensors
+from workers.averaging.flat import FlatLayout
+from workers.averaging.levers import Levers
 from workers.averaging.matchmaking import live_target_matchmaking, paced_matchmaking
 from workers.core.config import GossipConfig
 from workers.peer.state import DONOR_WAIT_S
@@ -85,18 +90,24 @@ class GossipAveraging(AveragingStrategy):
     shares_state = True
 
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
-                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None):  # fmt: skip
+                 swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None,
+                 levers: Levers | None = None):  # fmt: skip
         """`swarm_size`: the most peers the swarm can have (the run's peers and scripted joiners; None: unknown, an
         open swarm). A group aims at min(group_size, the peers in the swarm now: `set_swarm_size`, at first
         `swarm_size`): a round starts as soon as they are all there, not after matchmaking_time. `swarm_key`: only
         the run's members take part (workers/averaging/admission.py); `anomalies` hears of refusals and of a group
-        larger than the swarm can be."""
+        larger than the swarm can be. `levers`: what a round may skip of hivemind's fixed cost (None: `Levers.of(cfg)`,
+        all on unless `cfg.cheap_rounds` is off; the peers of a swarm must agree on them)."""
         super().__init__()
+        self.levers = levers or Levers.of(cfg)
         self.cfg, self.lock = cfg, lock or threading.Lock()
         self.anomalies, self.swarm_size = anomalies, swarm_size
         # the group target, read by hivemind's matchmaking in the averager's process (live_target_matchmaking)
         self.target = mp.get_context("fork").Value("i", min(cfg.group_size, swarm_size or cfg.group_size), lock=False)
         self.tensors = averaged_tensors(model)
+        # with `flat`, hivemind averages one buffer per dtype, each tensor a slice of it (`_views`)
+        self.layout = FlatLayout(self.tensors) if self.levers.flat else None
+        averaged = self.layout.buffers(self.tensors) if self.layout else [host_copy(t) for t in self.tensors]
         self.in_flight: Round | None = None
         self.bytes_seen = self.partial_seen = 0
         self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
@@ -109,7 +120,7 @@ class GossipAveraging(AveragingStrategy):
         # after it is bounded by allreduce_timeout. A round without a partner thus costs about matchmaking_time.
         self.matchmaking_deadline = cfg.matchmaking_time + request_timeout
         self.averager = swarm_averager_class()(
-            [host_copy(t) for t in self.tensors],
+            averaged,
             dht,
             prefix=prefix,
             target_group_size=self.target,
@@ -126,6 +137,7 @@ class GossipAveraging(AveragingStrategy):
             sender_timeout=cfg.round_timeout,  # (it would default to next_chunk_timeout)
             swarm_key=swarm_key,
             anomalies=anomalies,
+            levers=self.levers,
             start=True,
         )
 
@@ -215,7 +227,7 @@ class GossipAveraging(AveragingStrategy):
             raise Diverged(f"{err}: it skipped the round") from None
         sent = [host_copy(t) for t in self.tensors] if self.cfg.overlap else []
         with torch.no_grad(), self.averager.get_tensors() as shared:
-            for dst, src in zip(shared, self.tensors, strict=True):
+            for dst, src in zip(self._views(shared), self.tensors, strict=True):
                 dst.copy_(src)
         control = self.averager.step(timeout=self.matchmaking_deadline, wait=False)
         self.in_flight = Round(sent, control, time.perf_counter() - started, started)
@@ -252,12 +264,16 @@ class GossipAveraging(AveragingStrategy):
             if not all_finite(shared):
                 self._anomaly("a round's average that is not finite", "kept its own parameters")
                 return False
-            for index, (dst, src) in enumerate(zip(self.tensors, shared, strict=True)):
+            for index, (dst, src) in enumerate(zip(self.tensors, self._views(shared), strict=True)):
                 if sent:
                     dst.add_(src.to(dst.device) - sent[index].to(dst.device))
                 else:
                     dst.copy_(src)
         return True
+
+    def _views(self, shared: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's tensors as hivemind's averager holds them (slices of its flat buffers, or copies)."""
+        return self.layout.views(shared) if self.layout else list(shared)
 
     def _partial_since_last(self) -> int:
         """Rounds whose all-reduce lost a part since the last call (counted in the averager's process)."""
@@ -284,15 +300,21 @@ class GossipAveraging(AveragingStrategy):
 def swarm_averager_class():
     """hivemind's DecentralizedAverager serving `state_provider()` to peers that download the state (it calls
     get_current_state in this process, from its background thread, when another peer asks), answering only the
-    run's members (workers/averaging/admission.py), and counting the bytes of the parts its reducer handles."""
+    run's members (workers/averaging/admission.py), counting the bytes of the parts its reducer handles, with the
+    levers given as `levers=` (workers/averaging/levers.py; default: all on) and SaferRunner's all-reduce."""
     from hivemind.averaging import DecentralizedAverager
 
     from workers.averaging.admission import AdmittingAverager
+    from workers.averaging.flat import FlatParts
+    from workers.averaging.levers import LeanMatchmaking, OneThreadAverager, QuietStateDeclarations
+    from workers.averaging.runner import SaferAllReduce
+    from workers.averaging.sticky import StickyGroups
 
     paced_matchmaking()
     live_target_matchmaking()
 
-    class StateSharingAverager(AdmittingAverager, DecentralizedAverager):
+    class StateSharingAverager(AdmittingAverager, StickyGroups, QuietStateDeclarations, LeanMatchmaking, FlatParts,
+                               OneThreadAverager, SaferAllReduce, DecentralizedAverager):  # fmt: skip
         state_provider = None
 
         def get_current_state(self):

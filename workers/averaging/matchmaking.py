@@ -34,9 +34,13 @@ def paced_matchmaking(poll_s: float = MATCHMAKING_POLL_S) -> None:
         async def get_averagers(self, group_key, only_active: bool):
             await asyncio.sleep(max(0.0, self.last_read + poll_s - time.monotonic()))
             try:
-                return await super().get_averagers(group_key, only_active)
+                return await self.read_averagers(group_key, only_active)
             finally:
                 self.last_read = time.monotonic()
+
+        async def read_averagers(self, group_key, only_active: bool):
+            """One read of the key: hivemind's, from every node holding it (workers/averaging/levers.py: locally)."""
+            return await super().get_averagers(group_key, only_active)
 
     PacedGroupKeyManager.poll_s = poll_s
     matchmaking.GroupKeyManager = PacedGroupKeyManager

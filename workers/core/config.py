@@ -181,6 +181,14 @@ class GossipConfig(_Section):
         ),
     )
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov momentum (0: plain SGD)")
+    cheap_rounds: bool = Field(
+        True,
+        description=(
+            "gossip, diloco: rounds that skip what hivemind's fixed cost a small swarm does not need (sticky groups, "
+            "lean DHT use, one flat buffer; workers/averaging/levers.py). Off only to measure plain hivemind: the "
+            "peers of a run must agree on it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -226,6 +234,7 @@ _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "compression": ("none", ("gossip", "diloco")),
     "outer_lr": (0.7, ("diloco",)),
     "outer_momentum": (0.9, ("diloco",)),
+    "cheap_rounds": (True, ("gossip", "diloco")),
 }
 
 

@@ -161,17 +161,16 @@ class Peer:
         return inside(self.netns.namespace)
 
     def _start_dht(self, initial_peers: list[str]) -> list[str]:
-        import hivemind
-
         from workers.averaging.admission import SwarmKeyAuthorizer, publish_membership
+        from workers.averaging.levers import Levers, start_dht
 
         quiet_hivemind()  # again: hivemind sets its loggers' levels when its modules are first imported
         offset = self.peer if self.port_offset else 0
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
         authorizer = SwarmKeyAuthorizer(self.swarm_key, self.anomalies) if self.swarm_key else None
         with naming_taken_port(self.cfg.network, offset):
-            self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
-                                    announce_maddrs=announce_maddrs, authorizer=authorizer, start=True)  # fmt: skip
+            self.dht = start_dht(Levers.of(self.cfg.gossip), initial_peers=initial_peers, host_maddrs=host_maddrs,
+                                 announce_maddrs=announce_maddrs, authorizer=authorizer)  # fmt: skip
         if self.swarm_key:
             publish_membership(self.dht, self.run_id, self.swarm_key)
         self.averaging = self._hivemind_averaging()
