@@ -28,6 +28,12 @@ def churn_config(*overrides: str):
     return quick_config(f"optim.epochs={EPOCHS}", *overrides)
 
 
+def slowed(peers: int, factor: float) -> str:
+    """Scenario events that make every peer's steps `factor` times as long (epochs of a second or more): a restart
+    (10 s or more, up to 30 s on a loaded machine) then lands well before the run ends."""
+    return ", ".join(f"{{peer: {peer}, event: slow, factor: {factor}}}" for peer in range(peers))
+
+
 class Killer(threading.Thread):
     """Waits until the run's metrics.csv holds `after_rows` rows, then sends SIGKILL to a process of peer `peer`
     chosen by `pick` from its (actor process, hivemind processes...), and notes when."""
@@ -69,7 +75,8 @@ def run_with_fault(ray, tmp_path, caplog, pick, peer: int = 0):
     killer = Killer(ray, tmp_path, peer, pick, after_rows=2 * 4)
     killer.start()
     with caplog.at_level(logging.INFO, logger="launcher"):
-        result = run_experiment(churn_config(), tmp_path)
+        # slowed epochs arrive at their rounds seconds apart: 5 s of matchmaking keeps the groups whole
+        result = run_experiment(churn_config(f"scenario=[{slowed(4, 20)}]", "gossip.matchmaking_time=5"), tmp_path)
     killer.join(5)
     assert killer.killed_at is not None, "the fault was injected"
     epoch_lines = [r.created for r in caplog.records if r.getMessage().startswith("epoch ")]
@@ -95,11 +102,11 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
     assert at_first.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
-    # round that lost the peer (it waits out its matchmaking deadline: 1.5 s + a 0.75 s request timeout), not
+    # round that lost the peer (it waits out its matchmaking deadline: 5 s + a 2.5 s request timeout), not
     # the restart's 10 s or more
     gaps = [b - a for a, b in zip(epoch_lines, epoch_lines[1:], strict=False)]
     typical = sorted(gaps)[len(gaps) // 2]
-    assert max(gaps) <= 3 * typical + 2.25 + 1, f"epoch lines {gaps}"
+    assert max(gaps) <= 3 * typical + 7.5 + 1, f"epoch lines {gaps}"
     final = metrics[metrics.epoch == EPOCHS]
     assert len(final) == 4 and final.test_acc.mean() >= 0.93
     assert leftover == [], "no p2pd left behind"
@@ -150,16 +157,18 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
 def test_a_run_whose_averaging_mostly_failed_exits_1_and_says_so(ray_local, tmp_path, caplog):
     """Every round needs all 3 peers (min_group_size 3), and one leaves after epoch 1: the two others' rounds all
     fail from then on. The run finishes every epoch, but it is no gossip run: exit 1, and the log says why."""
-    cfg = quick_config("peers=3", "optim.epochs=4", "gossip.min_group_size=3",
+    cfg = quick_config("peers=3", "optim.epochs=6", "gossip.min_group_size=3",
                        "scenario=[{at_epoch: 1, peer: 2, event: leave}]")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="launcher"):
         result = run_experiment(cfg, tmp_path)
     metrics = read_metrics(result.run_dir)
-    assert sorted(metrics[metrics.peer < 2].epoch) == [1, 1, 2, 2, 3, 3, 4, 4], "training itself went on"
-    final = metrics[metrics.epoch == 4]
-    assert (final.averaging_rounds_ok == 1).all() and (final.averaging_rounds_failed == 3).all()
+    assert sorted(metrics[metrics.peer < 2].epoch) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6], "training went on"
+    left_after = metrics[metrics.peer == 2].epoch.max()  # 1 (or 2, when its leave reached it after epoch 1)
+    assert left_after <= 2
+    final = metrics[metrics.epoch == 6]
+    assert (final.averaging_rounds_ok == left_after).all() and (final.averaging_rounds_failed == 6 - left_after).all()
     assert result.exit_code == 1
-    assert any("averaging mostly failed: 3 of 9 rounds succeeded" in r.getMessage() for r in caplog.records)
+    assert any("averaging mostly failed: " in r.getMessage() for r in caplog.records)
 
 
 def restarted_rows(metrics, peer: int):
@@ -169,9 +178,8 @@ def restarted_rows(metrics, peer: int):
 def test_two_kills_in_one_tick_restart_one_swarm_from_the_newest_checkpoint(ray_local, tmp_path):
     """Both peers of a 2-peer swarm die at once: no DHT is up to bootstrap off. One peer restarts the swarm from the
     run's newest checkpoint, the other waits for it and joins it: one swarm that averages again, never two."""
-    # both slowed down (an epoch of about 1 s) so that the kills come after a few epochs, and in the same tick
-    kills = ("scenario=[{peer: 0, event: slow, factor: 4}, {peer: 1, event: slow, factor: 4}, "
-             "{at_s: 4, peer: 0, event: kill}, {at_s: 4, peer: 1, event: kill}]")  # fmt: skip
+    # both slowed down (epochs of about 2 s) so that the kills come after a few epochs, and in the same tick
+    kills = f"scenario=[{slowed(2, 10)}, {{at_s: 4, peer: 0, event: kill}}, {{at_s: 4, peer: 1, event: kill}}]"
     result = run_experiment(churn_config("peers=2", kills), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())
@@ -191,14 +199,14 @@ def test_two_kills_in_one_tick_restart_one_swarm_from_the_newest_checkpoint(ray_
 
 
 def test_a_kill_after_the_others_are_done_joins_their_swarm(ray_local, tmp_path):
-    """Peers 0 and 1 finish while peer 2, a straggler, is at epoch 2; then peer 2 is killed. Finished peers keep
+    """Peers 0 and 1 finish while peer 2, a straggler, is at epoch 3; then peer 2 is killed. Finished peers keep
     their DHT and averager up: the restart bootstraps off them and takes their final state, no swarm of its own."""
-    scenario = "scenario=[{peer: 2, event: slow, factor: 60}, {at_epoch: 2, peer: 2, event: kill}]"
+    scenario = "scenario=[{peer: 2, event: slow, factor: 100}, {at_epoch: 3, peer: 2, event: kill}]"
     result = run_experiment(churn_config("peers=3", "optim.epochs=4", scenario), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())
     assert result.exit_code == 0
-    assert metrics[metrics.peer == 2].epoch.tolist() == [1, 2], "its restart had no epoch left to train"
+    assert metrics[metrics.peer == 2].epoch.tolist() == [1, 2, 3], "its restart had no epoch left to train"
     done_at = events[(events.event == "done") & (events.peer < 2)].time_s.max()
     assert done_at < events[events.event == "killed"].time_s.iloc[0], "the others were done before the kill"
     (restart,) = events[events.event == "restarted"].itertuples()
