@@ -243,7 +243,7 @@ def test_the_allreduce_baseline_restarts_elastically_on_a_kill_a_join_and_a_leav
     the run's newest checkpoint in a new process group, the dead member replaced; a join and a leave restart it with
     one member more or fewer. The run finishes (exit 0), every member reports every epoch after its restart, and the
     time each restart lost is in events.csv."""
-    scenario = ("scenario=[{at_epoch: 2, peer: 1, event: kill}, {at_epoch: 4, event: join}, "
+    scenario = (f"scenario=[{slowed(3, 20)}, {{at_epoch: 2, peer: 1, event: kill}}, {{at_epoch: 4, event: join}}, "
                 "{at_epoch: 6, peer: 2, event: leave}]")  # fmt: skip
     result = run_experiment(churn_config("peers=3", "optim.epochs=8", "gossip.method=allreduce", scenario), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
@@ -260,7 +260,7 @@ def test_the_allreduce_baseline_restarts_elastically_on_a_kill_a_join_and_a_leav
         for restarts_, first in last.items():  # every epoch from each incarnation's first one on
             mine = rows[rows.restarts == restarts_].epoch.tolist()
             assert mine == list(range(first, first + len(mine))), (peer, epochs)
-    assert sorted(metrics[metrics.peer == 2].epoch)[-1] == 6, "peer 2 left after epoch 6"
+    assert metrics[metrics.peer == 2].epoch.max() == 6, "peer 2 left after epoch 6"
     assert sorted(metrics[metrics.peer == 3].epoch)[-1] == 8 and metrics[metrics.peer == 3].epoch.min() >= 4
     final = metrics[metrics.epoch == 8]
     assert sorted(final.peer) == [0, 1, 3] and (final.averaging_group_size == 3).all()
