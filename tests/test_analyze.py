@@ -272,3 +272,18 @@ def test_runs_written_before_the_column_renames_read_alike(tmp_path):
     assert "avg_rounds_ok" in (old / "metrics.csv").read_text()
     rows = compare_runs(load_runs([new, old])).drop(columns=["run_id", "run_dir"])
     pd.testing.assert_frame_equal(rows.iloc[[0]].reset_index(drop=True), rows.iloc[[1]].reset_index(drop=True))
+
+
+def test_the_straggler_models_crossover():
+    """R(f) of docs/gossip_wins.md: 1 at f = 1 when both methods cost the same per round, above 1 for any straggler;
+    with gossip's round costlier (T_o > c_AR) all-reduce wins at f = 1 and gossip from a crossover f* on."""
+    from launcher.results.expectations import crossover, expected_ratio
+
+    same = dict(peers=8, step_s=0.05, every_steps=10)
+    assert expected_ratio(1, **same, gossip_overhead_s=0.2, allreduce_overhead_s=0.2) == pytest.approx(1.0)
+    assert expected_ratio(2, **same, gossip_overhead_s=0.2, allreduce_overhead_s=0.2) > 1
+    costly = dict(**same, gossip_overhead_s=0.8, allreduce_overhead_s=0.1)
+    ratios = [expected_ratio(f, **costly) for f in (1, 2, 4, 8, 16)]
+    assert ratios == sorted(ratios) and ratios[0] < 1 < ratios[-1]
+    f_star = crossover(**costly)
+    assert expected_ratio(f_star, **costly) == pytest.approx(1.0, abs=1e-3) and 2 < f_star < 8

@@ -239,3 +239,32 @@ def test_a_leave_belongs_to_the_peer_not_to_one_incarnation(ray_local, tmp_path)
     summary = summarize(metrics, events_of(result.run_dir))
     table = compare_runs(load_run(result.run_dir))
     assert table.rounds_ok.iloc[0] == summary.rounds_ok.sum() > metrics.groupby("peer").averaging_rounds_ok.last().sum()
+
+
+def test_the_allreduce_baseline_restarts_elastically_on_a_kill_a_join_and_a_leave(ray_local, tmp_path):
+    """Like torchrun's elastic agent: a member's death stops the collective for all, so the whole group restarts from
+    the run's newest checkpoint in a new process group, the dead member replaced; a join and a leave restart it with
+    one member more or fewer. The run finishes (exit 0), every member reports every epoch after its restart, and the
+    time each restart lost is in events.csv."""
+    scenario = (f"scenario=[{slowed(3, 20)}, {{at_epoch: 2, peer: 1, event: kill}}, {{at_epoch: 4, event: join}}, "
+                "{at_epoch: 6, peer: 2, event: leave}]")  # fmt: skip
+    result = run_experiment(churn_config("peers=3", "optim.epochs=8", "gossip.method=allreduce", scenario), tmp_path)
+    metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
+    print(events.to_string())
+    assert result.exit_code == 0
+    restarts = events[events.event == "group_restarted"]
+    assert len(restarts) == 3 and (restarts.seconds > 0).all() and (restarts.seconds < 60).all()
+    assert restarts.detail.str.contains("peer 1: its actor died").iloc[0]
+    assert restarts.detail.str.contains("peer 3 joins").iloc[1] and restarts.detail.str.contains("left").iloc[2]
+    assert set(events[events.event == "stopped"].peer) >= {0, 2}, "the survivors were stopped for the restart"
+    for peer, rows in metrics.groupby("peer"):
+        epochs = rows.sort_values(["restarts", "epoch"]).epoch.tolist()
+        last = rows.groupby("restarts").epoch.min()
+        for restarts_, first in last.items():  # every epoch from each incarnation's first one on
+            mine = rows[rows.restarts == restarts_].epoch.tolist()
+            assert mine == list(range(first, first + len(mine))), (peer, epochs)
+    assert metrics[metrics.peer == 2].epoch.max() == 6, "peer 2 left after epoch 6"
+    assert sorted(metrics[metrics.peer == 3].epoch)[-1] == 8 and metrics[metrics.peer == 3].epoch.min() >= 4
+    final = metrics[metrics.epoch == 8]
+    assert sorted(final.peer) == [0, 1, 3] and (final.averaging_group_size == 3).all()
+    assert final.consensus_dist.iloc[0] < 1e-4 and final.test_acc.mean() >= 0.9

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from launcher.driver.collect import EpochCollector
-from launcher.driver.policy import Decision, PeerView, decide, exit_code, restart_support, stall_deadline
+from launcher.driver.policy import Decision, GroupView, PeerView, decide, exit_code, stall_deadline
 from launcher.driver.scenario import Clock, Scenario
 from tests.test_collect import make_row
 from workers.core.config import FaultsConfig, ScenarioEvent
@@ -51,11 +51,27 @@ def test_without_any_checkpoint_a_swarm_that_died_is_given_up_not_started_afresh
         ("give_up", True), ("give_up", True)]  # fmt: skip
 
 
-def test_a_method_that_cannot_replace_peers_gives_up_at_once():
-    why = restart_support("allreduce")
-    assert why and restart_support("gossip") is None and restart_support("none") is None
-    (decision,) = decide([PeerView(3, "dead", reason="killed")], FAULTS, can_restart=why)
-    assert decision.action == "give_up" and why in decision.reason
+def test_a_groups_dead_member_restarts_the_whole_group_from_the_newest_checkpoint():
+    """The all-reduce baseline: one collective, fixed membership. A death stops it for all (elastic restart)."""
+    views = [PeerView(0, "running", epoch=4), PeerView(1, "dead", reason="killed", epoch=3), PeerView(2, "running",
+             epoch=4)]  # fmt: skip
+    (decision,) = decide(views, FAULTS, group=GroupView(members=3, restarts=0))
+    assert (decision.action, decision.donor) == ("restart_group", 0)
+    assert "peer 1: killed" in decision.reason and "peer 0's checkpoint of epoch 4" in decision.reason
+    assert decide([PeerView(0, "running"), PeerView(1, "running")], FAULTS, group=GroupView(2, 0)) == []
+
+
+def test_a_group_restarts_when_a_member_leaves_and_gives_up_past_its_budget():
+    left = [PeerView(0, "running", epoch=5), PeerView(1, "left", epoch=5), PeerView(2, "running", epoch=5)]
+    (decision,) = decide(left, FAULTS, group=GroupView(members=3, restarts=1))
+    assert decision.action == "restart_group" and "a member left" in decision.reason
+    assert decide(left, FAULTS, group=GroupView(members=2, restarts=1)) == [], "absorbed: the group has 2 now"
+    done = [PeerView(0, "done", epoch=10), PeerView(1, "running", epoch=9)]
+    assert decide(done, FAULTS, group=GroupView(members=2, restarts=0)) == [], "a finished member is no leave"
+    over = [PeerView(0, "running", epoch=2), PeerView(1, "dead", reason="oom", epoch=2)]
+    give_up, restart = decide(over, FAULTS, group=GroupView(members=2, restarts=2))
+    assert (give_up.action, give_up.peer, restart.action) == ("give_up", 1, "restart_group")
+    assert "faults.max_restarts=2 group restarts used up" in give_up.reason
 
 
 @pytest.mark.parametrize(
@@ -157,12 +173,12 @@ def test_a_bad_scenario_is_refused_at_load_time_naming_the_field(raw, message):
         quick_config("optim.epochs=10", f"scenario=[{raw}]")
 
 
-def test_churn_with_allreduce_is_refused():
+def test_a_dht_kill_means_nothing_to_allreduce_and_is_refused():
     from tests.conftest import quick_config
 
-    with pytest.raises(ConfigError, match="allreduce baseline's process group is fixed"):
-        quick_config("gossip.method=allreduce", "scenario=[{event: kill, peer: 1, at_epoch: 2}]")
-    assert quick_config("gossip.method=allreduce", "scenario=[{event: slow, peer: 1, factor: 2}]").scenario
+    with pytest.raises(ConfigError, match="scenario.0.process=dht: the allreduce baseline uses no DHT"):
+        quick_config("gossip.method=allreduce", "scenario=[{event: kill, peer: 1, at_epoch: 2, process: dht}]")
+    assert quick_config("gossip.method=allreduce", "scenario=[{event: kill, peer: 1, at_epoch: 2}]").scenario
 
 
 def report(peer: int, epoch: int, position: float) -> Report:

@@ -290,3 +290,21 @@ def wait_for_index(out_dir: Path, status: str, timeout: float) -> Path:
 def run_span(run_dir: Path) -> tuple[float, float]:
     """When a run started (its config snapshot) and when its last row was written."""
     return (run_dir / "config.yaml").stat().st_mtime, (run_dir / "metrics.csv").stat().st_mtime
+
+
+def test_arms_cross_every_grid_point_with_settings_one_grid_cannot_hold(tmp_path):
+    """All-reduce takes no overlap: methods with their own knobs are arms, each crossed with the grid's conditions."""
+    arms = [{"gossip.method": "gossip", "gossip.overlap": True, "gossip.every_steps": 5},
+            {"gossip.method": "allreduce", "gossip.every_steps": 5}, {"gossip.method": "none"}]  # fmt: skip
+    sweep = load_experiment(write_sweep(tmp_path, {"seed": [0, 1], "arms": arms, "target_acc": 0.8}))
+    assert [p.overrides for p in sweep.points][:2] == [
+        ("gossip.method=gossip", "gossip.overlap=true", "gossip.every_steps=5", "seed=0"),
+        ("gossip.method=gossip", "gossip.overlap=true", "gossip.every_steps=5", "seed=1")]  # fmt: skip
+    assert len(sweep.points) == 6 and sweep.keys == ("gossip.method", "gossip.overlap", "gossip.every_steps", "seed")
+    assert [p.config.gossip.overlap for p in sweep.points] == [True, True, False, False, False, False]
+    assert sweep.settings.target_acc == 0.8
+    with pytest.raises(ConfigError, match="arms: only a grid sweep takes them"):
+        load_experiment(write_sweep(tmp_path, {"seed": [0, 1], "arms": arms, "search": "random"}))
+    with pytest.raises(ConfigError, match="gossip.overlap=True"):
+        load_experiment(write_sweep(tmp_path, {"seed": [0], "arms": [{"gossip.method": "allreduce",
+                                                                       "gossip.overlap": True}]}))  # fmt: skip

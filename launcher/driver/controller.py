@@ -19,7 +19,7 @@ import ray
 
 from launcher.driver.connect import connect_ray
 from launcher.driver.placement import PlacementError
-from launcher.driver.policy import decide, exit_code, restart_support
+from launcher.driver.policy import decide, exit_code
 from launcher.driver.scenario import Action, Clock, Scenario
 from launcher.driver.swarm import Swarm
 from launcher.emulation.links import Emulation, EmulationError
@@ -162,17 +162,18 @@ def write_last(files: RunFiles, swarm: Swarm, cfg: ExperimentConfig, code: int) 
 def follow(swarm: Swarm, files: RunFiles, cfg: ExperimentConfig) -> int:
     """Until no peer has anything left to train: write what the peers report, act on what the policy decides about
     dead or wedged peers, and play the scenario."""
-    scenario, can_restart = Scenario(cfg.scenario, cfg.peers), restart_support(cfg.gossip.method)
+    scenario = Scenario(cfg.scenario, cfg.peers)
     round_s = cfg.gossip.matchmaking_time + cfg.gossip.round_timeout
     display = ProgressDisplay(cfg.optim.epochs)
     try:
         with interrupts_deferred():  # a signal stops the loop between two passes: no row taken is lost
             while swarm.active():
                 raise_if_interrupted()
-                for action in scenario.due(clock(swarm)):  # first: a slow or lr event "from the start" is played
-                    play(swarm, action)  # as training starts, not a tick later (a few epochs, with cheap rounds)
-                epochs = swarm.tick(TICK_S)
-                for decision in decide(swarm.views(), cfg.faults, can_restart, round_s):
+                played = []  # first: a slow or lr event "from the start" is played as training starts, not a
+                for action in scenario.due(clock(swarm)):  # tick later (a few epochs, with cheap rounds)
+                    played += play(swarm, action)
+                epochs = played + swarm.tick(TICK_S)
+                for decision in decide(swarm.views(), cfg.faults, round_s, swarm.group):
                     epochs += swarm.carry_out(decision)
                 files.write(epochs, swarm, cfg)
                 display.update(swarm.progress())
@@ -190,19 +191,20 @@ def clock(swarm: Swarm) -> Clock:
     return Clock(elapsed, swarm.collector.swarm_epoch, swarm.running_epochs())
 
 
-def play(swarm: Swarm, action: Action) -> None:
+def play(swarm: Swarm, action: Action) -> list[list[MetricsRow]]:
     event = action.event
     logger.info("scenario: %s of peer %d", event.event, action.peer)
     if event.event == "kill":
         swarm.kill(action.peer, event.process)
     elif event.event == "join":
-        swarm.join(action.peer)
+        return swarm.join(action.peer)
     elif event.event == "leave":
         swarm.leave(action.peer, action.leave_after)
     elif event.event == "lr":
         swarm.scale_lr(action.peer, event.factor)
     else:
         swarm.slow(action.peer, event.factor)
+    return []
 
 
 def log_epoch(rows: list[MetricsRow], cfg: ExperimentConfig, elapsed: float) -> None:

@@ -35,34 +35,65 @@ class Decision:
     # restart: a new incarnation that bootstraps off the peers whose DHT is up and takes the swarm's state from them;
     # reseed: no peer's DHT is up, so one dead peer restarts the swarm from the run's newest checkpoint (`donor`'s);
     # wait: restart once a peer's DHT is up again (the reseeding one)
-    action: Literal["kill", "restart", "reseed", "wait", "give_up"]
+    # restart_group: a collective of fixed membership (the all-reduce baseline) restarts all of its members
+    action: Literal["kill", "restart", "reseed", "wait", "give_up", "restart_group"]
     peer: int
     reason: str
-    donor: int | None = None  # reseed: the peer whose checkpoint it resumes from
+    donor: int | None = None  # reseed, restart_group: the peer whose checkpoint they resume from (None: none saved)
 
 
-def decide(
-    views: list[PeerView], faults: FaultsConfig, can_restart: str | None = None, round_s: float = 0.0
-) -> list[Decision]:
-    """`can_restart`: None when the method can replace a peer, else why it cannot (e.g. all-reduce). `round_s`: the
-    longest an averaging round may block training (matchmaking plus all-reduce): that long is never a stall.
+def decide(views: list[PeerView], faults: FaultsConfig, round_s: float = 0.0,
+           group: GroupView | None = None) -> list[Decision]:  # fmt: skip
+    """`round_s`: the longest an averaging round may block training (matchmaking plus all-reduce): that long is never
+    a stall. `group`: the method is one collective of fixed membership (the all-reduce baseline): see `_in_a_group`.
 
     A newcomer joins the swarm through a peer whose DHT is up (running, or done and serving its final state); never
     a swarm of its own. When no peer's DHT is up (every running peer died at once), one dead peer restarts the swarm
     from the run's newest checkpoint and the others wait for it; with no checkpoint at all, they are given up."""
-    decisions = []
+    decisions = [Decision("kill", view.peer, reason) for view in views
+                 if view.phase in (Phase.RUNNING, Phase.STARTING) and (reason := wedged(view, faults, round_s))]
+    if group is not None:
+        return decisions + _in_a_group(views, faults, group)
     dht_up = any(view.phase in DHT_UP for view in views)
     reseeding = any(view.reseeding and view.phase == Phase.STARTING for view in views)
     for view in views:
         if view.phase == Phase.DEAD:
-            decision = _after_death(view, faults, can_restart)
+            decision = _after_death(view, faults)
             if decision.action == "restart" and not dht_up:
                 decision = _without_a_swarm(view, views, reseeding)
                 reseeding = reseeding or decision.action == "reseed"
             decisions.append(decision)
-        elif view.phase in (Phase.RUNNING, Phase.STARTING) and (reason := wedged(view, faults, round_s)):
-            decisions.append(Decision("kill", view.peer, reason))
     return decisions
+
+
+@dataclass(frozen=True)
+class GroupView:
+    members: int  # the process group's size now (its world size)
+    restarts: int  # how many times the group was restarted so far
+
+
+def _in_a_group(views: list[PeerView], faults: FaultsConfig, group: GroupView) -> list[Decision]:
+    """Elastic restart, as torchrun's elastic agent and Ray Train's FailureConfig do it: a member that dies (or
+    leaves) stops the collective for all, so the whole group restarts, with the members that remain and the dead
+    one's replacement, from the run's newest checkpoint, in a new process group; faults.max_restarts bounds the
+    group's restarts (past it, the dead members are given up and the others go on without them)."""
+    dead = [view for view in views if view.phase == Phase.DEAD]
+    running = [view for view in views if view.phase == Phase.RUNNING]
+    finished = [view for view in views if view.phase == Phase.DONE]  # members still (a member that left is not)
+    if not dead and (len(running) + len(finished) >= group.members or not running):
+        return []
+    donor = max(views, key=lambda other: (other.epoch, -other.peer))
+    source = f"peer {donor.peer}'s checkpoint of epoch {donor.epoch}" if donor.epoch else "its initial parameters"
+    why = "; ".join(f"peer {view.peer}: {view.reason}" for view in dead) or "a member left the group"
+    if dead and group.restarts >= faults.max_restarts:
+        used = f"faults.max_restarts={faults.max_restarts} group restarts used up"
+        gone = [Decision("give_up", view.peer, f"{view.reason}; {used}") for view in dead]
+        go_on = f"{why}; the others go on without it, from {source}"
+        return gone + ([Decision("restart_group", running[0].peer, go_on, donor=donor.peer if donor.epoch else None)]
+                       if running else [])  # fmt: skip
+    first = (dead or running)[0].peer
+    return [Decision("restart_group", first, f"{why}: the group restarts from {source}",
+                     donor=donor.peer if donor.epoch else None)]  # fmt: skip
 
 
 def _without_a_swarm(view: PeerView, views: list[PeerView], reseeding: bool) -> Decision:
@@ -76,9 +107,7 @@ def _without_a_swarm(view: PeerView, views: list[PeerView], reseeding: bool) -> 
     return Decision("reseed", view.peer, why + str(donor.epoch), donor=donor.peer)
 
 
-def _after_death(view: PeerView, faults: FaultsConfig, can_restart: str | None) -> Decision:
-    if can_restart is not None:
-        return Decision("give_up", view.peer, f"{view.reason}; not restarted: {can_restart}")
+def _after_death(view: PeerView, faults: FaultsConfig) -> Decision:
     if view.restarts >= faults.max_restarts:
         return Decision("give_up", view.peer, f"{view.reason}; faults.max_restarts={faults.max_restarts} used up")
     return Decision("restart", view.peer, view.reason)
@@ -114,8 +143,8 @@ def exit_code(views: list[PeerView], interrupted: bool) -> int:
     return 1 if any(view.phase == Phase.GIVEN_UP for view in views) else 0
 
 
-def restart_support(method: str) -> str | None:
-    """None when peers of `method` can be replaced mid-run, else why not."""
-    if method == "allreduce":
-        return "the allreduce baseline's process group is fixed at start"
-    return None
+GROUP_METHODS = ("allreduce",)  # one collective of fixed membership: a member's death stops them all
+
+
+def is_group_method(method: str) -> bool:
+    return method in GROUP_METHODS

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from launcher.driver.collect import EpochCollector
 from launcher.driver.lifecycle import DHT_UP, FINISHED, LIVE, Phase, Signal, advance
 from launcher.driver.placement import reserve, resolve_network
-from launcher.driver.policy import Decision, PeerView
+from launcher.driver.policy import Decision, GroupView, PeerView, is_group_method
 from launcher.results.summary import Event
 from workers.core.config import ExperimentConfig
 from workers.core.membership import new_swarm_key, read_swarm_key
@@ -81,6 +81,7 @@ class Swarm:
         self.netns: dict[int, NetnsLink] = {}  # peer -> its network namespace (emulation; set before `start`)
         self.swarm_size = 0  # running peers, as last told to them (a group aims at that many)
         self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
+        self.group = GroupView(cfg.peers, 0) if is_group_method(cfg.gossip.method) else None  # the process group
         self.here = ray.get_runtime_context().get_node_id()
         self.peer_actor = ray.remote(PeerActor)
         # the run's secret (workers/averaging/admission.py): to the actors through Ray only, never in a log, a file or a
@@ -106,14 +107,13 @@ class Swarm:
         )
         for incarnation, maddrs in zip(self.peers.values(), [bootstrap, *others], strict=True):
             incarnation.maddrs = maddrs
-        if cfg.gossip.method == "allreduce":
-            address = ray.get(self.peers[0].actor.call.remote("rendezvous_address"))
-            ray.get([p.actor.call.remote("join_allreduce", address) for p in self.peers.values()], timeout=timeout)
+        if is_group_method(cfg.gossip.method):
+            self._form_group(list(self.peers.values()), timeout)
         pids = ray.get([p.actor.call.remote("process_ids") for p in self.peers.values()], timeout=timeout)
         self.state_timeout_s = ray.get(self.peers[0].actor.call.remote("state_timeout"), timeout=timeout)
         self.swarm_size = cfg.peers
         ray.get([p.actor.call.remote("set_swarm_size", cfg.peers) for p in self.peers.values()], timeout=timeout)
-        ray.get([p.actor.call.remote("start_training") for p in self.peers.values()], timeout=timeout)
+        self._start_training(list(self.peers.values()), timeout)
         self.training_since = time.monotonic()
         for incarnation, processes in zip(self.peers.values(), pids, strict=True):
             incarnation.processes = processes
@@ -186,6 +186,7 @@ class Swarm:
                 logger.warning("peer %d %s: %s", incarnation.peer, item.event, item.detail)
             else:
                 self._timed(incarnation, item.row.epoch)
+                item.row.run_time_s = time.monotonic() - self.training_since  # the run's clock, not the peer's
         epochs += self.collector.take(incarnation.peer, status.outbox)  # in the order they happened
         if status.state == "failed":
             return epochs + self._died(incarnation, "training failed: " + (status.error or "").strip().splitlines()[-1])
@@ -209,6 +210,14 @@ class Swarm:
             joined: Joined = ray.get(ref)
         except ray.exceptions.RayError as err:
             return self._died(incarnation, f"could not join the swarm: {str(err).strip().splitlines()[-1]}")
+        self._came_in(incarnation, joined)
+        return []
+
+    def _start_training(self, incarnations: list[Incarnation], timeout: float) -> None:
+        ray.get([inc.actor.call.remote("start_training") for inc in incarnations], timeout=timeout)
+
+    def _came_in(self, incarnation: Incarnation, joined: Joined) -> None:
+        """A newcomer (a restart, a joiner) is training: from here on its reports are expected."""
         incarnation.maddrs, incarnation.processes = joined.maddrs, joined.processes
         self._signal(incarnation, Signal.JOINED)
         incarnation.last_report, incarnation.epoch = time.monotonic(), joined.first_epoch - 1
@@ -220,7 +229,6 @@ class Swarm:
         self._event(incarnation, kind, f"state from {joined.source}, first epoch {joined.first_epoch}", waited)
         logger.info("peer %d %s (state from %s), training from epoch %d", incarnation.peer, kind, joined.source,
                     joined.first_epoch)  # fmt: skip
-        return []
 
     def _died(self, incarnation: Incarnation, reason: str, event: str = "died") -> list[list[MetricsRow]]:
         self._signal(incarnation, Signal.DIED, reason)
@@ -287,6 +295,8 @@ class Swarm:
     # -- acting ------------------------------------------------------------------------------------------------------
 
     def carry_out(self, decision: Decision) -> list[list[MetricsRow]]:
+        if decision.action == "restart_group":
+            return self.restart_group(decision)
         incarnation = self.peers[decision.peer]
         if decision.action == "kill":  # wedged: alive as a process, dead as a peer
             self._kill(incarnation)
@@ -308,9 +318,65 @@ class Swarm:
                          donor=decision.donor)  # fmt: skip
         return []
 
-    def join(self, peer: int) -> None:
-        """A new peer (a scripted join) in its reserved bundle."""
-        self._launch(peer, restarts=0)
+    def join(self, peer: int) -> list[list[MetricsRow]]:
+        """A new peer (a scripted join) in its reserved bundle: it joins the swarm, or (the all-reduce baseline) the
+        group restarts with it."""
+        if self.group is None:
+            self._launch(peer, restarts=0)
+            return []
+        donor = max(self.peers.values(), key=lambda inc: (inc.epoch, -inc.peer))
+        why = f"peer {peer} joins: the group restarts from peer {donor.peer}'s checkpoint of epoch {donor.epoch}"
+        return self.restart_group(Decision("restart_group", peer, why, donor=donor.peer if donor.epoch else None))
+
+    def restart_group(self, decision: Decision) -> list[list[MetricsRow]]:
+        """The all-reduce baseline's elastic restart: every running member is stopped (its collective cannot finish
+        without the dead one), then every member that remains (the running ones, the dead ones not given up, a
+        joiner) starts again as a new incarnation from `decision.donor`'s checkpoint, in a new process group. It
+        blocks (no member trains meanwhile). The time lost and the steps redone are in the `group_restarted` event."""
+        began, epochs = time.monotonic(), []
+        died = [inc for inc in self.peers.values() if inc.phase == Phase.DEAD]  # (none: a join or a leave)
+        since = min((inc.since for inc in died), default=began)
+        redone = max((inc.status.live.epoch_step for inc in self.peers.values() if inc.status and inc.status.live
+                      and inc.phase in (Phase.RUNNING, Phase.DEAD)), default=0)  # fmt: skip
+        for incarnation in [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]:
+            self._kill(incarnation)
+            epochs += self._died(incarnation, "stopped: the group restarts", event="stopped")
+        members = sorted({peer for peer, inc in self.peers.items() if inc.phase == Phase.DEAD}
+                         | ({decision.peer} if decision.peer in self.standby else set()))  # fmt: skip
+        for peer in members:
+            self._relaunch(peer)
+        timeout = self.cfg.faults.start_timeout_s + self.state_timeout_s
+        incarnations = [self.peers[peer] for peer in members]
+        effects = [self.effects.setdefault(peer, Effects()) for peer in members]
+        joined = ray.get([inc.actor.call.remote("prepare", effect, decision.donor)
+                          for inc, effect in zip(incarnations, effects, strict=True)], timeout=timeout)  # fmt: skip
+        self._form_group(incarnations, timeout)
+        self._start_training(incarnations, timeout)
+        for incarnation, join in zip(incarnations, joined, strict=True):
+            self._came_in(incarnation, join)
+        self.group = GroupView(len(members), self.group.restarts + bool(died))  # faults.max_restarts: failures
+        self._event(incarnations[0], "group_restarted", f"{decision.reason}; {len(members)} members, about {redone} "
+                    "steps per member redone", time.monotonic() - since)  # fmt: skip
+        logger.warning("the group restarted in %.1f s: %s", time.monotonic() - began, decision.reason)
+        return epochs
+
+    def _relaunch(self, peer: int) -> None:
+        """A new incarnation of a group member (a dead one's, or a joiner's standby), not yet training."""
+        old = self.peers.get(peer)
+        if old is not None:
+            self.retired.append(old)
+            ray.kill(old.actor, no_restart=True)
+        incarnation = self.standby.pop(peer, None) or self._create(peer, old.restarts + 1, old.phase)
+        incarnation.waiting_since = old.since if old is not None else time.monotonic()
+        self._signal(incarnation, Signal.LAUNCHED)
+        self.peers[peer] = incarnation
+
+    def _form_group(self, members: list[Incarnation], timeout: float) -> None:
+        """The members' process group, ranked by peer index (rank 0 provides the rendezvous); blocks until formed."""
+        address = ray.get(members[0].actor.call.remote("rendezvous_address"), timeout=timeout)
+        calls = [inc.actor.call.remote("join_allreduce", address, rank, len(members)) for rank, inc in
+                 enumerate(members)]  # fmt: skip
+        ray.get(calls, timeout=timeout)
 
     def _launch(self, peer: int, restarts: int, waiting_since: float | None = None, donor: int | None = None) -> None:
         """A newcomer: bootstraps off every peer whose DHT is up (never a swarm of its own, unless `donor` says it

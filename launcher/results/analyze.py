@@ -94,7 +94,9 @@ def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
         "final_acc_max": final_acc.max(),
         "best_acc": curve["acc_mean"].max(),
         **({} if target_acc is None else _to_target(curve, target_acc)),
+        **({} if target_acc is None else _peers_to_target(run, target_acc)),
         "samples_per_s": run["samples_per_s"].mean(),
+        "swarm_samples_per_s": _swarm_rate(run),
         **_rounds(run),
         "final_consensus_dist": curve["consensus_dist"].iloc[-1],
         "swarm_mb": curve["swarm_mb"].iloc[-1],
@@ -117,13 +119,34 @@ def _settings(run: pd.DataFrame) -> dict[str, Any]:
 
 
 def _to_target(curve: pd.DataFrame, target_acc: float) -> dict[str, float]:
-    """Wall time and samples per peer at the first epoch whose across-peer mean accuracy reaches the target."""
+    """Time, samples per peer and MB at the first epoch whose across-peer mean accuracy reaches the target. The time is
+    the run's clock (the driver's, from the moment every peer trained: restarts and waits count), or for runs written
+    before it, the slowest peer's training time."""
     reached = curve[curve["acc_mean"] >= target_acc]
     if reached.empty:
         return {"time_to_target_s": np.nan, "samples_to_target": np.nan, "mb_to_target": np.nan}
     first = reached.iloc[0]
-    return {"time_to_target_s": first["wall_time_s"], "samples_to_target": first["samples_seen"],
-            "mb_to_target": first["swarm_mb"]}  # fmt: skip
+    clock = first["run_time_s"] if not np.isnan(first["run_time_s"]) else first["wall_time_s"]
+    return {"time_to_target_s": clock, "samples_to_target": first["samples_seen"], "mb_to_target": first["swarm_mb"]}
+
+
+def _peers_to_target(run: pd.DataFrame, target_acc: float) -> dict[str, float]:
+    """Each peer's own first time at the target on the run's clock: the median peer's and the worst peer's (a peer that
+    never gets there makes the worst NaN)."""
+    if "run_time_s" not in run or run["run_time_s"].isna().all():
+        return {"median_peer_to_target_s": np.nan, "worst_peer_to_target_s": np.nan}
+    times = [rows.loc[rows["test_acc"] >= target_acc, "run_time_s"].min() for _, rows in run.groupby("peer")]
+    return {"median_peer_to_target_s": float(np.median(times)), "worst_peer_to_target_s": float(np.max(times))}
+
+
+def _swarm_rate(run: pd.DataFrame) -> float:
+    """The swarm's training throughput on the run's clock: the samples every epoch row trained (its samples_per_s
+    times its training and averaging time, as samples_per_s is defined), over the run's time (NaN for runs written
+    before the run's clock). Epochs redone after a restart count again: they were trained again."""
+    if "run_time_s" not in run or run["run_time_s"].isna().all():
+        return np.nan
+    samples = (run["samples_per_s"] * (run["train_s"] + run["averaging_seconds"])).sum()
+    return samples / run["run_time_s"].max()
 
 
 def _rounds(run: pd.DataFrame) -> dict[str, float]:

@@ -17,7 +17,7 @@ def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
     """Per epoch of one run, across its peers: test accuracy/loss mean, min and max; the slowest peer's wall
     time (when the swarm as a whole got there); mean samples per peer; the swarm's consensus distance."""
     bytes_known = run["averaging_bytes"] if "averaging_bytes" in run.columns else np.nan  # older runs: unknown
-    run = run.assign(averaging_bytes=bytes_known)
+    run = run.assign(averaging_bytes=bytes_known, run_time_s=run.get("run_time_s", np.nan))
     by_epoch = run.groupby("epoch")
     curve = by_epoch.agg(
         acc_mean=("test_acc", "mean"),
@@ -27,6 +27,7 @@ def epoch_curve(run: pd.DataFrame) -> pd.DataFrame:
         loss_min=("test_loss", "min"),
         loss_max=("test_loss", "max"),
         wall_time_s=("wall_time_s", "max"),
+        run_time_s=("run_time_s", "max"),
         samples_seen=("samples_seen", "mean"),
         consensus_dist=("consensus_dist", "max"),  # one value per epoch, on every row of it
         swarm_bytes=("averaging_bytes", lambda values: values.sum(min_count=1)),  # NaN where no bytes are known

@@ -8,6 +8,10 @@
       max_concurrent: 2                           # swarms at once (default 1)
       metric: test_acc                            # what optuna and early stopping look at: the swarm's mean per epoch
       early_stop: true                            # ASHA stops the trials that trail at epoch milestones
+      arms:                                       # grid: each arm's settings, crossed with every grid point (methods
+        - {gossip.method: gossip, gossip.overlap: true}   # whose knobs differ, which one grid cannot hold)
+        - {gossip.method: allreduce}
+      target_acc: 0.8                             # the accuracy `analyze` times the runs to (fixed before running)
 
 The setting names are not config keys, so they cannot clash with a swept key. Every point of a grid or random
 sweep is validated when the file loads, before Ray starts; an optuna sweep picks its points as it goes, so each
@@ -24,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from workers.core.config import (
     ExperimentConfig,
@@ -46,6 +50,14 @@ class SweepSettings(_Section):
     max_concurrent: int = Field(1, ge=1)
     metric: Literal["test_acc", "test_loss"] = "test_acc"
     early_stop: bool = False
+    arms: list[dict[str, Any]] = []  # grid: each arm's settings (dotted keys), crossed with every grid point
+    target_acc: float | None = Field(None, gt=0, le=1)  # the comparison's target accuracy, chosen before running
+
+    @model_validator(mode="after")
+    def _arms_in_a_grid(self) -> SweepSettings:
+        if self.arms and self.search != "grid":
+            raise ValueError(f"arms: only a grid sweep takes them (search={self.search})")
+        return self
 
     @property
     def mode(self) -> str:
@@ -111,7 +123,8 @@ def parse_sweep(raw: dict[str, Any], overrides: list[str]) -> Sweep:
     space = parse_space(swept, settings.search)
     _reject_swept_overrides(overrides, list(space))
     base = apply_overrides(base, overrides)
-    point_overrides = sweep_points(space, settings, base.get("seed", 0))
+    point_overrides = [arm + point for arm in arm_overrides(settings.arms)
+                       for point in sweep_points(space, settings, base.get("seed", 0))]  # fmt: skip
     points, errors = [], []
     for number, point in enumerate(point_overrides, 1):
         try:
@@ -120,7 +133,13 @@ def parse_sweep(raw: dict[str, Any], overrides: list[str]) -> Sweep:
             errors.append(f"sweep point {number}/{len(point_overrides)} ({', '.join(point)}): {err}")
     if errors:
         raise ConfigError("\n".join(errors))
-    return Sweep(points[0].config.name, tuple(space), tuple(points), {**base, "sweep": section}, settings, space)
+    keys = tuple(dict.fromkeys([*(key for arm in settings.arms for key in arm), *space]))
+    return Sweep(points[0].config.name, keys, tuple(points), {**base, "sweep": section}, settings, space)
+
+
+def arm_overrides(arms: list[dict[str, Any]]) -> list[list[str]]:
+    """Each arm's settings as overrides ([[]]: no arms, the grid alone)."""
+    return [[f"{key}={yaml_scalar(value)}" for key, value in arm.items()] for arm in arms] or [[]]
 
 
 def parse_settings(section: Any) -> SweepSettings:

@@ -65,6 +65,10 @@ class MetricsRow:
     node_id: str = column("the Ray node the peer ran on (empty without Ray)", source="the run's", default="")
     restarts: int = column("the peer's incarnation: how many times it was restarted before this row",
                            source="the run's", default=0)  # fmt: skip
+    run_time_s: float = column("seconds since every peer started training, on the driver's clock, when this row "
+                               "reached it: the time-to-accuracy clock (restarts, state downloads and waits "
+                               "included; empty for a standalone peer)", "s", source="the driver's",
+                               default=math.nan)  # fmt: skip
 
 
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetricsRow))

@@ -201,10 +201,19 @@ class Peer:
         with self._in_netns():  # a free port of the namespace's address
             return f"tcp://{announce_host(self.cfg.network)}:{peer_port(self.cfg.network, self.cfg.peers)}"
 
-    def join_allreduce(self, address: str) -> None:
-        """Join the all-reduce baseline's process group; blocks until every peer has joined."""
+    def join_allreduce(self, address: str, rank: int, world_size: int) -> None:
+        """Join the all-reduce baseline's process group as `rank` of `world_size`; blocks until every member has."""
         with self._in_netns():  # the rendezvous store and gloo's connections: on this peer's link
-            self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, self.peer, self.cfg.peers)
+            self.averaging = AllReduceAveraging(self.setup.model, self.cfg.gossip, address, rank, world_size)
+
+    def prepare(self, effects: Effects, donor: int | None) -> Joined:
+        """A member of a group that restarts together (the all-reduce baseline's elastic restart): the state of
+        `donor`'s checkpoint (None: its initial parameters) and the peer's scenario effects; it trains once the
+        group has formed (`join_allreduce`, then `start_training`)."""
+        started = time.monotonic()
+        source = self.restore_state(self.state_timeout(), donor) if donor is not None else "fresh"
+        self.apply_effects(effects)
+        return Joined([], self.setup.progress.epoch + 1, source, time.monotonic() - started, self.process_ids())
 
     def join(self, initial_peers: list[str], effects: Effects, swarm_size: int, donor: int | None = None) -> Joined:
         """Join a running swarm: start the DHT off `initial_peers` (peers whose DHT is up), take the state (see
@@ -359,7 +368,8 @@ class Peer:
     def process_ids(self) -> list[tuple[int, float]]:
         """(pid, create time) of this process, then of hivemind's: the DHT process first, then the others (averager,
         p2pd); to reap what a killed peer leaves behind."""
-        dht_first = sorted((proc for proc, _ in self._hivemind), key=lambda proc: proc.pid != self.dht.pid)
+        dht_pid = self.dht.pid if self.dht is not None else None
+        dht_first = sorted((proc for proc, _ in self._hivemind), key=lambda proc: proc.pid != dht_pid)
         procs = [psutil.Process(os.getpid())] + dht_first
         return [(proc.pid, proc.create_time()) for proc in procs]
 
