@@ -1,8 +1,8 @@
 """`gossip-launch bench [--quick] [--out DIR]`: what gossip costs on this machine, measured side by side in one run
 (these machines are noisy: only ratios of figures taken minutes apart mean anything).
 
-- G1 throughput: mean samples/s per peer of `gossip` (blocking and with `overlap`) and `allreduce` over `none`, the
-  same config otherwise: cifar10_gossip.yaml's knobs (group 16, min 2, alpha 1, matchmaking 5 s), 4 peers, on
+- G1 throughput: mean samples/s per peer of `gossip` (blocking and with `overlap`), `sgp` and `allreduce` over `none`,
+  the same config otherwise: cifar10_gossip.yaml's knobs (group 16, min 2, alpha 1, matchmaking 5 s), 4 peers, on
   generated CIFAR-format data: `cifar_cnn` (0.25 MB of parameters) at H = 10 and 50 local steps per round, and
   `resnet50` (94 MB) for 15 steps at H = 5 (not with --quick: a step is seconds long on a CPU).
 - G2 one round: a hivemind averaging round (matchmaking included; the group is the whole swarm) against one gloo
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "configs" / "experiments" / "cifar10_gossip.yaml"
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"
 G1_METHODS = {"none": [], "allreduce": ["gossip.method=allreduce"], "gossip": [],
-              "gossip+overlap": ["gossip.overlap=true"]}  # fmt: skip
+              "gossip+overlap": ["gossip.overlap=true"], "sgp": ["gossip.method=sgp"]}  # fmt: skip
 # model, images per peer, batch, epochs, H (quick), H (full): resnet50 steps are seconds long on a CPU
 G1_WORKLOADS = [("cifar_cnn", 2000, 64, 2, (10,), (10, 50)), ("resnet50", 120, 8, 1, (), (5,))]
 REPEATS = 3  # G2: rounds per setting (the median is reported)

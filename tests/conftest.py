@@ -36,6 +36,18 @@ def ray_local():
         os.environ.pop("RAY_AUTH_MODE", None)  # Ray set it to "token" for the cluster it started
 
 
+@pytest.fixture(scope="session")
+def none_ten_epochs(ray_local, tmp_path_factory):
+    """The metrics of the quickstart as shipped (10 epochs) without communication: the baseline that the methods'
+    consensus is held against (one run for every module that needs it)."""
+    from launcher.driver.controller import run_experiment
+    from launcher.results.summary import read_metrics
+
+    result = run_experiment(quick_config("optim.epochs=10", "gossip.method=none"), tmp_path_factory.mktemp("none"))
+    assert result.exit_code == 0
+    return read_metrics(result.run_dir)
+
+
 def start_private_ray(num_cpus: int):
     """A new local Ray for this process alone, whatever this machine's Ray state: address "local" joins no cluster
     (not RAY_ADDRESS's, not the one an earlier `ray start` recorded in ray_current_cluster, live or stale).

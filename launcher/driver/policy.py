@@ -50,8 +50,11 @@ def decide(views: list[PeerView], faults: FaultsConfig, round_s: float = 0.0,
     A newcomer joins the swarm through a peer whose DHT is up (running, or done and serving its final state); never
     a swarm of its own. When no peer's DHT is up (every running peer died at once), one dead peer restarts the swarm
     from the run's newest checkpoint and the others wait for it; with no checkpoint at all, they are given up."""
-    decisions = [Decision("kill", view.peer, reason) for view in views
-                 if view.phase in (Phase.RUNNING, Phase.STARTING) and (reason := wedged(view, faults, round_s))]
+    decisions = [
+        Decision("kill", view.peer, reason)
+        for view in views
+        if view.phase in (Phase.RUNNING, Phase.STARTING) and (reason := wedged(view, faults, round_s))
+    ]
     if group is not None:
         return decisions + _in_a_group(views, faults, group)
     dht_up = any(view.phase in DHT_UP for view in views)

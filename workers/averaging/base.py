@@ -21,6 +21,7 @@ class RoundStats:
     _window_groups: list[int] = field(default_factory=list)
     _window_seconds: float = 0.0
     _window_bytes: int = 0
+    _window_messages: tuple[int, int] = (0, 0)
 
     def record(self, group_size: int | None, seconds: float, partial: bool = False) -> None:
         """One round: its group size on success, None on failure; `partial`: it ran, but lost a part."""
@@ -40,6 +41,15 @@ class RoundStats:
 
     def add_bytes(self, sent: int) -> None:
         self._window_bytes += sent
+
+    def add_messages(self, received: int, dropped: int) -> None:
+        """Messages this peer added to its parameters, and messages addressed to it that it refused (sgp)."""
+        self._window_messages = (self._window_messages[0] + received, self._window_messages[1] + dropped)
+
+    def take_messages(self) -> tuple[int, int]:
+        """(messages received, messages dropped) since the previous call."""
+        messages, self._window_messages = self._window_messages, (0, 0)
+        return messages
 
     def take_window(self) -> tuple[float, float, int]:
         """(mean group size, seconds averaging, bytes sent) since the previous call; NaN size when no round

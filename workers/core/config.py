@@ -122,12 +122,14 @@ class OptimConfig(_Section):
 
 
 class GossipConfig(_Section):
-    method: Literal["gossip", "diloco", "optimizer", "allreduce", "none"] = Field(
+    method: Literal["gossip", "diloco", "sgp", "optimizer", "allreduce", "none"] = Field(
         "gossip",
         description=(
             "gossip: DecentralizedAverager every H steps; optimizer: hivemind.Optimizer; allreduce: torch.distributed "
             "exact mean over all peers (the baseline); none: no communication (the other baseline); diloco: gossip's "
-            "rounds every H steps, each followed by an outer Nesterov step on the parameters of the last sync"
+            "rounds every H steps, each followed by an outer Nesterov step on the parameters of the last sync; sgp: "
+            "Stochastic Gradient Push, every H steps one push-sum message to one peer of an exponential graph "
+            "(docs/methods.md)"
         ),
     )
     group_size: int = Field(
@@ -139,9 +141,19 @@ class GossipConfig(_Section):
     )
     matchmaking_time: PositiveFloat = Field(5.0, description="seconds a group leader waits for followers")
     every_steps: PositiveInt | Literal["epoch"] = Field(
-        "epoch", description="average every H local steps, or once per epoch"
+        "epoch",
+        description=(
+            "average every H local steps, or once per epoch (sgp: round k = step // H, or the epoch's number, the same "
+            "on every peer)"
+        ),
     )
-    round_timeout: PositiveFloat = Field(30.0, description="seconds an all-reduce may take after the group is formed")
+    round_timeout: PositiveFloat = Field(
+        30.0,
+        description=(
+            "seconds an all-reduce may take after the group is formed; sgp: the longest a synchronous round waits for "
+            "its incoming message, and a message's send"
+        ),
+    )
     allreduce_on: Literal["parameters", "gradients"] = Field(
         "parameters", description="allreduce: gradients every step = DP-SGD"
     )
@@ -163,14 +175,16 @@ class GossipConfig(_Section):
         False,
         description=(
             "gossip: run each round in the background while local steps go on; its result lands as a correction that "
-            "keeps those steps (workers/averaging/gossip.py). At most one round in flight."
+            "keeps those steps (workers/averaging/gossip.py). At most one round in flight. sgp: the overlapped "
+            "variant: a message is added when it arrives, and a round waits only when its peer is more than 2 rounds "
+            "ahead of the peer that sends to it (docs/methods.md)."
         ),
     )
     compression: Literal["none", "float16", "uint8"] = Field(
         "none",
         description=(
-            "gossip: hivemind's codec for the all-reduce parts: none (float32), float16 (half the bytes), uint8 (a "
-            "quarter)"
+            "gossip, diloco, sgp: hivemind's codec for the all-reduce parts (sgp: the messages' parts): none (float32),"
+            " float16 (half the bytes), uint8 (a quarter)"
         ),
     )
     outer_lr: PositiveFloat = Field(
@@ -225,13 +239,13 @@ class GossipConfig(_Section):
 # A method-specific knob: its default and the methods that use it. `none` uses none of them, so it accepts any value
 # (a sweep can compare it with any setting of the others).
 _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
-    "every_steps": ("epoch", ("gossip", "diloco", "allreduce")),
+    "every_steps": ("epoch", ("gossip", "diloco", "sgp", "allreduce")),
     "allreduce_on": ("parameters", ("allreduce",)),
     "target_batch_size": (None, ("optimizer",)),
     "local_updates": (True, ("optimizer",)),
     "background_averaging": (False, ("optimizer",)),
-    "overlap": (False, ("gossip",)),
-    "compression": ("none", ("gossip", "diloco")),
+    "overlap": (False, ("gossip", "sgp")),
+    "compression": ("none", ("gossip", "diloco", "sgp")),
     "outer_lr": (0.7, ("diloco",)),
     "outer_momentum": (0.9, ("diloco",)),
     "cheap_rounds": (True, ("gossip", "diloco")),
@@ -602,7 +616,7 @@ class ExperimentConfig(_Section):
     def _every_steps_leaves_rounds(self) -> ExperimentConfig:
         """Rounds come at every `every_steps`-th step of a peer's run: a run with fewer steps has none at all."""
         every = self.gossip.every_steps
-        if every == "epoch" or self.gossip.method not in ("gossip", "diloco", "allreduce"):
+        if every == "epoch" or self.gossip.method not in ("gossip", "diloco", "sgp", "allreduce"):
             return self
         per_epoch = steps_per_epoch(self.data, self.peers)
         if every > per_epoch * self.optim.epochs:

@@ -38,21 +38,30 @@ class MetricsRow:
     train_s: float = column("seconds of local training (data, forward, backward, optimizer steps), averaging not "
                             "included", "s", scope="this epoch")  # fmt: skip
     eval_s: float = column("seconds of the test-set evaluation", "s", scope="this epoch")
-    averaging_rounds_ok: int = column("averaging rounds that succeeded (every part averaged)", scope="cumulative")
-    averaging_rounds_failed: int = column("averaging rounds that failed (no group in time, an error, a timeout; a "
-                                          "round a diverged peer skipped is no round)", scope="cumulative")  # fmt: skip
-    averaging_group_size: float = column("mean size of the groups of the rounds that succeeded (empty: none did)",
-                                         "peers", scope="this epoch")  # fmt: skip
+    averaging_rounds_ok: int = column("averaging rounds that succeeded (every part averaged; sgp: a send its target "
+                                     "accepted)", scope="cumulative")  # fmt: skip
+    averaging_rounds_failed: int = column("averaging rounds that failed (no group in time, an error, a timeout; sgp: a "
+                                          "send not delivered, or a round that sent nothing; a round a diverged peer "
+                                          "skipped is no round)", scope="cumulative")  # fmt: skip
+    averaging_group_size: float = column("mean size of the groups of the rounds that succeeded (empty: none did; sgp: "
+                                         "2, a sender and its target)", "peers", scope="this epoch")  # fmt: skip
     averaging_seconds: float = column("seconds the training thread spent in (or waiting for) averaging rounds",
                                       "s", scope="this epoch")  # fmt: skip
     averaging_bytes: float = column("bytes through this peer's averaging: hivemind's parts in and averaged parts "
                                     "out (summed over the peers: the swarm's traffic); the all-reduce ring's "
-                                    "2(n-1)/n of the tensors; empty where unknown", "bytes", source="see "
-                                    "bytes_source", scope="this epoch", default=0)  # fmt: skip
+                                    "2(n-1)/n of the tensors; sgp: the messages this peer sent; empty where unknown",
+                                    "bytes", source="see bytes_source", scope="this epoch", default=0)  # fmt: skip
     bytes_source: str = column("where averaging_bytes comes from: measured (counted on the wire) or modelled (gloo "
                                "counts no bytes)", source="the method's", default="measured")  # fmt: skip
     averaging_rounds_partial: int = column("rounds that ran but whose all-reduce lost a part (a reducer or a sender "
                                            "failed): neither ok nor failed", scope="cumulative", default=0)  # fmt: skip
+    messages_received: int = column("sgp: push-sum messages this peer added to its parameters (its own mass coming "
+                                    "back from an undelivered send not counted); 0 for the other methods",
+                                    scope="this epoch", default=0)  # fmt: skip
+    messages_dropped: int = column("sgp: push-sum messages addressed to this peer that it refused: a stranger's, one "
+                                   "that is malformed or not finite, one more than 2 rounds late (or 16 early), or one "
+                                   "that came while this peer was outside the graph; 0 for the other methods",
+                                   scope="this epoch", default=0)  # fmt: skip
     consensus_dist: float = column("the swarm's distance from consensus, sqrt(mean_i ||theta_i - mean||^2) over the "
                                    "peers that reported this epoch (the same on each of their rows)",
                                    source="the driver's", default=math.nan)  # fmt: skip

@@ -29,6 +29,7 @@ from workers.averaging.base import AveragingStrategy, Diverged, NoAveraging, ave
 from workers.averaging.diloco import DiLoCoAveraging
 from workers.averaging.gossip import GossipAveraging
 from workers.averaging.optimizer import OptimizerAveraging
+from workers.averaging.sgp import SgpAveraging
 from workers.core.anomalies import Anomalies
 from workers.core.config import ExperimentConfig, train_set_size
 from workers.core.membership import read_swarm_key
@@ -185,6 +186,11 @@ class Peer:
             return rounds(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
                           swarm_key=self.swarm_key, anomalies=self.anomalies,
                           swarm_size=None if self.whole_set else self.cfg.peers + self.cfg.joins)  # fmt: skip
+        if gossip.method == "sgp":  # the epoch being trained: the round index of `every_steps: epoch`
+            return SgpAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
+                                swarm_key=self.swarm_key, anomalies=self.anomalies,
+                                swarm_size=None if self.whole_set else self.cfg.peers,
+                                epoch=lambda: self.setup.progress.epoch + 1)  # fmt: skip
         if gossip.method == "optimizer":
             swarm_epoch = train_set_size(self.cfg.data)  # the same target on every peer, whatever its shard
             averaging = OptimizerAveraging(setup.optimizer, self.dht, gossip, prefix=self.run_id,
@@ -235,7 +241,7 @@ class Peer:
 
     def restore_state(self, timeout: float, donor: int | None = None) -> str:
         """Where the newcomer's state comes from, said in the return value. A method whose peers share their state
-        (gossip, DiLoCo): a live peer's (the swarm's current parameters, optimizer state, the method's own state
+        (gossip, DiLoCo, sgp): a live peer's (the swarm's current parameters, optimizer state, the method's own state
         and position in the run), or StateUnavailable (never its fresh initialisation, which would be averaged into
         a trained swarm); `donor`: that peer's last checkpoint (the swarm restarts from it). A method without
         shared state (`none`, `optimizer`, which catches up through hivemind): its own last checkpoint, or its fresh

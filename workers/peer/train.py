@@ -147,6 +147,7 @@ def epoch_row(
 ) -> MetricsRow:
     """`seconds`: (training with its averaging rounds, evaluation) of this epoch."""
     group_size, averaging_seconds, averaging_bytes = averaging.take_window()
+    received, dropped = averaging.stats.take_messages()
     progress, (trained_s, eval_s) = setup.progress, seconds
     return MetricsRow(
         run_id=setup.run_id,
@@ -169,6 +170,8 @@ def epoch_row(
         averaging_bytes=averaging_bytes,
         bytes_source=averaging.bytes_source,
         averaging_rounds_partial=averaging.stats.partial,
+        messages_received=received,
+        messages_dropped=dropped,
         node=setup.node,
         node_id=setup.node_id,
         restarts=setup.restarts,
