@@ -1,15 +1,22 @@
-"""`gossip-launch bench [--quick] [--out DIR]`: what gossip costs on this machine, measured side by side in one run
-(these machines are noisy: only ratios of figures taken minutes apart mean anything).
+"""`gossip-launch bench [--quick] [--out DIR] [--repeats N] [--only PART...]`: what a round costs on this machine,
+against the baselines a user would pick instead, measured side by side in one run (these machines are noisy: only ratios
+of figures taken in one run mean anything).
 
-- G1 throughput: mean samples/s per peer of `gossip` (blocking and with `overlap`), `sgp` and `allreduce` over `none`,
-  the same config otherwise: cifar10_gossip.yaml's knobs (group 16, min 2, alpha 1, matchmaking 5 s), 4 peers, on
-  generated CIFAR-format data: `cifar_cnn` (0.25 MB of parameters) at H = 10 and 50 local steps per round, and
-  `resnet50` (94 MB) for 15 steps at H = 5 (not with --quick: a step is seconds long on a CPU).
+- C, round cost (and G1 throughput from the same runs): the 4-peer (and, without --quick, 8-peer) cifar_cnn swarm
+  on generated CIFAR-format data at H = 10, run with `none` and with each method (`gossip`, the same with
+  `gossip.cheap_rounds: false` = plain hivemind, `allreduce` = gloo on the same tensors, `sgp`), REPEATS times
+  interleaved (none, m1, m2, ..., none, m1, ...), so slow drifts of a shared machine hit every method alike. For each
+  run: the whole machine's busy CPU (/proc/stat: the driver, Ray, the actors, hivemind's processes, p2pd) between the
+  launcher's "started training" line and its last epoch line; c = (that - the same repeat's `none`) / peer-rounds.
+  Reported: the median c with its range, the `none`-against-`none` noise floor in the same unit, the share of rounds
+  that succeeded and the final consensus against `none`'s (a cheap round that fails or averages nothing is no
+  saving), and samples/s per peer over `none`'s (G1), median over the repeats. Without --quick also at H = 50.
 - G2 one round: a hivemind averaging round (matchmaking included; the group is the whole swarm) against one gloo
-  all-reduce of the same bytes, for 1, 10 and 100 MB, groups of 2 and 4, and with float16 and uint8 compression;
-  with where its time goes: matchmaking and all-reduce apart, the CPU a peer's averager and DHT processes and its
-  p2pd daemon spent on the round, and the time to serialize and deserialize the tensor's parts once.
-- G7 start-up: from the run's start to every peer's first step, against bare Ray starting N no-op actors.
+  all-reduce of the same bytes, for 1, 10 and 100 MB, groups of 2 and 4, with float16 and uint8 compression; where
+  its time goes (matchmaking, all-reduce, the averager's and p2pd's CPU, serialization). And resnet50's 267 tensors
+  (94 MB) against one tensor of the same bytes, with the project's flat buffers and without (plain hivemind).
+- G7 start-up: from the run's start to every peer's first step, against N Ray actors that import torch and build the
+  same model and a torch.optim optimizer (what any PyTorch launcher on Ray pays), and N no-op actors.
 
 Writes bench.csv (one row per measurement) and bench.md (the tables) in a folder of its own under --out.
 """
@@ -30,7 +37,7 @@ import torch
 
 from launcher.driver.controller import run_experiment
 from launcher.results.summary import read_events, read_metrics
-from workers.core.config import ExperimentConfig, load_config
+from workers.core.config import load_config
 from workers.core.network import free_port
 
 logger = logging.getLogger("launcher.bench")
@@ -38,26 +45,33 @@ logger = logging.getLogger("launcher.bench")
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "configs" / "experiments" / "cifar10_gossip.yaml"
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"
-G1_METHODS = {"none": [], "allreduce": ["gossip.method=allreduce"], "gossip": [],
-              "gossip+overlap": ["gossip.overlap=true"], "sgp": ["gossip.method=sgp"]}  # fmt: skip
-# model, images per peer, batch, epochs, H (quick), H (full): resnet50 steps are seconds long on a CPU
-G1_WORKLOADS = [("cifar_cnn", 2000, 64, 2, (10,), (10, 50)), ("resnet50", 120, 8, 1, (), (5,))]
+METHODS = {"none": ["gossip.method=none"], "gossip": [], "gossip (plain hivemind)": ["gossip.cheap_rounds=false"],
+           "allreduce": ["gossip.method=allreduce"], "sgp": ["gossip.method=sgp"]}  # fmt: skip
 REPEATS = 3  # G2: rounds per setting (the median is reported)
 
 
-def run_bench(out: Path, quick: bool) -> Path:
+def run_bench(out: Path, quick: bool, repeats: int | None = None, only: list[str] | None = None) -> Path:
     import ray
 
     bench_dir = Path(out).expanduser() / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
     bench_dir.mkdir(parents=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     logger.info("bench on %s -> %s", device, bench_dir)
+    repeats = repeats or (2 if quick else 5)
     ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    parts, rows = set(only or ["cost", "round", "startup"]), []
     try:
-        rows = [*throughput(bench_dir, quick), *startup(bench_dir, quick)]
+        if "cost" in parts:  # (peers, H, epochs): 16 epochs of 4 peers at H = 10 are about 400 peer-rounds per run
+            data_root = cifar_data()
+            for peers, every_steps, epochs in [(4, 10, 4)] if quick else [(4, 10, 16), (8, 10, 8), (4, 50, 16)]:
+                methods = list(METHODS) if every_steps == 10 else ["none", "gossip", "allreduce"]
+                rows += round_cost(bench_dir, data_root, peers, every_steps, epochs, repeats, methods)
+        if "startup" in parts:
+            rows += startup(bench_dir, quick)
     finally:
         ray.shutdown()
-    rows += one_round(quick)
+    if "round" in parts:
+        rows += one_round(quick)
     table = pd.DataFrame(rows).assign(device=device)
     table.to_csv(bench_dir / "bench.csv", index=False)
     (bench_dir / "bench.md").write_text(markdown(table, device))
@@ -65,51 +79,122 @@ def run_bench(out: Path, quick: bool) -> Path:
     return bench_dir
 
 
-# -- G1 ----------------------------------------------------------------------------------------------------------
+# -- C and G1 -----------------------------------------------------------------------------------------------------
 
 
-def cifar_config(data_root: Path, method: str, every_steps: int, *extra: str) -> ExperimentConfig:
-    gpu = 1 / 4 if torch.cuda.is_available() else 0  # 4 peers share the one GPU a bench machine has
-    overrides = [f"data.root={data_root}", "data.verify_checksums=false", "data.num_workers=0", "data.augment=false",
-                 "optim.epochs=2", f"resources.num_gpus={gpu}", "resources.num_cpus=0.5", "peers=4",
-                 f"gossip.every_steps={every_steps}", *G1_METHODS[method], *extra]  # fmt: skip
-    if method == "none":
-        overrides.append("gossip.method=none")
-    return load_config(CIFAR, overrides)
-
-
-def throughput(bench_dir: Path, quick: bool) -> list[dict]:
+def cifar_data(n_train: int = 8000) -> Path:
     from workers.peer.synthetic import write_tiny_cifar10
 
+    return write_tiny_cifar10(Path(tempfile.mkdtemp(prefix="bench-cifar-")), n_train=n_train, n_test=500)
+
+
+def busy_cpu_s() -> float:
+    """The whole machine's busy CPU-seconds so far (every process: user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class TrainingWindow(logging.Handler):
+    """Notes the machine's busy CPU and the time when the launcher logs that every peer started training and when it
+    logs the last epoch's line: start-up and shutdown are left out."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.last = f"epoch {epochs}/{epochs} "
+        self.start: tuple[float, float] | None = None
+        self.end: tuple[float, float] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.start is None and "started training" in message:
+            self.start = (busy_cpu_s(), time.monotonic())
+        elif self.start is not None and self.end is None and message.startswith(self.last):
+            self.end = (busy_cpu_s(), time.monotonic())
+
+
+def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, every_steps: int, epochs: int) -> dict:
+    overrides = [f"data.root={data_root}", "data.verify_checksums=false", "data.num_workers=0", "data.augment=false",
+                 "data.test_batch_size=500", f"optim.epochs={epochs}", f"peers={peers}", "resources.num_cpus=0.25",
+                 f"resources.num_gpus={1 / peers if torch.cuda.is_available() else 0}",
+                 f"gossip.every_steps={every_steps}", *METHODS[method]]  # fmt: skip
+    window = TrainingWindow(epochs)
+    launcher = logging.getLogger("launcher")
+    level, launcher.level = launcher.level, logging.INFO
+    launcher.addHandler(window)
+    try:
+        result = run_experiment(load_config(CIFAR, overrides), bench_dir / "runs")
+    finally:
+        launcher.removeHandler(window)
+        launcher.setLevel(level)
+    if result.exit_code != 0 or window.start is None or window.end is None:
+        raise RuntimeError(f"bench run {method} ({result.run_dir}): exit {result.exit_code}, training window "
+                           f"{'found' if window.start and window.end else 'not found'}")  # fmt: skip
+    metrics = read_metrics(result.run_dir)
+    last = metrics.sort_values("epoch").groupby("peer").tail(1)
+    return dict(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1],
+                rounds_ok=int(last.averaging_rounds_ok.sum()), rounds_failed=int(last.averaging_rounds_failed.sum()),
+                consensus=float(metrics[metrics.epoch == epochs].consensus_dist.iloc[0]),
+                samples_per_s=float(metrics.samples_per_s.mean()), run=result.run_dir.name)  # fmt: skip
+
+
+def round_cost(bench_dir: Path, data_root: Path, peers: int, every_steps: int, epochs: int, repeats: int,
+               methods: list[str]) -> list[dict]:  # fmt: skip
+    """One row per run (bench "C"): the methods interleaved with `none`, `repeats` times."""
     rows = []
-    for model, per_peer, batch, epochs, quick_h, full_h in G1_WORKLOADS:
-        data_root = write_tiny_cifar10(Path(tempfile.mkdtemp(prefix="bench-cifar-")), n_train=4 * per_peer,
-                                       n_test=min(500, 8 * batch))  # fmt: skip
-        workload = [f"model.name={model}", f"data.batch_size={batch}", f"data.test_batch_size={8 * batch}",
-                    f"optim.epochs={epochs}"]  # fmt: skip
-        for every_steps in quick_h if quick else full_h:
-            speeds = {}
-            for method in G1_METHODS:
-                result = run_experiment(cifar_config(data_root, method, every_steps, *workload), bench_dir / "g1")
-                metrics = read_metrics(result.run_dir)
-                speeds[method] = metrics.samples_per_s.mean()
-                rows.append(dict(bench="G1", what=method, model=model, every_steps=every_steps,
-                                 samples_per_s=speeds[method], ratio=speeds[method] / speeds["none"],
-                                 rounds_ok=int(metrics.averaging_rounds_ok.max()),
-                                 averaging_seconds=metrics.averaging_seconds.sum() / 4,
-                                 run=result.run_dir.name))  # fmt: skip
+    for repeat in range(repeats):
+        for method in methods:
+            logger.info("C: %s, %d peers, H=%d, repeat %d/%d", method, peers, every_steps, repeat + 1, repeats)
+            run = measured_run(bench_dir, data_root, method, peers, every_steps, epochs)
+            rows.append(dict(bench="C", what=method, peers=peers, every_steps=every_steps, epochs=epochs,
+                             repeat=repeat, **run))  # fmt: skip
     return rows
+
+
+def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and method: c (ms of machine CPU per peer-round over `none`'s run of the same repeat), its range,
+    the none-against-none floor, the rounds' success share, consensus against none's, and G1's samples/s ratio."""
+    out = []
+    for (peers, every_steps), setting in runs.groupby(["peers", "every_steps"], sort=False):
+        none = setting[setting.what == "none"].set_index("repeat")
+        for method, arm in setting[setting.what != "none"].groupby("what", sort=False):
+            arm = arm.set_index("repeat")
+            rounds = arm.rounds_ok + arm.rounds_failed
+            c = 1000 * (arm.cpu_s - none.cpu_s.reindex(arm.index)) / rounds.clip(lower=1)
+            floor = (none.cpu_s.diff().abs().dropna() * 1000 / rounds.median()).median() if len(none) > 1 else None
+            out.append(dict(what=method, peers=peers, every_steps=every_steps, c_ms=c.median(), c_min=c.min(),
+                            c_max=c.max(), floor_ms=floor, peer_rounds=rounds.median(),
+                            ok_share=arm.rounds_ok.sum() / max(rounds.sum(), 1), consensus=arm.consensus.median(),
+                            none_consensus=none.consensus.median(), samples_per_s=arm.samples_per_s.median(),
+                            g1_ratio=(arm.samples_per_s / none.samples_per_s.reindex(arm.index)).median()))  # fmt: skip
+    return pd.DataFrame(out)
 
 
 # -- G7 ----------------------------------------------------------------------------------------------------------
 
 
 def startup(bench_dir: Path, quick: bool) -> list[dict]:
+    """Seconds from the run's start to every peer's first step, against N Ray actors that import torch, build the
+    quickstart's model and a torch.optim optimizer and take one step (the fair denominator), and N no-op actors."""
     import ray
 
     @ray.remote(num_cpus=0.25)
     class Noop:
-        def ping(self) -> int:
+        def ready(self, model_cfg) -> int:
+            return os.getpid()
+
+    @ray.remote(num_cpus=0.25)
+    class TorchPeer:
+        def ready(self, model_cfg) -> int:
+            import torch
+
+            from workers.peer.models import build_model
+
+            model = build_model(model_cfg, 10, (1, 8, 8))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            model(torch.zeros(2, 1, 8, 8)).sum().backward()
+            optimizer.step()
             return os.getpid()
 
     rows = []
@@ -118,13 +203,16 @@ def startup(bench_dir: Path, quick: bool) -> list[dict]:
                                        "resources.num_cpus=0.25"])  # fmt: skip
         result = run_experiment(cfg, bench_dir / "g7")
         started = read_events(result.run_dir).query("event == 'started'").time_s.max()
-        began = time.perf_counter()
-        actors = [Noop.remote() for _ in range(peers)]
-        ray.get([actor.ping.remote() for actor in actors])
-        bare = time.perf_counter() - began
-        for actor in actors:
-            ray.kill(actor)
-        rows.append(dict(bench="G7", what=f"{peers} peers", seconds=started, bare_ray_s=bare, ratio=started / bare))
+        arms = {}
+        for name, actor_class in (("torch_actors_s", TorchPeer), ("bare_ray_s", Noop)):
+            began = time.perf_counter()
+            actors = [actor_class.remote() for _ in range(peers)]
+            ray.get([actor.ready.remote(cfg.model) for actor in actors])
+            arms[name] = time.perf_counter() - began
+            for actor in actors:
+                ray.kill(actor)
+        rows.append(dict(bench="G7", what=f"{peers} peers", seconds=started, **arms,
+                         ratio=started / arms["torch_actors_s"], bare_ratio=started / arms["bare_ray_s"]))  # fmt: skip
     return rows
 
 
@@ -142,6 +230,13 @@ def one_round(quick: bool) -> list[dict]:
                 rows.append(dict(bench="G2", what=f"{megabytes} MB, group of {group}", compression=codec, **hivemind,
                                  gloo_s=gloo, ratio=hivemind["seconds"] / gloo,
                                  allreduce_ratio=hivemind["allreduce_s"] / gloo, serialize_s=serialize_s))  # fmt: skip
+    if not quick:  # resnet50's 267 tensors against one tensor of the same bytes (a group of 2: 2 cores)
+        single = median_round(_hivemind_rounds, 2, 0, "none", "resnet50 as one tensor")
+        for shapes, flat in (("resnet50", True), ("resnet50", False)):
+            many = median_round(_hivemind_rounds, 2, 0, "none", shapes, flat)
+            rows.append(dict(bench="G2", what=f"resnet50, 267 tensors, {'flat buffers' if flat else 'plain hivemind'}",
+                             compression="none", **many, single_s=single["seconds"],
+                             ratio=many["seconds"] / single["seconds"]))  # fmt: skip
     return rows
 
 
@@ -172,6 +267,18 @@ def bench_tensor(megabytes: int) -> torch.Tensor:
     return torch.randn(megabytes * 2**20 // 4)
 
 
+def bench_tensors(megabytes: int, shapes: str) -> list[torch.Tensor]:
+    """What a G2 round averages: one tensor of `megabytes` MiB, resnet50's averaged tensors (267, 94 MB), or one
+    tensor of as many bytes."""
+    if not shapes.startswith("resnet50"):
+        return [bench_tensor(megabytes)]
+    from workers.averaging.base import averaged_tensors
+    from workers.peer.models import resnet50_small_inputs
+
+    tensors = [t.clone() for t in averaged_tensors(resnet50_small_inputs(200))]
+    return tensors if shapes == "resnet50" else [torch.cat([t.flatten() for t in tensors])]
+
+
 def _gloo_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times) -> None:
     import torch.distributed as dist
 
@@ -186,14 +293,18 @@ def _gloo_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, t
     dist.destroy_process_group()
 
 
-def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times, codec: str) -> None:
+def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvous, times, codec: str,
+                     shapes: str = "single", flat: bool = True) -> None:  # fmt: skip
     """Each round in two phases: matchmaking (hivemind's step with require_trigger, until the group is assembled)
-    and the all-reduce (after allow_allreduce); with the CPU this peer's processes spent on it."""
+    and the all-reduce (after allow_allreduce); with the CPU this peer's processes spent on it. `flat`: the tensors
+    go as one flat buffer (the project's gossip), else one part or more per tensor (plain hivemind)."""
     import hivemind
     import psutil
     from hivemind.averaging.control import AveragingStage
 
+    from workers.averaging.flat import FlatLayout
     from workers.averaging.gossip import PART_SIZE_BYTES, compression, swarm_averager_class
+    from workers.averaging.levers import Levers
 
     mp.set_start_method("fork", force=True)  # hivemind forks its DHT and averager processes (a spawned child spawns)
     initial = [] if rank == 0 else rendezvous.get(timeout=120)
@@ -201,10 +312,12 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
     if rank == 0:
         for _ in range(group - 1):
             rendezvous.put([str(addr) for addr in dht.get_visible_maddrs()])
-    tensor = bench_tensor(megabytes)
-    averager = swarm_averager_class()([tensor], dht, prefix="bench", target_group_size=group, min_group_size=group,
+    tensors = bench_tensors(megabytes, shapes)
+    tensors = FlatLayout(tensors).buffers(tensors) if flat else tensors
+    levers = Levers(sticky=False, flat=flat)  # every round matchmade (G2 times matchmaking)
+    averager = swarm_averager_class()(tensors, dht, prefix="bench", target_group_size=group, min_group_size=group,
                                       min_matchmaking_time=5.0, request_timeout=2.0, allreduce_timeout=120,
-                                      compression=compression(codec), part_size_bytes=PART_SIZE_BYTES,
+                                      compression=compression(codec), part_size_bytes=PART_SIZE_BYTES, levers=levers,
                                       start=True)  # fmt: skip
     helpers = psutil.Process().children(recursive=True)  # the DHT's and the averager's processes, and p2pd
 
@@ -246,11 +359,15 @@ def serialization_seconds(tensor: torch.Tensor, codec: str) -> float:
 
 def markdown(table: pd.DataFrame, device: str) -> str:
     parts = [f"Measured on {device}, {datetime.now():%Y-%m-%d}.\n"]
-    for bench, columns in [("G1", ["what", "model", "every_steps", "samples_per_s", "ratio", "rounds_ok",
-                                   "averaging_seconds"]),
-                           ("G2", ["what", "compression", "seconds", "gloo_s", "ratio", "matchmaking_s", "allreduce_s",
-                                   "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
-                           ("G7", ["what", "seconds", "bare_ray_s", "ratio"])]:  # fmt: skip
+    runs = table[table.bench == "C"] if "bench" in table else table.iloc[:0]
+    if len(runs):
+        summary = round_cost_summary(runs)
+        parts.append("### C: machine CPU per peer-round over `none` (cifar_cnn), and G1 throughput over `none`\n\n"
+                     f"{markdown_table(summary)}\n")  # fmt: skip
+    for bench, columns in [("G2", ["what", "compression", "seconds", "gloo_s", "single_s", "ratio", "matchmaking_s",
+                                   "allreduce_s", "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
+                           ("G7", ["what", "seconds", "torch_actors_s", "ratio", "bare_ray_s",
+                                   "bare_ratio"])]:  # fmt: skip
         rows = table[table.bench == bench]
         if len(rows):
             shown = [column for column in columns if column in rows and rows[column].notna().any()]

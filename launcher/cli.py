@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure gossip's cost on this machine: throughput, one round, start-up")
     bench.add_argument("--quick", action="store_true", help="a smaller bench: under about 5 minutes on 2 cores")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where its folder goes (default: results/)")
+    bench.add_argument("--repeats", type=int, help="C: interleaved repeats of each method (default 5, 2 with --quick)")
+    bench.add_argument("--only", nargs="+", choices=["cost", "round", "startup"],
+                       help="run only these parts: cost (C and G1), round (G2), startup (G7)")  # fmt: skip
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument(
         "run_dirs",
@@ -124,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
     from launcher.bench import run_bench
 
     install_interrupt_handlers()
-    print(f"wrote {run_bench(args.out, args.quick)}")
+    print(f"wrote {run_bench(args.out, args.quick, args.repeats, args.only)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The bench's parts on a small scale: one round of hivemind and of gloo in real processes, and its tables."""
+"""The bench's parts on a small scale: a measured swarm run (its training window's machine CPU), one round of hivemind
+and of gloo in real processes, the round-cost summary, and its tables."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from launcher.bench import _gloo_rounds, _hivemind_rounds, markdown, median_round, serialization_seconds
+from launcher.bench import (
+    _gloo_rounds,
+    _hivemind_rounds,
+    cifar_data,
+    markdown,
+    measured_run,
+    median_round,
+    round_cost_summary,
+    serialization_seconds,
+)
 
 
 @pytest.mark.integration
@@ -21,13 +31,44 @@ def test_one_round_is_timed_for_hivemind_and_gloo_in_processes_of_their_own():
     assert 0 < serialization_seconds(torch.randn(2**18), "float16") < 1
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_measured_run_reads_the_machines_cpu_over_its_training_window(ray_local, tmp_path):
+    """The C bench's run: a real 2-peer gossip swarm; its window is found in the launcher's log, the machine was busy
+    in it (at most both cores over its wall time), and its rounds and consensus are read from its metrics."""
+    run = measured_run(tmp_path, cifar_data(n_train=1000), "gossip", peers=2, every_steps=4, epochs=2)
+    print(run)
+    assert 0 < run["wall_s"] < 120 and 0 < run["cpu_s"] <= 2 * run["wall_s"] * 1.05
+    assert run["rounds_ok"] >= 6 and run["rounds_failed"] == 0 and run["consensus"] < 1e-6
+
+
+def test_c_is_the_extra_cpu_per_peer_round_over_the_same_repeats_none():
+    runs = pd.DataFrame([
+        dict(what=what, peers=4, every_steps=10, repeat=repeat, cpu_s=cpu, rounds_ok=ok, rounds_failed=failed,
+             consensus=consensus, samples_per_s=speed)
+        for what, repeat, cpu, ok, failed, consensus, speed in [
+            ("none", 0, 100.0, 0, 0, 0.5, 400.0), ("gossip", 0, 110.0, 380, 20, 1e-9, 360.0),
+            ("none", 1, 101.0, 0, 0, 0.5, 420.0), ("gossip", 1, 109.0, 400, 0, 2e-9, 399.0),
+            ("none", 2, 103.0, 0, 0, 0.5, 410.0), ("gossip", 2, 115.0, 400, 0, 3e-9, 410.0),
+        ]
+    ])  # fmt: skip
+    (row,) = round_cost_summary(runs).itertuples()
+    costs = sorted([1000 * 10 / 400, 1000 * 8 / 400, 1000 * 12 / 400])
+    assert (row.c_ms, row.c_min, row.c_max) == pytest.approx((costs[1], costs[0], costs[2]))
+    assert row.floor_ms == pytest.approx(1000 * 1.5 / 400)  # median of |101-100|, |103-101|, per peer-round
+    assert row.ok_share == pytest.approx(1180 / 1200) and row.consensus == pytest.approx(2e-9)
+    assert row.g1_ratio == pytest.approx(0.95)  # median of 360/400, 399/420, 410/410
+
+
 def test_the_tables_show_each_bench_with_its_columns():
     table = pd.DataFrame([
-        dict(bench="G1", what="gossip", model="cifar_cnn", every_steps=10, samples_per_s=480.0, ratio=0.91,
-             rounds_ok=6, averaging_seconds=1.5),
+        dict(bench="C", what="none", peers=4, every_steps=10, repeat=0, cpu_s=100.0, rounds_ok=0, rounds_failed=0,
+             consensus=0.5, samples_per_s=400.0),
+        dict(bench="C", what="allreduce", peers=4, every_steps=10, repeat=0, cpu_s=104.0, rounds_ok=400,
+             rounds_failed=0, consensus=0.0, samples_per_s=380.0),
         dict(bench="G2", what="1 MB, group of 2", compression="none", seconds=0.14, gloo_s=0.0056, ratio=25.0),
     ])  # fmt: skip
     text = markdown(table, "cpu (2 cores)")
-    assert "Measured on cpu (2 cores)" in text and "### G1" in text and "### G2" in text and "### G7" not in text
-    assert "| gossip | cifar_cnn | 10 | 480 | 0.91 | 6 | 1.5 |" in text
+    assert "Measured on cpu (2 cores)" in text and "### C" in text and "### G2" in text and "### G7" not in text
+    assert "| allreduce | 4 | 10 | 10 |" in text and "| 0.95 |" in text
     assert "| 1 MB, group of 2 | none | 0.14 | 0.0056 | 25 |" in text
