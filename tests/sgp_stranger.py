@@ -32,7 +32,7 @@ def main() -> None:
                        ensure_bootstrap_success=False)  # fmt: skip
     me = dht.peer_id.to_bytes()
     forged = membership_proof(b"not the run's key, 32 bytes long", me)
-    dht.store(f"{prefix}.live", {"proof": forged, "live": True}, get_dht_time() + 60, subkey=me)
+    dht.store(f"{prefix}.sgp_live", {"proof": forged, "live": True}, get_dht_time() + 60, subkey=me)
 
     async def send_all() -> dict:
         p2p = await dht.replicate_p2p()

@@ -306,7 +306,7 @@ def test_a_dead_peer_does_not_block_the_others_and_leaves_the_graph(eight):
             assert all(r.delivered and r.seconds < timeout for r in results) and all(c.received == 1 for c in counts)
         # a peer that leaves overwrites its liveness record with a tombstone at once
         survivors[2].leave()
-        record = own[0].get("t6.live", latest=True).value[survivors[2].peer_id.to_bytes()]
+        record = own[0].get("t6.sgp_live", latest=True).value[survivors[2].peer_id.to_bytes()]
         assert record.value["live"] is False
         assert [len(p.wait_members(99, timeout=1.5)) for p in survivors[:2]] == [2, 2]  # (one read, < ttl)
     finally:

@@ -77,7 +77,7 @@ def compare_runs(df: pd.DataFrame, target_acc: float | None = None) -> pd.DataFr
 def _other_varying_settings(runs: list[pd.DataFrame]) -> list[str]:
     """Config keys (dotted, or the seed) that differ between runs and are not already in the table."""
     shown = {"gossip.method", *(f"gossip.{knob}" for knob in GOSSIP_KNOBS)}
-    keys = [c for c in runs[0].columns if ("." in c or c == "seed") and c not in shown] if runs else []
+    keys = [c for c in runs[0].columns if ("." in c or c in ("seed", "scenario")) and c not in shown] if runs else []
     return [k for k in keys if len({str(run[k].iloc[0]) if k in run else "" for run in runs}) > 1]
 
 
@@ -156,6 +156,16 @@ def _rounds(run: pd.DataFrame) -> dict[str, float]:
     return {**counts, **{f"{name}_per_peer": count / peers for name, count in counts.items()}}
 
 
+def experiment_condition(table: pd.DataFrame) -> str | None:
+    """The setting an experiment's runs differ in besides the method and its knobs (a straggler's `scenario`, a
+    link's rate): the x axis of its time-to-target plot. None where nothing else varies."""
+    if table["rate_mbit"].nunique() > 1:
+        return "rate_mbit"
+    method_knobs = ("gossip.", "faults.")
+    candidates = [c for c in table.columns if ("." in c or c == "scenario") and not c.startswith(method_knobs)]
+    return next((c for c in candidates if table[c].astype(str).nunique() > 1), None)
+
+
 def format_comparison(table: pd.DataFrame, width: int = 120) -> str:
     """The table for a terminal: columns wrapped into blocks of `width` characters."""
     shown = table.drop(columns=["run_dir"], errors="ignore")
@@ -185,5 +195,5 @@ def analyze(
         if plot:
             from launcher.results.plots import write_plots  # matplotlib: only when plots are asked for
 
-            written += write_plots(df, out)
+            written += write_plots(df, out, table, experiment_condition(table))
     return table, written

@@ -136,8 +136,45 @@ def plot_bytes(df: pd.DataFrame) -> Figure | None:
     return fig
 
 
-def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Per-peer curves for a single run or mean curves for several, plus consensus distance; the paths written."""
+def plot_time_to_target(table: pd.DataFrame, condition: str) -> Figure | None:
+    """An experiment's headline: time to the target accuracy (the median over runs of a point, with the worst peer's
+    time as a marker) against the condition, one line per method; a method that never got there is drawn at the
+    top, marked "not reached". `table`: compare_runs' rows (with time_to_target_s)."""
+    if "time_to_target_s" not in table or condition not in table or table["method"].isna().all():
+        return None
+    conditions = list(dict.fromkeys(table[condition].astype(str)))
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ceiling = np.nanmax(table["time_to_target_s"].to_numpy(dtype=float), initial=1.0) * 1.15
+    for method, rows in table.groupby("method", sort=False):
+        times = rows.groupby(rows[condition].astype(str), sort=False)["time_to_target_s"].median()
+        y = [times.get(c, np.nan) for c in conditions]
+        shown = [ceiling if np.isnan(v) else v for v in y]
+        (line,) = ax.plot(range(len(conditions)), shown, marker="o", label=str(method))
+        for x, v in enumerate(y):
+            if np.isnan(v) and conditions[x] in times.index:
+                ax.annotate("not reached", (x, ceiling), fontsize="x-small", color=line.get_color(), ha="center",
+                            va="bottom")  # fmt: skip
+    ax.set_xticks(range(len(conditions)), [textwrap_label(c) for c in conditions], fontsize="small")
+    ax.set_xlabel(condition)
+    ax.set_ylabel("time to target accuracy on the run's clock (s)")
+    ax.set_title("time to target accuracy per condition (lower is better)")
+    ax.grid(alpha=0.3)
+    _legend(ax, table["method"].nunique())
+    return fig
+
+
+def textwrap_label(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or "(none)"
+
+
+def write_plots(df: pd.DataFrame, out_dir: Path, table: pd.DataFrame | None = None,
+                condition: str | None = None) -> list[Path]:  # fmt: skip
+    """Per-peer curves for a single run or mean curves for several, plus consensus distance, and with a comparison
+    `table` and the `condition` its runs differ in, time to target against it; the paths written."""
     several = len(split_runs(df)) > 1
     if several:
         curves = ("curves_runs.png", plot_runs(df))
@@ -145,6 +182,8 @@ def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         events = read_events(Path(df["run_dir"].iloc[0])) if "run_dir" in df.columns else None
         curves = ("curves_peers.png", plot_peers(df, events))
     figures = dict([curves, ("consensus.png", plot_consensus(df)), ("bytes.png", plot_bytes(df))])
+    if table is not None and condition is not None:
+        figures["time_to_target.png"] = plot_time_to_target(table, condition)
     written = []
     for name, fig in figures.items():
         if fig is not None:

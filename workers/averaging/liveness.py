@@ -1,7 +1,7 @@
 """Who is live: a short-lived liveness record per live incarnation, the graph's member list for push-sum.
 
 The membership proofs (workers/core/membership.py) live for days and survive their peer, so they are no list of the
-living. Each peer in the graph stores a record under f"{prefix}.live" (subkey: its PeerID bytes, value {"proof",
+living. Each peer in the graph stores a record under f"{prefix}.sgp_live" (subkey: its PeerID bytes, value {"proof",
 "live"}) that expires after `ttl`, re-stored every ttl/3, and reads the whole key every ttl/3 into its member list,
 both in the background: no DHT operation per round. A peer that leaves the graph overwrites its record with a
 tombstone ("live": False), so the others drop it at their next read; a killed one's record expires within `ttl`.
@@ -29,7 +29,8 @@ class LiveSet:
     """This peer's record and its view of the others' (the caller runs these coroutines on its own event loop)."""
 
     def __init__(self, dht: DHT, prefix: str, swarm_key: bytes | None, ttl: float = LIVENESS_TTL_S):
-        self.dht, self.key, self.swarm_key, self.ttl = dht, f"{prefix}.live", swarm_key, ttl
+        # (not gossip's sticky groups' `<prefix>.live`: its records, per the same PeerID subkey, would replace these)
+        self.dht, self.key, self.swarm_key, self.ttl = dht, f"{prefix}.sgp_live", swarm_key, ttl
         self.peer_id: PeerID = dht.peer_id
         self.proof = membership_proof(swarm_key, self.peer_id.to_bytes()) if swarm_key else b""
         self.members: list[PeerID] = [self.peer_id]  # sorted by PeerID bytes: the graph's order

@@ -33,6 +33,7 @@ from torch import nn
 
 from workers.averaging.base import AveragingStrategy, Diverged, averaged_tensors
 from workers.averaging.gossip import compression, swarm_averager_class
+from workers.averaging.levers import Levers
 from workers.averaging.pushsum import NonFiniteParameters, PushSum
 from workers.core.config import GossipConfig
 from workers.peer.state import DONOR_WAIT_S
@@ -152,6 +153,7 @@ def state_sharer(dht, prefix: str, swarm_key: bytes | None, anomalies):
         prefix=prefix,
         target_group_size=GROUP_SIZE,
         allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
+        levers=Levers(sticky=False),  # it never averages: no sticky group to keep alive
         next_chunk_timeout=DONOR_WAIT_S + 30.0,  # a donor answers once its epoch has ended (workers/peer/state.py)
         swarm_key=swarm_key,
         anomalies=anomalies,
