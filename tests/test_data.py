@@ -183,7 +183,9 @@ def mean_tv_from_global(labels: np.ndarray, shards: list[np.ndarray]) -> float:
     return float(np.mean([0.5 * np.abs(dist - overall).sum() for dist in peer_dists]))
 
 
-@pytest.mark.parametrize(("scheme", "alpha"), [("iid", 0.5), ("dirichlet", 0.1), ("dirichlet", 100.0)])
+@pytest.mark.parametrize(
+    ("scheme", "alpha"), [("iid", 0.5), ("dirichlet", 0.1), ("dirichlet", 100.0), ("skewed", 0.1), ("skewed", 100.0)]
+)
 def test_partition_is_disjoint_covering_nonempty_and_seeded(scheme, alpha):
     shards = partition(LABELS, 10, scheme, alpha, seed=3)
     assert len(shards) == 10 and all(len(shard) > 0 for shard in shards)
@@ -198,6 +200,16 @@ def test_dirichlet_small_alpha_skews_labels_and_iid_does_not():
     assert mean_tv_from_global(LABELS, partition(LABELS, 10, "dirichlet", 0.1, seed=0)) > 0.4
     assert mean_tv_from_global(LABELS, partition(LABELS, 10, "iid", 0.1, seed=0)) < 0.1
     assert mean_tv_from_global(LABELS, partition(LABELS, 10, "dirichlet", 100.0, seed=0)) < 0.1
+
+
+def test_skewed_shards_are_equal_in_size_and_skewed_like_dirichlets():
+    """The study's partition: every peer as many samples (synchronous methods step together), a strong skew at alpha
+    0.1, none at alpha 100."""
+    for seed in range(3):
+        shards = partition(LABELS[:4999], 8, "skewed", 0.1, seed)
+        assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+        assert mean_tv_from_global(LABELS[:4999], shards) > 0.4
+    assert mean_tv_from_global(LABELS, partition(LABELS, 10, "skewed", 100.0, seed=0)) < 0.1
 
 
 def test_dirichlet_gives_every_peer_a_sample_even_when_the_draw_does_not():

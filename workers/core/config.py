@@ -54,9 +54,16 @@ class DataConfig(_Section):
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="only for datasets without an official test split (digits)"
     )
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="how the training set is split among the peers")
+    partition: Literal["iid", "dirichlet", "skewed"] = Field(
+        "iid",
+        description=(
+            "how the training set is split among the peers: iid; dirichlet: each class's samples spread over the "
+            "peers ~ Dirichlet(alpha) (shards of unequal size); skewed: each peer's class mix ~ Dirichlet(alpha), "
+            "every shard the same size (synchronous methods take as many steps on every peer)"
+        ),
+    )
     dirichlet_alpha: PositiveFloat = Field(
-        0.5, description="concentration of the per-class Dirichlet: small = strong label skew"
+        0.5, description="dirichlet, skewed: the Dirichlet's concentration: small = strong label skew"
     )
     augment: bool = Field(True, description="random crop + horizontal flip of training images (cifar10, tinyimagenet)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per peer")

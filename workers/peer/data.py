@@ -197,6 +197,8 @@ def partition(labels: np.ndarray, num_peers: int, scheme: str, alpha: float, see
         return iid_shards(len(labels), num_peers, seed)
     if scheme == "dirichlet":
         return dirichlet_shards(labels, num_peers, alpha, seed)
+    if scheme == "skewed":
+        return skewed_shards(labels, num_peers, alpha, seed)
     raise ValueError(f"data.partition={scheme!r} is not supported")
 
 
@@ -220,6 +222,26 @@ def dirichlet_shards(labels: np.ndarray, num_peers: int, alpha: float, seed: int
         for peer, piece in enumerate(np.split(members, cuts)):
             parts[peer].append(piece)
     return _fill_empty([np.sort(np.concatenate(pieces)) for pieces in parts])
+
+
+def skewed_shards(labels: np.ndarray, num_peers: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label skew with equal shards: each peer's class mix ~ Dirichlet(alpha) over the classes, every shard the same
+    size (within one), so synchronous methods take as many steps per epoch on every peer. A peer draws each sample's
+    class from its mix among the classes with samples left (from what is left, in proportion, once its own are gone)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = [list(rng.permutation(np.flatnonzero(labels == label))) for label in classes]
+    shards = []
+    for peer in range(num_peers):
+        size = len(labels) // num_peers + (peer < len(labels) % num_peers)
+        mix, taken = rng.dirichlet(np.full(len(classes), alpha)), []
+        for _ in range(size):
+            left = np.array([len(pool) for pool in pools], dtype=float)
+            weights = mix * (left > 0)
+            weights = weights if weights.sum() > 0 else left
+            taken.append(pools[rng.choice(len(classes), p=weights / weights.sum())].pop())
+        shards.append(np.sort(np.array(taken, dtype=int)))
+    return shards
 
 
 def _fill_empty(shards: list[np.ndarray]) -> list[np.ndarray]:
