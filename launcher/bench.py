@@ -23,6 +23,7 @@ Writes bench.csv (one row per measurement) and bench.md (the tables) in a folder
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -59,7 +60,7 @@ def run_bench(out: Path, quick: bool, repeats: int | None = None, only: list[str
     logger.info("bench on %s -> %s", device, bench_dir)
     repeats = repeats or (2 if quick else 5)
     ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
-    parts, rows = set(only or ["cost", "round", "startup"]), []
+    parts, rows = set(only or ["cost", "round", "startup", "straggler"]), []
     try:
         if "cost" in parts:  # (peers, H, epochs): 16 epochs of 4 peers at H = 10 are about 400 peer-rounds per run
             data_root = cifar_data()
@@ -68,6 +69,8 @@ def run_bench(out: Path, quick: bool, repeats: int | None = None, only: list[str
                 rows += round_cost(bench_dir, data_root, peers, every_steps, epochs, repeats, methods)
         if "startup" in parts:
             rows += startup(bench_dir, quick)
+        if "straggler" in parts:
+            rows += straggler_rounds(bench_dir)
     finally:
         ray.shutdown()
     if "round" in parts:
@@ -96,22 +99,87 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+PROCESS_KINDS = ("peer actors", "hivemind processes", "p2pd", "ray", "driver", "other")
+
+
+def process_kind(process, actors: set[int], forked: set[int]) -> str:
+    """Which part of a run a process is: a peer's actor, a hivemind process it forked (DHT, averager: they keep the
+    actor's process title), a p2pd daemon, Ray's own (raylet, GCS, idle workers), this driver, or anything else."""
+    name = process.name()
+    if name == "p2pd":
+        return "p2pd"
+    if process.pid in actors:
+        return "peer actors"
+    if process.pid in forked:
+        return "hivemind processes"
+    if process.pid == os.getpid():
+        return "driver"
+    if name.startswith(("ray::", "raylet", "gcs_server")) or "ray" in " ".join(process.cmdline()[:2]):
+        return "ray"
+    return "other"
+
+
+def cpu_by_process(kinds: dict[int, str] | None = None) -> dict[int, tuple[str, float]]:
+    """Every process's (kind, CPU seconds so far); `kinds`: the kinds already known by pid (kept)."""
+    import psutil
+
+    found, processes = {}, list(psutil.process_iter())
+    parents = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            parents[process.pid] = process.ppid()
+    titled = {p.pid for p in processes if _name(p).startswith("ray::PeerActor")}
+    actors = {pid for pid in titled if parents.get(pid) not in titled}  # the actor; its forks keep its title
+    forked = set()
+    for pid in parents:  # every process below an actor that is not p2pd
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor not in actors and ancestor in parents and ancestor > 1:
+            ancestor = parents.get(ancestor)
+        if ancestor in actors:
+            forked.add(pid)
+    for process in processes:
+        try:
+            kind = (kinds or {}).get(process.pid) or process_kind(process, actors, forked)
+            found[process.pid] = (kind, sum(process.cpu_times()[:2]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _name(process) -> str:
+    try:
+        return process.name()
+    except Exception:
+        return ""
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process spent between two snapshots (a process born in between: all of its CPU)."""
+    spent = dict.fromkeys(PROCESS_KINDS, 0.0)
+    for pid, (kind, cpu) in after.items():
+        spent[kind] += cpu - before[pid][1] if pid in before else cpu
+    return spent
+
+
 class TrainingWindow(logging.Handler):
-    """Notes the machine's busy CPU and the time when the launcher logs that every peer started training and when it
-    logs the last epoch's line: start-up and shutdown are left out."""
+    """Notes the machine's busy CPU, each process's CPU and the time when the launcher logs that every peer started
+    training and when it logs the last epoch's line: start-up and shutdown are left out."""
 
     def __init__(self, epochs: int):
         super().__init__()
         self.last = f"epoch {epochs}/{epochs} "
         self.start: tuple[float, float] | None = None
         self.end: tuple[float, float] | None = None
+        self.processes: list[dict[int, tuple[str, float]]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if self.start is None and "started training" in message:
             self.start = (busy_cpu_s(), time.monotonic())
+            self.processes.append(cpu_by_process())
         elif self.start is not None and self.end is None and message.startswith(self.last):
             self.end = (busy_cpu_s(), time.monotonic())
+            self.processes.append(cpu_by_process({pid: kind for pid, (kind, _) in self.processes[0].items()}))
 
 
 def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, every_steps: int, epochs: int) -> dict:
@@ -133,7 +201,8 @@ def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, ever
                            f"{'found' if window.start and window.end else 'not found'}")  # fmt: skip
     metrics = read_metrics(result.run_dir)
     last = metrics.sort_values("epoch").groupby("peer").tail(1)
-    return dict(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1],
+    kinds = {f"cpu_s_{kind.replace(' ', '_')}": spent for kind, spent in cpu_by_kind(*window.processes).items()}
+    return dict(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1], **kinds,
                 rounds_ok=int(last.averaging_rounds_ok.sum()), rounds_failed=int(last.averaging_rounds_failed.sum()),
                 consensus=float(metrics[metrics.epoch == epochs].consensus_dist.iloc[0]),
                 samples_per_s=float(metrics.samples_per_s.mean()), run=result.run_dir.name)  # fmt: skip
@@ -167,7 +236,10 @@ def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
                             c_max=c.max(), floor_ms=floor, peer_rounds=rounds.median(),
                             ok_share=arm.rounds_ok.sum() / max(rounds.sum(), 1), consensus=arm.consensus.median(),
                             none_consensus=none.consensus.median(), samples_per_s=arm.samples_per_s.median(),
-                            g1_ratio=(arm.samples_per_s / none.samples_per_s.reindex(arm.index)).median()))  # fmt: skip
+                            g1_ratio=(arm.samples_per_s / none.samples_per_s.reindex(arm.index)).median(),
+                            **{f"c_{column[len('cpu_s_'):]}_ms": (1000 * (arm[column] - none[column].reindex(arm.index))
+                                                                  / rounds.clip(lower=1)).median()
+                               for column in arm.columns if column.startswith("cpu_s_")}))  # fmt: skip
     return pd.DataFrame(out)
 
 
@@ -213,6 +285,32 @@ def startup(bench_dir: Path, quick: bool) -> list[dict]:
                 ray.kill(actor)
         rows.append(dict(bench="G7", what=f"{peers} peers", seconds=started, **arms,
                          ratio=started / arms["torch_actors_s"], bare_ratio=started / arms["bare_ray_s"]))  # fmt: skip
+    return rows
+
+
+# -- G5 ----------------------------------------------------------------------------------------------------------
+
+
+def straggler_rounds(bench_dir: Path) -> list[dict]:
+    """What a straggler's failed rounds cost its training thread, blocking and overlapped: 8 peers, the quickstart,
+    H = 10, groups of 4 (at least 2), 1 s of matchmaking, peer 0 slowed 4x. A failed round, overlapped or not, should
+    cost no more than a blocking one (about matchmaking_time)."""
+    rows = []
+    for overlap in (False, True):
+        cfg = load_config(QUICKSTART, ["peers=8", "gossip.every_steps=10", "gossip.group_size=4",
+                                       "resources.num_cpus=0.25", "gossip.min_group_size=2",
+                                       "gossip.matchmaking_time=1", f"gossip.overlap={overlap}",
+                                       "scenario=[{peer: 0, event: slow, factor: 4}]"])  # fmt: skip
+        result = run_experiment(cfg, bench_dir / "g5")
+        metrics = read_metrics(result.run_dir)
+        last = metrics.sort_values("epoch").groupby("peer").tail(1).set_index("peer")
+        straggler, others = last.loc[0], last.drop(index=0)
+        rounds = straggler.averaging_rounds_ok + straggler.averaging_rounds_failed
+        averaging_s = metrics[metrics.peer == 0].averaging_seconds.sum()
+        rows.append(dict(bench="G5", what="overlap" if overlap else "blocking", rounds=int(rounds),
+                         failed=int(straggler.averaging_rounds_failed), straggler_s=straggler.wall_time_s,
+                         others_s=others.wall_time_s.median(), averaging_s=averaging_s,
+                         seconds_per_round=averaging_s / max(rounds, 1), run=result.run_dir.name))  # fmt: skip
     return rows
 
 
@@ -362,10 +460,17 @@ def markdown(table: pd.DataFrame, device: str) -> str:
     runs = table[table.bench == "C"] if "bench" in table else table.iloc[:0]
     if len(runs):
         summary = round_cost_summary(runs)
+        kinds = [column for column in summary.columns if column.startswith("c_") and column.endswith("_ms")
+                 and column != "c_ms"]  # fmt: skip
         parts.append("### C: machine CPU per peer-round over `none` (cifar_cnn), and G1 throughput over `none`\n\n"
-                     f"{markdown_table(summary)}\n")  # fmt: skip
+                     f"{markdown_table(summary.drop(columns=kinds))}\n")  # fmt: skip
+        if kinds:
+            parts.append("### Where c goes: each kind of process's CPU per peer-round over `none`'s (ms)\n\n"
+                         f"{markdown_table(summary[['what', 'peers', 'every_steps', 'c_ms', *kinds]])}\n")  # fmt: skip
     for bench, columns in [("G2", ["what", "compression", "seconds", "gloo_s", "single_s", "ratio", "matchmaking_s",
                                    "allreduce_s", "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
+                           ("G5", ["what", "rounds", "failed", "straggler_s", "others_s", "averaging_s",
+                                   "seconds_per_round"]),
                            ("G7", ["what", "seconds", "torch_actors_s", "ratio", "bare_ray_s",
                                    "bare_ratio"])]:  # fmt: skip
         rows = table[table.bench == bench]

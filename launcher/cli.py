@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a smaller bench: under about 5 minutes on 2 cores")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where its folder goes (default: results/)")
     bench.add_argument("--repeats", type=int, help="C: interleaved repeats of each method (default 5, 2 with --quick)")
-    bench.add_argument("--only", nargs="+", choices=["cost", "round", "startup"],
-                       help="run only these parts: cost (C and G1), round (G2), startup (G7)")  # fmt: skip
+    bench.add_argument("--only", nargs="+", choices=["cost", "round", "startup", "straggler"],
+                       help="only these parts: cost (C and G1), round (G2), startup (G7), straggler (G5)")  # fmt: skip
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument(
         "run_dirs",
@@ -108,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
             check_resume(point_cfg)
             check_local_ports(point_cfg, args.address)
             check_emulation(point_cfg, args.address)
+            check_cpu_cap(point_cfg, args.address)
         check_address(args.address or os.environ.get("RAY_ADDRESS"))
         args.out = storage_staging(cfg)  # from here on: the local folder the run folders are written into
         resume_dir = resumable_sweep(cfg, args)
@@ -161,6 +162,16 @@ def check_emulation(cfg: ExperimentConfig, address: str | None) -> None:
     from launcher.emulation.links import check_support  # tries a throwaway namespace: only for emulated runs
 
     check_support(cfg.emulation)
+
+
+def check_cpu_cap(cfg: ExperimentConfig, address: str | None) -> None:
+    """`resources.cap_cpu` needs a writable cgroup CPU controller where the peers run: checked here for peers that run
+    on this machine (a cluster's nodes are checked by each peer as it starts)."""
+    from workers.core.cpucap import cpu_hierarchy
+
+    if cfg.resources.cap_cpu and cluster_to_join(address) is None and cpu_hierarchy() is None:
+        raise ConfigError("resources.cap_cpu=true: no writable cgroup cpu controller on this machine (needs root and "
+                          "a cgroup v1 or v2 'cpu' hierarchy): set resources.cap_cpu=false")  # fmt: skip
 
 
 def storage_staging(cfg: ExperimentConfig | Sweep) -> Path:

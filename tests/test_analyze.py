@@ -287,3 +287,32 @@ def test_the_straggler_models_crossover():
     assert ratios == sorted(ratios) and ratios[0] < 1 < ratios[-1]
     f_star = crossover(**costly)
     assert expected_ratio(f_star, **costly) == pytest.approx(1.0, abs=1e-3) and 2 < f_star < 8
+
+
+def test_the_straggler_table_puts_the_models_prediction_next_to_the_measured_ratio():
+    """E1's table from a sweep's rows: f read from each run's scenario (as its config column holds it), the model fed
+    by the f = 1 arms' step time and round overheads, the measured throughput and time-to-target ratios."""
+    from launcher.results.expectations import expected_ratio, straggler_factor, straggler_table
+
+    slow4 = str([{"event": "slow", "peer": 7, "factor": 4.0, "at_epoch": None}])
+    assert straggler_factor(slow4) == 4.0 and straggler_factor("[]") == 1.0
+    assert straggler_factor("[{event: kill, peer: 0, at_s: 30, factor: null}]") == 1.0
+    rows = []
+    for method, scenario, overhead in (("gossip", "[]", 0.1), ("allreduce", "[]", 0.3), ("gossip", slow4, 0.1),
+                                       ("allreduce", slow4, 0.3)):  # fmt: skip
+        for peer in range(2):
+            for epoch in (1, 2):  # 10 steps an epoch of 0.05 s, one round each
+                rows.append({"gossip.method": method, "scenario": scenario, "peer": peer, "epoch": epoch,
+                             "step": 10 * epoch, "train_s": 0.5, "averaging_seconds": overhead,
+                             "averaging_rounds_ok": epoch, "averaging_rounds_failed": 0,
+                             "gossip.every_steps": 10, "restarts": 0})  # fmt: skip
+    table = pd.DataFrame([
+        {"method": m, "scenario": s, "swarm_samples_per_s": v, "median_peer_to_target_s": t}
+        for m, s, v, t in [("gossip", "[]", 100.0, 10.0), ("allreduce", "[]", 90.0, 9.0),
+                           ("gossip", slow4, 80.0, 12.0), ("allreduce", slow4, 40.0, 30.0)]
+    ])  # fmt: skip
+    result = straggler_table(pd.DataFrame(rows), table).set_index("f")
+    model = dict(peers=2, step_s=0.05, every_steps=10, gossip_overhead_s=0.1, allreduce_overhead_s=0.3)
+    assert result.loc[4.0, "predicted_ratio"] == pytest.approx(expected_ratio(4.0, **model))
+    assert result.loc[1.0, "measured_ratio"] == pytest.approx(100 / 90) and result.loc[4.0, "measured_ratio"] == 2.0
+    assert result.loc[4.0, "time_to_target_ratio"] == pytest.approx(2.5)

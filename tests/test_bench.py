@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from launcher.bench import (
+    PROCESS_KINDS,
     _gloo_rounds,
     _hivemind_rounds,
     cifar_data,
+    cpu_by_kind,
     markdown,
     measured_run,
     median_round,
@@ -40,6 +42,17 @@ def test_a_measured_run_reads_the_machines_cpu_over_its_training_window(ray_loca
     print(run)
     assert 0 < run["wall_s"] < 120 and 0 < run["cpu_s"] <= 2 * run["wall_s"] * 1.05
     assert run["rounds_ok"] >= 6 and run["rounds_failed"] == 0 and run["consensus"] < 1e-6
+    # where it went, process by process: the peers' actors, their hivemind processes and p2pd daemons all worked
+    kinds = {kind: run[f"cpu_s_{kind.replace(' ', '_')}"] for kind in PROCESS_KINDS}
+    assert kinds["peer actors"] > 0 and kinds["hivemind processes"] > 0 and kinds["p2pd"] > 0
+    assert 0.5 * run["cpu_s"] <= sum(kinds.values()) <= 1.2 * run["cpu_s"], (kinds, run["cpu_s"])
+
+
+def test_cpu_by_kind_counts_what_each_process_spent_in_between():
+    before = {1: ("p2pd", 10.0), 2: ("peer actors", 5.0), 3: ("ray", 1.0)}
+    after = {1: ("p2pd", 12.5), 2: ("peer actors", 9.0), 4: ("hivemind processes", 0.5)}  # 3 ended, 4 was born
+    spent = cpu_by_kind(before, after)
+    assert spent == {**dict.fromkeys(PROCESS_KINDS, 0.0), "p2pd": 2.5, "peer actors": 4.0, "hivemind processes": 0.5}
 
 
 def test_c_is_the_extra_cpu_per_peer_round_over_the_same_repeats_none():

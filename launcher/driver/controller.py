@@ -35,6 +35,7 @@ from launcher.results.summary import (
     summarize,
 )
 from workers.core.config import ExperimentConfig, dump_config
+from workers.core.cpucap import remove_caps
 from workers.core.csvfile import MetricsWriteError
 from workers.core.metrics import MetricsRow
 from workers.core.reporting import RowWriter, epoch_line
@@ -131,6 +132,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Path, address: str | None = N
             finally:
                 try:
                     swarm.shutdown()
+                    if cfg.resources.cap_cpu:
+                        remove_caps(run_id)  # the peers' CPU groups on this machine, now empty
                 finally:
                     if emulation is not None:
                         emulation.teardown()  # after the peers: namespaces, veths and bridge, also on errors

@@ -132,11 +132,15 @@ def _to_target(curve: pd.DataFrame, target_acc: float) -> dict[str, float]:
 
 def _peers_to_target(run: pd.DataFrame, target_acc: float) -> dict[str, float]:
     """Each peer's own first time at the target on the run's clock: the median peer's and the worst peer's (a peer that
-    never gets there makes the worst NaN)."""
+    never gets there counts as later than any other: it makes the worst NaN, and the median NaN when half of them never
+    got there)."""
     if "run_time_s" not in run or run["run_time_s"].isna().all():
         return {"median_peer_to_target_s": np.nan, "worst_peer_to_target_s": np.nan}
     times = [rows.loc[rows["test_acc"] >= target_acc, "run_time_s"].min() for _, rows in run.groupby("peer")]
-    return {"median_peer_to_target_s": float(np.median(times)), "worst_peer_to_target_s": float(np.max(times))}
+    times = np.nan_to_num(np.array(times, dtype=float), nan=np.inf)  # never there: after every other peer
+    median, worst = float(np.median(times)), float(np.max(times))
+    return {"median_peer_to_target_s": median if np.isfinite(median) else np.nan,
+            "worst_peer_to_target_s": worst if np.isfinite(worst) else np.nan}  # fmt: skip
 
 
 def _swarm_rate(run: pd.DataFrame) -> float:

@@ -48,6 +48,51 @@ def round_overhead_s(rows: pd.DataFrame) -> float:
 
 
 def step_time_s(rows: pd.DataFrame) -> float:
-    """A local step's time in a run's rows: training seconds per step (the rows' steps are cumulative)."""
-    steps = rows.sort_values("epoch").groupby("peer")["step"].apply(lambda s: s.iloc[-1] - s.iloc[0] + 1).sum()
-    return float(rows["train_s"].sum() / max(steps, 1))
+    """A local step's time in a run's rows: training seconds per step. A row's `step` is the peer's cumulative count,
+    so the rows after each peer's first cover exactly (first step, last step]."""
+    seconds = steps = 0.0
+    for _, peer in rows.sort_values("epoch").groupby("peer"):
+        if len(peer) > 1:
+            seconds += peer["train_s"].iloc[1:].sum()
+            steps += peer["step"].iloc[-1] - peer["step"].iloc[0]
+        else:
+            seconds, steps = seconds + peer["train_s"].sum(), steps + peer["step"].iloc[0]
+    return float(seconds / max(steps, 1))
+
+
+def straggler_factor(scenario: object) -> float:
+    """The `slow` factor of a run's scenario (its config column: the scenario list's text), 1 without one."""
+    import re
+
+    text = str(scenario)
+    factors = [float(x) for x in re.findall(r"""factor['"]?:\s*([0-9.]+)""", text)] if "slow" in text else []
+    return max(factors, default=1.0)
+
+
+def straggler_table(df: pd.DataFrame, table: pd.DataFrame, method: str = "gossip") -> pd.DataFrame:
+    """E1's prediction next to its measurement, per straggler factor f: R(f) from the f = 1 arms' own step time and
+    round overheads, the measured swarm throughput ratio of `method` over all-reduce, and the ratio of their median
+    peers' times to target (all-reduce's over the method's: above 1 = the method is faster). `df`: load_runs' rows of
+    the sweep, `table`: compare_runs(df, target_acc)'s."""
+    df = df.assign(f=df["scenario"].map(straggler_factor) if "scenario" in df else 1.0)
+    table = table.assign(f=table["scenario"].map(straggler_factor) if "scenario" in table else 1.0)
+    control = df[df["f"] == 1.0]
+    gossip_rows = control[control["gossip.method"] == method]
+    allreduce_rows = control[control["gossip.method"] == "allreduce"]
+    if gossip_rows.empty or allreduce_rows.empty:
+        raise ValueError(f"the f = 1 arm needs a {method} run and an allreduce run")
+    model = dict(peers=int(gossip_rows["peer"].nunique()), step_s=step_time_s(gossip_rows),
+                 every_steps=int(gossip_rows["gossip.every_steps"].iloc[0]),
+                 gossip_overhead_s=round_overhead_s(gossip_rows),
+                 allreduce_overhead_s=round_overhead_s(allreduce_rows))  # fmt: skip
+    out = []
+    for f, rows in table.groupby("f"):
+        ours, theirs = rows[rows["method"] == method], rows[rows["method"] == "allreduce"]
+        if ours.empty or theirs.empty:
+            continue
+        time_column = "median_peer_to_target_s" if "median_peer_to_target_s" in rows else "time_to_target_s"
+        out.append(dict(f=f, predicted_ratio=expected_ratio(f, **model),
+                        measured_ratio=ours["swarm_samples_per_s"].median() / theirs["swarm_samples_per_s"].median(),
+                        time_to_target_ratio=theirs[time_column].median() / ours[time_column].median(),
+                        crossover=crossover(**model), **{k: v for k, v in model.items() if k != "peers"}))  # fmt: skip
+    return pd.DataFrame(out)

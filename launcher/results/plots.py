@@ -137,32 +137,59 @@ def plot_bytes(df: pd.DataFrame) -> Figure | None:
 
 
 def plot_time_to_target(table: pd.DataFrame, condition: str) -> Figure | None:
-    """An experiment's headline: time to the target accuracy (the median over runs of a point, with the worst peer's
-    time as a marker) against the condition, one line per method; a method that never got there is drawn at the
-    top, marked "not reached". `table`: compare_runs' rows (with time_to_target_s)."""
-    if "time_to_target_s" not in table or condition not in table or table["method"].isna().all():
+    """An experiment's headline: the median peer's time to the target accuracy (or, for runs without it, the swarm
+    mean's) against the condition, one line per method (and per group size where a method ran with several); a method
+    that never got there is drawn at the top, marked "not reached". `table`: compare_runs' rows with a target."""
+    column = "median_peer_to_target_s" if "median_peer_to_target_s" in table else "time_to_target_s"
+    if column not in table or condition not in table or table["method"].isna().all():
         return None
-    conditions = list(dict.fromkeys(table[condition].astype(str)))
+    table = table.assign(series=series_labels(table), where=table[condition].map(condition_label))
+    conditions = list(dict.fromkeys(table["where"]))
     fig = Figure(figsize=(9, 5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ceiling = np.nanmax(table["time_to_target_s"].to_numpy(dtype=float), initial=1.0) * 1.15
-    for method, rows in table.groupby("method", sort=False):
-        times = rows.groupby(rows[condition].astype(str), sort=False)["time_to_target_s"].median()
+    ceiling = np.nanmax(table[column].to_numpy(dtype=float), initial=1.0) * 1.15
+    for label, rows in table.groupby("series", sort=False):
+        times = rows.groupby("where", sort=False)[column].median()
         y = [times.get(c, np.nan) for c in conditions]
         shown = [ceiling if np.isnan(v) else v for v in y]
-        (line,) = ax.plot(range(len(conditions)), shown, marker="o", label=str(method))
+        (line,) = ax.plot(range(len(conditions)), shown, marker="o", label=label)
         for x, v in enumerate(y):
             if np.isnan(v) and conditions[x] in times.index:
                 ax.annotate("not reached", (x, ceiling), fontsize="x-small", color=line.get_color(), ha="center",
                             va="bottom")  # fmt: skip
-    ax.set_xticks(range(len(conditions)), [textwrap_label(c) for c in conditions], fontsize="small")
+    ax.set_xticks(range(len(conditions)), conditions, fontsize="small")
     ax.set_xlabel(condition)
-    ax.set_ylabel("time to target accuracy on the run's clock (s)")
+    ax.set_ylabel(f"{column.replace('_', ' ')} on the run's clock (s)")
     ax.set_title("time to target accuracy per condition (lower is better)")
     ax.grid(alpha=0.3)
-    _legend(ax, table["method"].nunique())
+    _legend(ax, table["series"].nunique())
     return fig
+
+
+def series_labels(table: pd.DataFrame) -> pd.Series:
+    """A line's name: the method, with its group size where the method ran with several."""
+    labels = table["method"].astype(str)
+    if "group_size" in table:
+        several = table.groupby("method")["group_size"].transform("nunique") > 1
+        labels = labels.where(~several, labels + ", groups of " + table["group_size"].astype("Int64").astype(str))
+    return labels
+
+
+def condition_label(value: object) -> str:
+    """A condition as a tick label: a scenario as what it does (a straggler's factor, the number of kills), any
+    other setting as its value."""
+    text = str(value)
+    if not text.startswith("["):
+        return text
+    if text == "[]":
+        return "no event"
+    import re
+
+    parts = [f"slow x{float(f):g}" for f in re.findall(r"""factor['"]?:\s*([0-9.]+)""", text) if "slow" in text]
+    if kills := text.count("kill"):
+        parts.append(f"{kills} kill{'s' if kills > 1 else ''}")
+    return ", ".join(parts) or textwrap_label(text)
 
 
 def textwrap_label(text: str, width: int = 28) -> str:

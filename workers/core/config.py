@@ -262,6 +262,14 @@ _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
 class ResourcesConfig(_Section):
     num_cpus: PositiveFloat = Field(1.0, description="per peer; also the peer's torch thread count (at least 1)")
     num_gpus: float = Field(0.0, ge=0, description="per peer; a fraction packs several peers on one GPU")
+    cap_cpu: bool = Field(
+        False,
+        description=(
+            "hold each peer's processes (actor, hivemind's, p2pd) to num_cpus cores with a cgroup CPU quota, as if "
+            "each had a machine of its own: a peer that sleeps (a `slow` straggler) then leaves its share unused "
+            "instead of speeding up the others (workers/core/cpucap.py; needs root)"
+        ),
+    )
     custom: dict[str, PositiveFloat] = Field(
         {}, description='extra Ray resources every peer needs, e.g. {"accelerator_type:H100": 0.01}'
     )

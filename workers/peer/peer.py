@@ -32,6 +32,7 @@ from workers.averaging.optimizer import OptimizerAveraging
 from workers.averaging.sgp import SgpAveraging
 from workers.core.anomalies import Anomalies
 from workers.core.config import ExperimentConfig, train_set_size
+from workers.core.cpucap import cap_this_process
 from workers.core.membership import read_swarm_key
 from workers.core.netns import NetnsLink, inside, namespace_config
 from workers.core.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
@@ -78,6 +79,8 @@ class Peer:
         and gloo group live, on its shaped link."""
         quiet_hivemind()
         children_die_with_this_process()
+        if cfg.resources.cap_cpu:  # before hivemind forks its processes: they inherit the cap
+            cap_this_process(f"{run_id}/peer-{peer}-{restarts}", cfg.resources.num_cpus)
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.restarts, self.whole_set = restarts, whole_set
         self.cfg, self.netns = namespace_config(cfg, netns), netns
