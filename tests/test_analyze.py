@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -307,7 +308,7 @@ def test_the_straggler_table_puts_the_models_prediction_next_to_the_measured_rat
                              "averaging_rounds_ok": epoch, "averaging_rounds_failed": 0,
                              "gossip.every_steps": 10, "restarts": 0})  # fmt: skip
     table = pd.DataFrame([
-        {"method": m, "scenario": s, "swarm_samples_per_s": v, "median_peer_to_target_s": t}
+        {"method": m, "scenario": s, "swarm_samples_per_s": v, "swarm_to_target_s": t}
         for m, s, v, t in [("gossip", "[]", 100.0, 10.0), ("allreduce", "[]", 90.0, 9.0),
                            ("gossip", slow4, 80.0, 12.0), ("allreduce", slow4, 40.0, 30.0)]
     ])  # fmt: skip
@@ -316,3 +317,19 @@ def test_the_straggler_table_puts_the_models_prediction_next_to_the_measured_rat
     assert result.loc[4.0, "predicted_ratio"] == pytest.approx(expected_ratio(4.0, **model))
     assert result.loc[1.0, "measured_ratio"] == pytest.approx(100 / 90) and result.loc[4.0, "measured_ratio"] == 2.0
     assert result.loc[4.0, "time_to_target_ratio"] == pytest.approx(2.5)
+
+
+def test_the_swarms_time_to_target_counts_each_peer_with_what_it_last_reported():
+    """A straggler's epoch-1 row comes late; the swarm's mean of the latest accuracies passes the target as soon as
+    the fast peers' later epochs lift it, without waiting for the straggler's row of the same epoch."""
+    from launcher.results.analyze import swarm_to_target_s
+
+    run = pd.DataFrame([
+        {"peer": 0, "epoch": 1, "test_acc": 0.3, "run_time_s": 1.0}, {"peer": 1, "epoch": 1, "test_acc": 0.3,
+         "run_time_s": 1.1}, {"peer": 0, "epoch": 2, "test_acc": 0.9, "run_time_s": 2.0},
+        {"peer": 2, "epoch": 1, "test_acc": 0.2, "run_time_s": 4.0}, {"peer": 1, "epoch": 2, "test_acc": 0.9,
+         "run_time_s": 4.5}, {"peer": 2, "epoch": 2, "test_acc": 0.9, "run_time_s": 8.0},
+    ])  # fmt: skip
+    assert swarm_to_target_s(run, 0.45) == 4.0  # (0.9 + 0.3 + 0.2) / 3 = 0.47, once every peer has reported
+    assert swarm_to_target_s(run, 0.6) == 4.5  # (0.9 + 0.9 + 0.2) / 3, before peer 2's epoch-2 row
+    assert np.isnan(swarm_to_target_s(run, 0.95))

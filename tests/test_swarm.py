@@ -124,7 +124,8 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
 
 def test_a_peer_past_its_restart_budget_is_given_up_and_the_others_go_on(ray_local, tmp_path, caplog):
     before = {int(line.split(":")[0]) for line in run_processes()}
-    cfg = quick_config("optim.epochs=5", "faults.max_restarts=0")
+    slowed = ", ".join(f"{{peer: {peer}, event: slow, factor: 10}}" for peer in range(4))  # the kill lands mid-run
+    cfg = quick_config("optim.epochs=5", "faults.max_restarts=0", f"scenario=[{slowed}]")
     killer = threading.Thread(target=kill_peer_after_first_epoch, args=(ray_local, tmp_path, 3), daemon=True)
     killer.start()
     result = run_experiment(cfg, tmp_path)

@@ -186,7 +186,7 @@ class Swarm:
                 logger.warning("peer %d %s: %s", incarnation.peer, item.event, item.detail)
             else:
                 self._timed(incarnation, item.row.epoch)
-                item.row.run_time_s = time.monotonic() - self.training_since  # the run's clock, not the peer's
+                self._stamp(item.row)
         epochs += self.collector.take(incarnation.peer, status.outbox)  # in the order they happened
         if status.state == "failed":
             return epochs + self._died(incarnation, "training failed: " + (status.error or "").strip().splitlines()[-1])
@@ -465,9 +465,17 @@ class Swarm:
 
     def _last_reports(self, ref: ray.ObjectRef) -> list[list[MetricsRow]]:
         try:
-            return [rows for report in ray.get(ref).reports for rows in self.collector.add(report)]
+            reports = ray.get(ref).reports
         except ray.exceptions.RayError:
             return []
+        for report in reports:
+            self._stamp(report.row)
+        return [rows for report in reports for rows in self.collector.add(report)]
+
+    def _stamp(self, row: MetricsRow) -> None:
+        """The row's time on the run's clock (from the moment every initial peer trained), not on the peer's."""
+        if self.training_since is not None:
+            row.run_time_s = time.monotonic() - self.training_since
 
     def checkpoints(self) -> list[Path]:
         """Where every peer that reported an epoch has its best and final checkpoints (on this machine: its own, or

@@ -95,6 +95,7 @@ def _compare_one(run: pd.DataFrame, target_acc: float | None) -> dict[str, Any]:
         "best_acc": curve["acc_mean"].max(),
         **({} if target_acc is None else _to_target(curve, target_acc)),
         **({} if target_acc is None else _peers_to_target(run, target_acc)),
+        **({} if target_acc is None else {"swarm_to_target_s": swarm_to_target_s(run, target_acc)}),
         "samples_per_s": run["samples_per_s"].mean(),
         "swarm_samples_per_s": _swarm_rate(run),
         **_rounds(run),
@@ -141,6 +142,20 @@ def _peers_to_target(run: pd.DataFrame, target_acc: float) -> dict[str, float]:
     median, worst = float(np.median(times)), float(np.max(times))
     return {"median_peer_to_target_s": median if np.isfinite(median) else np.nan,
             "worst_peer_to_target_s": worst if np.isfinite(worst) else np.nan}  # fmt: skip
+
+
+def swarm_to_target_s(run: pd.DataFrame, target_acc: float) -> float:
+    """The first moment on the run's clock at which the mean of every peer's latest test accuracy reaches the target
+    (NaN: never, or a run written before the run's clock). Unlike the epoch curve's mean, it does not wait for a
+    straggler's row of the same epoch: at each moment each peer counts with what it last reported."""
+    if "run_time_s" not in run or run["run_time_s"].isna().all():
+        return np.nan
+    peers, latest = run["peer"].nunique(), {}
+    for row in run.sort_values("run_time_s").itertuples():
+        latest[row.peer] = row.test_acc
+        if len(latest) == peers and sum(latest.values()) / peers >= target_acc:
+            return float(row.run_time_s)
+    return np.nan
 
 
 def _swarm_rate(run: pd.DataFrame) -> float:

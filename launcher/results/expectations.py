@@ -71,8 +71,8 @@ def straggler_factor(scenario: object) -> float:
 
 def straggler_table(df: pd.DataFrame, table: pd.DataFrame, method: str = "gossip") -> pd.DataFrame:
     """E1's prediction next to its measurement, per straggler factor f: R(f) from the f = 1 arms' own step time and
-    round overheads, the measured swarm throughput ratio of `method` over all-reduce, and the ratio of their median
-    peers' times to target (all-reduce's over the method's: above 1 = the method is faster). `df`: load_runs' rows of
+    round overheads, the measured swarm throughput ratio of `method` over all-reduce, and the ratio of their swarms'
+    times to target (all-reduce's over the method's: above 1 = the method is faster). `df`: load_runs' rows of
     the sweep, `table`: compare_runs(df, target_acc)'s."""
     df = df.assign(f=df["scenario"].map(straggler_factor) if "scenario" in df else 1.0)
     table = table.assign(f=table["scenario"].map(straggler_factor) if "scenario" in table else 1.0)
@@ -90,7 +90,7 @@ def straggler_table(df: pd.DataFrame, table: pd.DataFrame, method: str = "gossip
         ours, theirs = rows[rows["method"] == method], rows[rows["method"] == "allreduce"]
         if ours.empty or theirs.empty:
             continue
-        time_column = "median_peer_to_target_s" if "median_peer_to_target_s" in rows else "time_to_target_s"
+        time_column = "swarm_to_target_s" if "swarm_to_target_s" in rows else "time_to_target_s"
         out.append(dict(f=f, predicted_ratio=expected_ratio(f, **model),
                         measured_ratio=ours["swarm_samples_per_s"].median() / theirs["swarm_samples_per_s"].median(),
                         time_to_target_ratio=theirs[time_column].median() / ours[time_column].median(),

@@ -137,10 +137,11 @@ def plot_bytes(df: pd.DataFrame) -> Figure | None:
 
 
 def plot_time_to_target(table: pd.DataFrame, condition: str) -> Figure | None:
-    """An experiment's headline: the median peer's time to the target accuracy (or, for runs without it, the swarm
-    mean's) against the condition, one line per method (and per group size where a method ran with several); a method
-    that never got there is drawn at the top, marked "not reached". `table`: compare_runs' rows with a target."""
-    column = "median_peer_to_target_s" if "median_peer_to_target_s" in table else "time_to_target_s"
+    """An experiment's headline: the swarm's time to the target accuracy (the mean of every peer's latest accuracy, on
+    the run's clock) against the condition, one line per method (and per group size where a method ran with several);
+    a method that never got there is drawn at the top, marked "not reached". `table`: compare_runs' rows with a
+    target."""
+    column = "swarm_to_target_s" if "swarm_to_target_s" in table else "time_to_target_s"
     if column not in table or condition not in table or table["method"].isna().all():
         return None
     table = table.assign(series=series_labels(table), where=table[condition].map(condition_label))
