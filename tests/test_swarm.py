@@ -104,7 +104,9 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     """Also: when stderr is not a terminal, the swarm's progress within an epoch is logged at a steady rate."""
     _, _, _, none = gossip_and_none
     monkeypatch.setattr("launcher.results.progress.LOG_INTERVAL_S", 1.0)
-    cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1")
+    slowed = ", ".join(f"{{peer: {peer}, event: slow, factor: 6}}" for peer in range(4))  # a few s: progress lines
+    cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1",
+                       f"scenario=[{slowed}]")  # fmt: skip
     with caplog.at_level("INFO", logger="launcher.results.progress"):
         metrics = read_metrics(run_experiment(cfg, tmp_path).run_dir)
     lines = [r.getMessage() for r in caplog.records if r.name == "launcher.results.progress"]

@@ -129,13 +129,14 @@ def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]
     if factor == 1.0:
         yield
         return
+    rates = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] *= factor
     try:
         yield
-    finally:
-        for group in optimizer.param_groups:
-            group["lr"] /= factor
+    finally:  # restored, not divided back: exact, also for an infinite factor
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
 
 
 def epoch_row(
