@@ -3,6 +3,7 @@ project's machines have both; elsewhere the test says why it cannot run)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from workers.core.cpucap import BASE, cap_this_process, cpu_hierarchy, remove_caps
+from workers.core.cpucap import BASE, cap_this_process, cpu_hierarchy, remove_caps, set_quota
 
 pytestmark = pytest.mark.skipif(cpu_hierarchy() is None, reason="no writable cgroup cpu controller (needs root)")
 
@@ -46,6 +47,23 @@ def test_a_capped_process_gets_its_share_of_a_core_and_no_more():
     assert capped <= 0.25 * 2.0 * 1.3 and free >= 2 * capped
     remove_caps("test-cap")
     assert not (cpu_hierarchy() / BASE / "test-cap").exists(), "its group is removed once it is empty"
+
+
+def test_a_quota_set_while_the_process_runs_slows_it_down():
+    """A `slow` straggler under resources.cap_cpu: its group's quota divided while it trains."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY, "test-slow/peer-0-0", "0.5"])
+    path = cpu_hierarchy() / BASE / "test-slow" / "peer-0-0"
+    process = psutil.Process(proc.pid)
+    time.sleep(0.5)
+    set_quota(path, 0.1)
+    cpu = 0.0
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            cpu = sum(process.cpu_times()[:2])
+        time.sleep(0.05)
+    print(f"2 s of spinning at half a core, then a tenth from 0.5 s on: {cpu:.2f} CPU-s")
+    assert cpu <= 0.5 * 0.5 + 0.1 * 1.5 + 0.2, "at most half a core, then a tenth"
+    remove_caps("test-slow")
 
 
 def test_the_group_of_a_live_process_is_kept():

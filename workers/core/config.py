@@ -266,8 +266,9 @@ class ResourcesConfig(_Section):
         False,
         description=(
             "hold each peer's processes (actor, hivemind's, p2pd) to num_cpus cores with a cgroup CPU quota, as if "
-            "each had a machine of its own: a peer that sleeps (a `slow` straggler) then leaves its share unused "
-            "instead of speeding up the others (workers/core/cpucap.py; needs root)"
+            "each had a machine of its own: a peer that waits leaves its share unused instead of speeding up the "
+            "others, and a `slow` factor f divides the peer's quota by f, a machine f times slower "
+            "(workers/core/cpucap.py; needs root)"
         ),
     )
     custom: dict[str, PositiveFloat] = Field(

@@ -43,19 +43,24 @@ def cap_this_process(group: str, cores: float) -> Path:
                           "v1 'cpu' or v2 'cpu' hierarchy): set resources.cap_cpu=false")  # fmt: skip
     path = root / BASE / group
     path.mkdir(parents=True, exist_ok=True)
+    if not (path / "cpu.cfs_quota_us").exists() and root == ROOTS[1]:  # v2: the parents hand the controller down
+        for parent in (root, root / BASE, *path.parents):
+            if parent.is_relative_to(root) and parent != path:
+                with contextlib.suppress(OSError):
+                    (parent / "cgroup.subtree_control").write_text("+cpu")
+    set_quota(path, cores)
+    (path / "cgroup.procs").write_text(str(os.getpid()))
+    return path
+
+
+def set_quota(path: Path, cores: float) -> None:
+    """Cap the processes of cgroup `path` at `cores` cores (also while they run: a `slow` straggler)."""
     quota = max(1000, int(cores * PERIOD_US))
     if (path / "cpu.cfs_quota_us").exists():
         (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
         (path / "cpu.cfs_quota_us").write_text(str(quota))
     else:
-        if root == ROOTS[1]:  # v2: the parents must hand the cpu controller down
-            for parent in (root, root / BASE, *path.parents):
-                if parent.is_relative_to(root) and parent != path:
-                    with contextlib.suppress(OSError):
-                        (parent / "cgroup.subtree_control").write_text("+cpu")
         (path / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-    (path / "cgroup.procs").write_text(str(os.getpid()))
-    return path
 
 
 def remove_caps(prefix: str) -> None:

@@ -32,7 +32,7 @@ from workers.averaging.optimizer import OptimizerAveraging
 from workers.averaging.sgp import SgpAveraging
 from workers.core.anomalies import Anomalies
 from workers.core.config import ExperimentConfig, train_set_size
-from workers.core.cpucap import cap_this_process
+from workers.core.cpucap import cap_this_process, set_quota
 from workers.core.membership import read_swarm_key
 from workers.core.netns import NetnsLink, inside, namespace_config
 from workers.core.network import announce_host, dht_maddrs, naming_taken_port, peer_port, ray_node_id
@@ -79,8 +79,9 @@ class Peer:
         and gloo group live, on its shaped link."""
         quiet_hivemind()
         children_die_with_this_process()
+        self.cpu_group = None  # resources.cap_cpu: this peer's cgroup (a `slow` factor divides its quota)
         if cfg.resources.cap_cpu:  # before hivemind forks its processes: they inherit the cap
-            cap_this_process(f"{run_id}/peer-{peer}-{restarts}", cfg.resources.num_cpus)
+            self.cpu_group = cap_this_process(f"{run_id}/peer-{peer}-{restarts}", cfg.resources.num_cpus)
         self.cfg, self.peer, self.run_id, self.port_offset = cfg, peer, run_id, port_offset
         self.restarts, self.whole_set = restarts, whole_set
         self.cfg, self.netns = namespace_config(cfg, netns), netns
@@ -331,9 +332,15 @@ class Peer:
         return False
 
     def apply_effects(self, effects: Effects) -> None:
-        """The scenario's effects on this peer: a leave after an epoch, a slowdown, a learning-rate factor."""
+        """The scenario's effects on this peer: a leave after an epoch, a slowdown, a learning-rate factor. With
+        `resources.cap_cpu` a slowdown f is a slower machine: the peer's CPU quota divided by f (its steps, rounds
+        and hivemind's processes alike); without it, each step is followed by a sleep of f - 1 times its length."""
+        slowdown = effects.slowdown
+        if self.cpu_group is not None:
+            set_quota(self.cpu_group, self.cfg.resources.num_cpus / slowdown)
+            slowdown = 1.0
         self.setup.leave_after, self.setup.slowdown, self.setup.lr_factor = (
-            effects.leave_after, effects.slowdown, effects.lr_factor)  # fmt: skip
+            effects.leave_after, slowdown, effects.lr_factor)  # fmt: skip
 
     def set_swarm_size(self, peers: int) -> None:
         """How many peers the swarm has now: a group aims at that many (workers/averaging/gossip.py)."""
