@@ -99,8 +99,13 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     assert first <= metrics[metrics.restarts == 0].groupby("peer").epoch.max().drop(peer).min() + 2
     at_first = metrics[metrics.epoch == first]
     assert (at_first.consensus_peers == 4).all() and reborn.averaging_group_size.iloc[0] >= 2
+    # at the consensus as soon as a round of all four lands: its first epoch, or (a lagging peer's round that formed
+    # without it, seen once in a full-suite run) one of the next two
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
-    assert at_first.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
+    whole = [e for e in range(first, first + 3) if (metrics[metrics.epoch == e].averaging_group_size == 4).all()]
+    assert whole, f"a round of all four within epochs {first}-{first + 2}"
+    at_whole = metrics[metrics.epoch == whole[0]]
+    assert at_whole.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
     # round that lost the peer (it waits out its matchmaking deadline: 5 s + a 2.5 s request timeout), not
     # the restart's 10 s or more

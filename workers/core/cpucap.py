@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 PERIOD_US = 100_000
@@ -63,15 +64,19 @@ def set_quota(path: Path, cores: float) -> None:
         (path / "cpu.max").write_text(f"{quota} {PERIOD_US}")
 
 
-def remove_caps(prefix: str) -> None:
-    """Remove the (empty) groups under BASE/<prefix> on this machine, deepest first; a group with a live process
-    stays."""
+def remove_caps(prefix: str, wait_s: float = 10.0) -> None:
+    """Remove the groups under BASE/<prefix> on this machine, deepest first, as their processes end (a killed
+    actor's processes take a moment to leave its group): tries for up to `wait_s`; a group that still holds a live
+    process then stays."""
     root = cpu_hierarchy()
     top = root / BASE / prefix if root else None
-    if top is None or not top.is_dir():
-        return
-    for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    deadline = time.monotonic() + wait_s
+    while top is not None and top.is_dir():
+        for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()
         with contextlib.suppress(OSError):
-            path.rmdir()
-    with contextlib.suppress(OSError):
-        top.rmdir()
+            top.rmdir()
+        if not top.is_dir() or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
