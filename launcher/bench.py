@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from launcher.driver.controller import run_experiment
-from launcher.results.summary import read_events, read_metrics
+from launcher.results.summary import read_events, read_metrics, round_totals
 from workers.core.config import load_config
 from workers.core.network import free_port
 
@@ -200,10 +200,10 @@ def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, ever
         raise RuntimeError(f"bench run {method} ({result.run_dir}): exit {result.exit_code}, training window "
                            f"{'found' if window.start and window.end else 'not found'}")  # fmt: skip
     metrics = read_metrics(result.run_dir)
-    last = metrics.sort_values("epoch").groupby("peer").tail(1)
+    totals = round_totals(metrics)
     kinds = {f"cpu_s_{kind.replace(' ', '_')}": spent for kind, spent in cpu_by_kind(*window.processes).items()}
     return dict(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1], **kinds,
-                rounds_ok=int(last.averaging_rounds_ok.sum()), rounds_failed=int(last.averaging_rounds_failed.sum()),
+                rounds_ok=int(totals.rounds_ok.sum()), rounds_failed=int(totals.rounds_failed.sum()),
                 consensus=float(metrics[metrics.epoch == epochs].consensus_dist.iloc[0]),
                 samples_per_s=float(metrics.samples_per_s.mean()), run=result.run_dir.name)  # fmt: skip
 
@@ -221,6 +221,11 @@ def round_cost(bench_dir: Path, data_root: Path, peers: int, every_steps: int, e
     return rows
 
 
+def excess_ms(arm: pd.DataFrame, none: pd.DataFrame, column: str, rounds: pd.Series) -> pd.Series:
+    """Per repeat, a CPU column's excess over the same repeat's `none` run, in ms per peer-round."""
+    return 1000 * (arm[column] - none[column].reindex(arm.index)) / rounds.clip(lower=1)
+
+
 def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per setting and method: c (ms of machine CPU per peer-round over `none`'s run of the same repeat), its range,
     the none-against-none floor, the rounds' success share, consensus against none's, and G1's samples/s ratio."""
@@ -230,15 +235,14 @@ def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
         for method, arm in setting[setting.what != "none"].groupby("what", sort=False):
             arm = arm.set_index("repeat")
             rounds = arm.rounds_ok + arm.rounds_failed
-            c = 1000 * (arm.cpu_s - none.cpu_s.reindex(arm.index)) / rounds.clip(lower=1)
+            c = excess_ms(arm, none, "cpu_s", rounds)
             floor = (none.cpu_s.diff().abs().dropna() * 1000 / rounds.median()).median() if len(none) > 1 else None
             out.append(dict(what=method, peers=peers, every_steps=every_steps, c_ms=c.median(), c_min=c.min(),
                             c_max=c.max(), floor_ms=floor, peer_rounds=rounds.median(),
                             ok_share=arm.rounds_ok.sum() / max(rounds.sum(), 1), consensus=arm.consensus.median(),
                             none_consensus=none.consensus.median(), samples_per_s=arm.samples_per_s.median(),
                             g1_ratio=(arm.samples_per_s / none.samples_per_s.reindex(arm.index)).median(),
-                            **{f"c_{column[len('cpu_s_'):]}_ms": (1000 * (arm[column] - none[column].reindex(arm.index))
-                                                                  / rounds.clip(lower=1)).median()
+                            **{f"c_{column[len('cpu_s_'):]}_ms": excess_ms(arm, none, column, rounds).median()
                                for column in arm.columns if column.startswith("cpu_s_")}))  # fmt: skip
     return pd.DataFrame(out)
 
@@ -303,13 +307,13 @@ def straggler_rounds(bench_dir: Path) -> list[dict]:
                                        "scenario=[{peer: 0, event: slow, factor: 4}]"])  # fmt: skip
         result = run_experiment(cfg, bench_dir / "g5")
         metrics = read_metrics(result.run_dir)
-        last = metrics.sort_values("epoch").groupby("peer").tail(1).set_index("peer")
-        straggler, others = last.loc[0], last.drop(index=0)
-        rounds = straggler.averaging_rounds_ok + straggler.averaging_rounds_failed
+        straggler = round_totals(metrics).loc[0]
+        rounds = straggler.rounds_ok + straggler.rounds_failed
+        wall = metrics.sort_values("epoch").groupby("peer").wall_time_s.last()  # each peer's last row
         averaging_s = metrics[metrics.peer == 0].averaging_seconds.sum()
         rows.append(dict(bench="G5", what="overlap" if overlap else "blocking", rounds=int(rounds),
-                         failed=int(straggler.averaging_rounds_failed), straggler_s=straggler.wall_time_s,
-                         others_s=others.wall_time_s.median(), averaging_s=averaging_s,
+                         failed=int(straggler.rounds_failed), straggler_s=wall.loc[0],
+                         others_s=wall.drop(index=0).median(), averaging_s=averaging_s,
                          seconds_per_round=averaging_s / max(rounds, 1), run=result.run_dir.name))  # fmt: skip
     return rows
 

@@ -24,6 +24,12 @@ def quick_config(*overrides: str) -> ExperimentConfig:
     return load_config(QUICKSTART, ["optim.epochs=3", "gossip.matchmaking_time=1.5", *overrides])
 
 
+def slowed(peers: int, factor: float) -> str:
+    """Scenario events that make each of peers 0..peers-1 take `factor` times as long per step: a run that must last
+    long enough for something (a restart, a kill, an upload, progress lines) to land before it ends."""
+    return ", ".join(f"{{peer: {peer}, event: slow, factor: {factor}}}" for peer in range(peers))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     mode = os.environ.get("RAY_AUTH_MODE")

@@ -16,7 +16,7 @@ import torch
 from launcher.driver.controller import run_experiment
 from launcher.driver.swarm import actor_name
 from launcher.results.summary import read_events, read_metrics
-from tests.conftest import quick_config, run_processes
+from tests.conftest import quick_config, run_processes, slowed
 from workers.peer.checkpoint import checkpoint_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -26,12 +26,6 @@ EPOCHS = 10  # the quickstart passes 0.93 mean accuracy at epoch 7-8; a restart 
 
 def churn_config(*overrides: str):
     return quick_config(f"optim.epochs={EPOCHS}", *overrides)
-
-
-def slowed(peers: int, factor: float) -> str:
-    """Scenario events that make every peer's steps `factor` times as long (epochs of a second or more): a restart
-    (10 s or more, up to 30 s on a loaded machine) then lands well before the run ends."""
-    return ", ".join(f"{{peer: {peer}, event: slow, factor: {factor}}}" for peer in range(peers))
 
 
 class Killer(threading.Thread):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from launcher.cli import main as cli_main
-from tests.conftest import QUICKSTART, ROOT, private_token, quick_config, ray_processes_left
+from tests.conftest import QUICKSTART, ROOT, private_token, quick_config, ray_processes_left, slowed
 from workers.core.errors import ConfigError
 from workers.core.storage import FolderMirror, check_location, is_remote, join, remote_of, staging_dir
 
@@ -200,10 +200,10 @@ def runs(s3_server, tmp_path_factory):
     common = ["--peers", "2", "--set", "gossip.matchmaking_time=1.5", "--set", "data.batch_size=8", "--set",
               "optim.lr=0.02", "--storage", f"s3://{BUCKET}/runs"]  # fmt: skip
     started = time.monotonic()
-    slowed = "scenario=[{peer: 0, event: slow, factor: 25}, {peer: 1, event: slow, factor: 25}]"  # epochs > 5 s
+    # slowed: epochs of more than the mirror's 5 s, so that rows reach the bucket while the run trains
     first_run = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(QUICKSTART), *common, "--set",
-                                  "optim.epochs=2", "--set", slowed], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                                 text=True)  # fmt: skip
+                                  "optim.epochs=2", "--set", f"scenario=[{slowed(2, 25)}]"], cwd=ROOT, env=env,
+                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen = watch_bucket(client, first_run)  # rows and events in the bucket while the run trains
     assert first_run.wait(timeout=150) == 0, first_run.stderr.read()[-3000:]
     ended = time.monotonic()

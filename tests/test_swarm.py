@@ -11,7 +11,7 @@ import pytest
 from launcher.driver.controller import run_experiment
 from launcher.driver.swarm import actor_name
 from launcher.results.summary import read_events, read_metrics
-from tests.conftest import quick_config, run_processes
+from tests.conftest import quick_config, run_processes, slowed
 from workers.core.config import load_config
 from workers.peer.models import build_model
 
@@ -104,9 +104,9 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     """Also: when stderr is not a terminal, the swarm's progress within an epoch is logged at a steady rate."""
     _, _, _, none = gossip_and_none
     monkeypatch.setattr("launcher.results.progress.LOG_INTERVAL_S", 1.0)
-    slowed = ", ".join(f"{{peer: {peer}, event: slow, factor: 6}}" for peer in range(4))  # a few s: progress lines
+    # slowed: a run of a few seconds, long enough for progress lines
     cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1",
-                       f"scenario=[{slowed}]")  # fmt: skip
+                       f"scenario=[{slowed(4, 6)}]")  # fmt: skip
     with caplog.at_level("INFO", logger="launcher.results.progress"):
         metrics = read_metrics(run_experiment(cfg, tmp_path).run_dir)
     lines = [r.getMessage() for r in caplog.records if r.name == "launcher.results.progress"]
@@ -126,8 +126,7 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
 
 def test_a_peer_past_its_restart_budget_is_given_up_and_the_others_go_on(ray_local, tmp_path, caplog):
     before = {int(line.split(":")[0]) for line in run_processes()}
-    slowed = ", ".join(f"{{peer: {peer}, event: slow, factor: 10}}" for peer in range(4))  # the kill lands mid-run
-    cfg = quick_config("optim.epochs=5", "faults.max_restarts=0", f"scenario=[{slowed}]")
+    cfg = quick_config("optim.epochs=5", "faults.max_restarts=0", f"scenario=[{slowed(4, 10)}]")  # a kill mid-run
     killer = threading.Thread(target=kill_peer_after_first_epoch, args=(ray_local, tmp_path, 3), daemon=True)
     killer.start()
     result = run_experiment(cfg, tmp_path)

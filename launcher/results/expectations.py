@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from launcher.results.summary import round_totals
+
 
 def expected_ratio(f: float, peers: int, step_s: float, every_steps: int, gossip_overhead_s: float,
                    allreduce_overhead_s: float) -> float:  # fmt: skip
@@ -42,8 +44,8 @@ def crossover(peers: int, step_s: float, every_steps: int, gossip_overhead_s: fl
 
 def round_overhead_s(rows: pd.DataFrame) -> float:
     """The training thread's time per round in a run's rows: its averaging seconds over its rounds (ok or not)."""
-    last = rows.sort_values("epoch").groupby(["peer", "restarts"]).tail(1)
-    rounds = (last["averaging_rounds_ok"] + last["averaging_rounds_failed"]).sum()
+    totals = round_totals(rows)
+    rounds = (totals["rounds_ok"] + totals["rounds_failed"]).sum()
     return float(rows["averaging_seconds"].sum() / rounds) if rounds else 0.0
 
 
@@ -60,13 +62,17 @@ def step_time_s(rows: pd.DataFrame) -> float:
     return float(seconds / max(steps, 1))
 
 
-def straggler_factor(scenario: object) -> float:
-    """The `slow` factor of a run's scenario (its config column: the scenario list's text), 1 without one."""
+def slow_factors(scenario: object) -> list[float]:
+    """The `slow` factors of a run's scenario (its config column: the scenario list's text)."""
     import re
 
     text = str(scenario)
-    factors = [float(x) for x in re.findall(r"""factor['"]?:\s*([0-9.]+)""", text)] if "slow" in text else []
-    return max(factors, default=1.0)
+    return [float(x) for x in re.findall(r"""factor['"]?:\s*([0-9.]+)""", text)] if "slow" in text else []
+
+
+def straggler_factor(scenario: object) -> float:
+    """The `slow` factor of a run's scenario, 1 without one."""
+    return max(slow_factors(scenario), default=1.0)
 
 
 def straggler_table(df: pd.DataFrame, table: pd.DataFrame, method: str = "gossip") -> pd.DataFrame:

@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from launcher.results.expectations import slow_factors
 from launcher.results.summary import read_events
 from launcher.results.tables import epoch_curve, split_runs
 
@@ -185,9 +186,7 @@ def condition_label(value: object) -> str:
         return text
     if text == "[]":
         return "no event"
-    import re
-
-    parts = [f"slow x{float(f):g}" for f in re.findall(r"""factor['"]?:\s*([0-9.]+)""", text) if "slow" in text]
+    parts = [f"slow x{factor:g}" for factor in slow_factors(text)]
     if kills := text.count("kill"):
         parts.append(f"{kills} kill{'s' if kills > 1 else ''}")
     return ", ".join(parts) or textwrap_label(text)
