@@ -81,25 +81,37 @@ def run_with_fault(ray, tmp_path, caplog, pick, peer: int = 0):
 def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str):
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())
+    print(
+        metrics[
+            ["peer", "restarts", "epoch", "averaging_group_size", "averaging_rounds_ok", "consensus_dist", "run_time_s"]
+        ]
+        .sort_values(["epoch", "peer"])
+        .to_string()
+    )
     assert result.exit_code == 0
     (death,) = events[(events.peer == peer) & (events.event == death_event)].itertuples()
     (restart,) = events[(events.peer == peer) & (events.event == "restarted")].itertuples()
     downloaded = events[(events.peer == peer) & (events.event == "state_downloaded")]
     assert len(downloaded) == 1 and downloaded.detail.iloc[0].startswith("from peer ")
-    # every epoch after the restart is reported by the new incarnation, and its first one is at the consensus
+    # every epoch after the restart is reported by the new incarnation, its first one in a round
     reborn = metrics[(metrics.peer == peer) & (metrics.restarts == 1)].sort_values("epoch")
     first = int(reborn.epoch.iloc[0])
     assert reborn.epoch.tolist() == list(range(first, EPOCHS + 1))
     assert first <= metrics[metrics.restarts == 0].groupby("peer").epoch.max().drop(peer).min() + 2
     at_first = metrics[metrics.epoch == first]
     assert (at_first.consensus_peers == 4).all() and reborn.averaging_group_size.iloc[0] >= 2
-    # at the consensus as soon as a round of all four lands: its first epoch, or (a lagging peer's round that formed
-    # without it, seen once in a full-suite run) one of the next two
+    # at the consensus after a round of all four, in the epoch it lands in on every peer; or the restarted peer runs
+    # an epoch behind (seen in CI: the others' round of its first epoch formed without it, and each of its rounds
+    # since is their next epoch's): then its rows reach the driver with their next epoch's, not with this one's
     scale = torch.cat([t.flatten() for t in final_model(result.run_dir, peer).values()]).norm().item()
-    whole = [e for e in range(first, first + 3) if (metrics[metrics.epoch == e].averaging_group_size == 4).all()]
-    assert whole, f"a round of all four within epochs {first}-{first + 2}"
-    at_whole = metrics[metrics.epoch == whole[0]]
-    assert at_whole.consensus_dist.iloc[0] < 1e-6 * scale, "the restarted peer is at the swarm's parameters"
+    whole = [e for e in range(first, EPOCHS) if (metrics[metrics.epoch == e].averaging_group_size == 4).all()]
+    assert whole, f"a round of all four within epochs {first}-{EPOCHS - 1}"
+    distance = metrics.groupby("epoch").consensus_dist.first()
+    if not any(distance[e] < 1e-6 * scale for e in whole):
+        arrived = metrics.pivot_table(index="epoch", columns=metrics.peer == peer, values="run_time_s")
+        others, restarted = arrived[False], arrived[True]
+        behind = [e for e in whole if restarted[e] - others[e] > 0.5 * (others[e + 1] - others[e])]
+        assert behind == whole, f"the restarted peer is at the swarm's parameters, or an epoch behind: {behind}"
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
     # round that lost the peer (it waits out its matchmaking deadline: 5 s + a 2.5 s request timeout), not
     # the restart's 10 s or more
@@ -203,7 +215,7 @@ def test_two_kills_in_one_tick_restart_one_swarm_from_the_newest_checkpoint(ray_
 def test_a_kill_after_the_others_are_done_joins_their_swarm(ray_local, tmp_path):
     """Peers 0 and 1 finish while peer 2, a straggler, is at epoch 3; then peer 2 is killed. Finished peers keep
     their DHT and averager up: the restart bootstraps off them and takes their final state, no swarm of its own."""
-    scenario = "scenario=[{peer: 2, event: slow, factor: 100}, {at_epoch: 3, peer: 2, event: kill}]"
+    scenario = "scenario=[{peer: 2, event: slow, factor: 300}, {at_epoch: 3, peer: 2, event: kill}]"
     result = run_experiment(churn_config("peers=3", "optim.epochs=4", scenario), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())

@@ -195,9 +195,11 @@ def test_a_quickstart_diloco_run_learns_as_well_as_gossip(ray_local, tmp_path):
     final = diloco[diloco.epoch == 10]
     assert (final.averaging_rounds_ok == 10).all() and (final.averaging_rounds_failed == 0).all()
     assert (diloco.averaging_group_size == 4).all() and (diloco.averaging_seconds > 0).all()
-    swarm_bytes = {method: run.groupby("epoch").averaging_bytes.sum() for method, run in runs.items()}
-    # the same tensors through the same groups as gossip: the same traffic (to a few bytes of framing per round)
-    assert (swarm_bytes["diloco"] - swarm_bytes["gossip"].median()).abs().max() < 0.01 * swarm_bytes["gossip"].median()
+    # the same tensors through the same groups as gossip: the same traffic over the run (to a few bytes of framing per
+    # round). Not epoch by epoch: a reducer's last averaged parts can leave after its own round ended, so they count in
+    # that peer's next epoch (seen in CI: 4% of an epoch's bytes moved from epoch 6 to 7)
+    swarm_bytes = {method: run.averaging_bytes.sum() for method, run in runs.items()}
+    assert abs(swarm_bytes["diloco"] - swarm_bytes["gossip"]) < 0.01 * swarm_bytes["gossip"]
     # a full group with one θ_sync and one outer momentum takes the same outer step: the peers stay one model
     assert diloco.groupby("epoch").consensus_dist.first().median() < 1e-4
     accuracy = {method: run.groupby("epoch").test_acc.mean() for method, run in runs.items()}

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 
+import pandas as pd
 import pytest
 
 from launcher.driver.controller import run_experiment
@@ -105,7 +106,7 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     _, _, _, none = gossip_and_none
     monkeypatch.setattr("launcher.results.progress.LOG_INTERVAL_S", 1.0)
     # slowed: a run of a few seconds, long enough for progress lines
-    cfg = quick_config("gossip.group_size=2", "gossip.every_steps=4", "gossip.alpha=0.5", "gossip.matchmaking_time=1",
+    cfg = quick_config("gossip.group_size=2", "gossip.every_steps=2", "gossip.alpha=0.5", "gossip.matchmaking_time=1",
                        f"scenario=[{slowed(4, 6)}]")  # fmt: skip
     with caplog.at_level("INFO", logger="launcher.results.progress"):
         metrics = read_metrics(run_experiment(cfg, tmp_path).run_dir)
@@ -117,11 +118,13 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     assert min(b - a for a, b in zip(stamps, stamps[1:], strict=False)) >= 0.9, "never a flood"
     final = metrics[metrics.epoch == 3]
     assert (metrics.averaging_group_size.dropna() == 2).all(), "target group size 2 gives pairs"
-    assert (final.averaging_rounds_ok >= 3).all()
-    # pairs at half strength repair only part of the drift; how much varies with the random pairings (a full-suite
-    # run once ended at 0.59 of `none`): below `none` in every epoch, and clearly below it at the end
+    assert (final.averaging_rounds_ok >= 6).all()  # of 18: 2 steps a round
+    # pairs at half strength repair only part of the drift; how much varies with the random pairings, most in the last
+    # epoch (measured over 4 steps a round: 0.30-0.86 of `none` there): below `none` in every epoch, and over the run
+    # clearly below it (measured: 0.34-0.44 of its sum)
     pairs, alone = (m.groupby("epoch").consensus_dist.first() for m in (metrics, none))
-    assert (pairs < alone).all() and pairs.iloc[-1] < 0.75 * alone.iloc[-1]
+    print(pd.DataFrame({"pairs": pairs, "none": alone}), metrics.groupby("peer").averaging_rounds_ok.max().tolist())
+    assert (pairs < alone).all() and pairs.sum() < 0.6 * alone.sum()
 
 
 def test_a_peer_past_its_restart_budget_is_given_up_and_the_others_go_on(ray_local, tmp_path, caplog):
