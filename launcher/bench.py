@@ -17,6 +17,8 @@ of figures taken in one run mean anything).
   (94 MB) against one tensor of the same bytes, with the project's flat buffers and without (plain hivemind).
 - G7 start-up: from the run's start to every peer's first step, against N Ray actors that import torch and build the
   same model and a torch.optim optimizer (what any PyTorch launcher on Ray pays), and N no-op actors.
+- G5 a straggler's failed rounds, blocking and overlapped; G8 tens of peers: 8 to 24 peers in groups of 8, the rounds
+  that succeed and the control plane's CPU per peer-round (where a machine's cores run out).
 
 Writes bench.csv (one row per measurement) and bench.md (the tables) in a folder of its own under --out.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -60,7 +63,7 @@ def run_bench(out: Path, quick: bool, repeats: int | None = None, only: list[str
     logger.info("bench on %s -> %s", device, bench_dir)
     repeats = repeats or (2 if quick else 5)
     ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
-    parts, rows = set(only or ["cost", "round", "startup", "straggler"]), []
+    parts, rows = set(only or ["cost", "round", "startup", "straggler", "scale"]), []
     try:
         if "cost" in parts:  # (peers, H, epochs): 16 epochs of 4 peers at H = 10 are about 400 peer-rounds per run
             data_root = cifar_data()
@@ -71,6 +74,8 @@ def run_bench(out: Path, quick: bool, repeats: int | None = None, only: list[str
             rows += startup(bench_dir, quick)
         if "straggler" in parts:
             rows += straggler_rounds(bench_dir)
+        if "scale" in parts:
+            rows += swarm_scale(bench_dir)
     finally:
         ray.shutdown()
     if "round" in parts:
@@ -187,25 +192,36 @@ def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, ever
                  "data.test_batch_size=500", f"optim.epochs={epochs}", f"peers={peers}", "resources.num_cpus=0.25",
                  f"resources.num_gpus={1 / peers if torch.cuda.is_available() else 0}",
                  f"gossip.every_steps={every_steps}", *METHODS[method]]  # fmt: skip
+    run = windowed_run(load_config(CIFAR, overrides), bench_dir / "runs")
+    if run["exit_code"] != 0 or "cpu_s" not in run:
+        raise RuntimeError(f"bench run {method} ({run['run']}): exit {run['exit_code']}, training window "
+                           f"{'found' if 'cpu_s' in run else 'not found'}")  # fmt: skip
+    return {key: value for key, value in run.items() if key != "exit_code"}
+
+
+def windowed_run(cfg, out: Path) -> dict:
+    """Run `cfg`; the machine's busy CPU in its training window (cpu_s, wall_s, cpu_s_<kind> per kind of process, when
+    the window was found), its rounds, its final consensus, its peers' mean samples/s, and its exit code."""
+    epochs = cfg.optim.epochs
     window = TrainingWindow(epochs)
     launcher = logging.getLogger("launcher")
     level, launcher.level = launcher.level, logging.INFO
     launcher.addHandler(window)
     try:
-        result = run_experiment(load_config(CIFAR, overrides), bench_dir / "runs")
+        result = run_experiment(cfg, out)
     finally:
         launcher.removeHandler(window)
         launcher.setLevel(level)
-    if result.exit_code != 0 or window.start is None or window.end is None:
-        raise RuntimeError(f"bench run {method} ({result.run_dir}): exit {result.exit_code}, training window "
-                           f"{'found' if window.start and window.end else 'not found'}")  # fmt: skip
     metrics = read_metrics(result.run_dir)
     totals = round_totals(metrics)
-    kinds = {f"cpu_s_{kind.replace(' ', '_')}": spent for kind, spent in cpu_by_kind(*window.processes).items()}
-    return dict(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1], **kinds,
-                rounds_ok=int(totals.rounds_ok.sum()), rounds_failed=int(totals.rounds_failed.sum()),
-                consensus=float(metrics[metrics.epoch == epochs].consensus_dist.iloc[0]),
-                samples_per_s=float(metrics.samples_per_s.mean()), run=result.run_dir.name)  # fmt: skip
+    final = metrics[metrics.epoch == epochs].consensus_dist
+    run = dict(exit_code=result.exit_code, rounds_ok=int(totals.rounds_ok.sum()),
+               rounds_failed=int(totals.rounds_failed.sum()), consensus=float(final.iloc[0]) if len(final) else None,
+               samples_per_s=float(metrics.samples_per_s.mean()), run=result.run_dir.name)  # fmt: skip
+    if window.start is not None and window.end is not None:
+        kinds = {f"cpu_s_{kind.replace(' ', '_')}": spent for kind, spent in cpu_by_kind(*window.processes).items()}
+        run.update(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1], **kinds)
+    return run
 
 
 def round_cost(bench_dir: Path, data_root: Path, peers: int, every_steps: int, epochs: int, repeats: int,
@@ -316,6 +332,38 @@ def straggler_rounds(bench_dir: Path) -> list[dict]:
                          others_s=wall.drop(index=0).median(), averaging_s=averaging_s,
                          seconds_per_round=averaging_s / max(rounds, 1), run=result.run_dir.name))  # fmt: skip
     return rows
+
+
+# -- G8 ----------------------------------------------------------------------------------------------------------
+
+SCALE = [(8, 2.0), (16, 2.0), (24, 2.0), (24, 6.0)]  # (peers, matchmaking_time)
+
+
+def swarm_scale(bench_dir: Path, points: list[tuple[int, float]] = SCALE, epochs: int = 4) -> list[dict]:
+    """Tens of peers (G8): the quickstart (digits, a round per epoch) with groups of 8 at each (swarm size,
+    matchmaking_time), and `none` at the largest size: the rounds that succeeded, the consensus against none's, the
+    seconds a round took, and the control plane's CPU (hivemind's processes and p2pd) per peer-round: where the
+    machine runs out of cores for the rounds of a larger swarm."""
+    rows = []
+    for peers, matchmaking in [*points, (max(peers for peers, _ in points), None)]:
+        method = ["gossip.method=none"] if matchmaking is None else [f"gossip.matchmaking_time={matchmaking}"]
+        cfg = load_config(QUICKSTART, [f"peers={peers}", f"optim.epochs={epochs}", "gossip.group_size=8",
+                                       "resources.num_cpus=0.25", *method])  # fmt: skip
+        logger.info("G8: %d peers, %s", peers, method[0])
+        run = windowed_run(cfg, bench_dir / "g8")
+        metrics = read_metrics(bench_dir / "g8" / run["run"])
+        rounds = run["rounds_ok"] + run["rounds_failed"]
+        control = run.get("cpu_s_hivemind_processes", math.nan) + run.get("cpu_s_p2pd", math.nan)
+        rows.append(dict(bench="G8", what="none" if matchmaking is None else "gossip", peers=peers,
+                         matchmaking_time=matchmaking, rounds=rounds,
+                         ok_share=run["rounds_ok"] / rounds if rounds else math.nan, consensus=run["consensus"],
+                         round_s=metrics.averaging_seconds[metrics.averaging_seconds > 0].median(),
+                         control_ms=1000 * control / rounds if rounds else math.nan,
+                         cores_busy=run.get("cpu_s", math.nan) / run.get("wall_s", math.nan),
+                         **{key: run[key] for key in ("cpu_s", "wall_s", "run") if key in run}))  # fmt: skip
+    rows = pd.DataFrame(rows)
+    none = rows[rows.what == "none"].consensus.iloc[0]
+    return rows.assign(consensus_vs_none=rows.consensus / none).to_dict("records")
 
 
 # -- G2 ----------------------------------------------------------------------------------------------------------
@@ -475,8 +523,9 @@ def markdown(table: pd.DataFrame, device: str) -> str:
                                    "allreduce_s", "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
                            ("G5", ["what", "rounds", "failed", "straggler_s", "others_s", "averaging_s",
                                    "seconds_per_round"]),
-                           ("G7", ["what", "seconds", "torch_actors_s", "ratio", "bare_ray_s",
-                                   "bare_ratio"])]:  # fmt: skip
+                           ("G7", ["what", "seconds", "torch_actors_s", "ratio", "bare_ray_s", "bare_ratio"]),
+                           ("G8", ["what", "peers", "matchmaking_time", "rounds", "ok_share", "consensus",
+                                   "consensus_vs_none", "round_s", "control_ms", "cores_busy"])]:  # fmt: skip
         rows = table[table.bench == bench]
         if len(rows):
             shown = [column for column in columns if column in rows and rows[column].notna().any()]

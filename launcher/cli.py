@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a smaller bench: under about 5 minutes on 2 cores")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where its folder goes (default: results/)")
     bench.add_argument("--repeats", type=int, help="C: interleaved repeats of each method (default 5, 2 with --quick)")
-    bench.add_argument("--only", nargs="+", choices=["cost", "round", "startup", "straggler"],
-                       help="only these parts: cost (C and G1), round (G2), startup (G7), straggler (G5)")  # fmt: skip
+    bench.add_argument("--only", nargs="+", choices=["cost", "round", "startup", "straggler", "scale"],
+                       help="only these parts: cost (C and G1), round (G2), startup (G7), straggler (G5), scale (G8: "
+                            "8 to 24 peers)")  # fmt: skip
     analyze = commands.add_parser("analyze", help="compare finished runs: a table, comparison.csv and plots")
     analyze.add_argument(
         "run_dirs",

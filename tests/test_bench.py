@@ -18,6 +18,7 @@ from launcher.bench import (
     median_round,
     round_cost_summary,
     serialization_seconds,
+    swarm_scale,
 )
 
 
@@ -46,6 +47,20 @@ def test_a_measured_run_reads_the_machines_cpu_over_its_training_window(ray_loca
     kinds = {kind: run[f"cpu_s_{kind.replace(' ', '_')}"] for kind in PROCESS_KINDS}
     assert kinds["peer actors"] > 0 and kinds["hivemind processes"] > 0 and kinds["p2pd"] > 0
     assert 0.5 * run["cpu_s"] <= sum(kinds.values()) <= 1.2 * run["cpu_s"], (kinds, run["cpu_s"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_the_scale_bench_reads_rounds_and_control_cpu_per_swarm_size(ray_local, tmp_path):
+    """G8 on a small scale: 3 peers in one group, then `none` at that size. The rounds all succeed, the swarm ends at
+    the consensus where `none` does not, and the control plane (hivemind's processes, p2pd) spent CPU on each round."""
+    gossip, none = swarm_scale(tmp_path, points=[(3, 2.0)], epochs=2)
+    print(gossip, none, sep="\n")
+    assert (gossip["what"], none["what"]) == ("gossip", "none") and gossip["peers"] == none["peers"] == 3
+    assert gossip["rounds"] == 6 and gossip["ok_share"] == 1.0 and none["rounds"] == 0
+    assert gossip["consensus_vs_none"] < 1e-4 and none["consensus_vs_none"] == 1.0
+    assert gossip["control_ms"] > 0 and 0 < gossip["round_s"] < 5
+    assert 0 < gossip["cores_busy"] <= 2 * 1.05
 
 
 def test_cpu_by_kind_counts_what_each_process_spent_in_between():
