@@ -7,7 +7,8 @@ with every lever a round makes 0.1 RPCs, 1 local DHT read and 3 streams (docs/pe
   Here the declaration is stored only when it changes, or before it expires.
 - `lean_dht`: in a swarm no larger than the DHT's replication factor every node stores every key, so a store goes
   straight to the known nodes (no traversal first), and a read of the group key (or of the sticky groups' liveness
-  records) comes from the node's own storage, with one full read after a read that found nobody else.
+  records) comes from the node's own storage, with one full read after a read that found nobody else. The
+  replication factor is sized for the launched swarm (`replication`), so this holds past hivemind's 5.
 - `flat` (workers/averaging/flat.py): one buffer per dtype, a part per reducer.
 - `sticky` (workers/averaging/sticky.py): a group that is the whole live swarm is kept for the next rounds.
 - `dht_cache` off: hivemind's DHT caching only adds refresh traffic to a swarm whose nodes hold every key.
