@@ -91,12 +91,11 @@ def dht_rpcs(dhts) -> collections.Counter:
     return total
 
 
-def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3, sized: bool = False) -> dict:
+def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3) -> dict:
     """`peers` peers sharing their state as training peers do, one warm-up round, then `rounds` rounds: the DHT RPCs
-    (find, store) each peer sent per round, and the rounds that succeeded. `sized`: the DHTs' replication sized for
-    the swarm, as a peer's is."""
+    (find, store) each peer sent per round, and the rounds that succeeded."""
     cfg = GossipConfig(group_size=peers, matchmaking_time=2.0, round_timeout=10.0)
-    nodes = dhts(peers, levers, swarm_size=peers if sized else None)
+    nodes = dhts(peers, levers)
     averagings = []
     for seed, dht in enumerate(nodes):
         torch.manual_seed(seed)
@@ -122,40 +121,21 @@ def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3, s
 
 # plain: a state declaration per averaged tensor, a declaration and an undeclaration, each a traversal and a store to
 # every other node, and full reads of the group key; lean: the declaration and the undeclaration stored straight to the
-# 2 other nodes, the group key read locally; sticky: a round asks the DHT nothing but its local storage. 8 peers, past
-# hivemind's 5 replicas: lean DHT use only holds with the replication sized for the swarm (stores straight to the 7
-# others); with hivemind's it falls back to traversals
-EXPECTED_RPCS = {
-    "plain": (8, 100, 8, 100),
-    "lean": (0, 1, 2, 5),
-    "sticky": (0, 0.25, 0, 0.25),  # find, store: min, max
-    "lean, 8 peers": (0, 1, 7, 21),
-    "lean, 8 peers, 5 replicas": (8, 1000, 8, 1000),
-}
+# 2 other nodes, the group key read locally; sticky: a round asks the DHT nothing but its local storage
+EXPECTED_RPCS = {"plain": (8, 100, 8, 100), "lean": (0, 1, 2, 5), "sticky": (0, 0.25, 0, 0.25)}  # find, store: min, max
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("name, levers, peers", [("plain", Levers.off(), 3), ("lean", Levers(sticky=False), 3),
-                                                 ("sticky", Levers(), 3), ("lean, 8 peers", Levers(sticky=False), 8),
-                                                 ("lean, 8 peers, 5 replicas", Levers(sticky=False), 8)])  # fmt: skip
-def test_lean_dht_use_and_sticky_groups_remove_the_dht_rpcs_of_a_round(dhts, monkeypatch, name, levers, peers):
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name, levers", [("plain", Levers.off()), ("lean", Levers(sticky=False)),
+                                          ("sticky", Levers())])  # fmt: skip
+def test_lean_dht_use_and_sticky_groups_remove_the_dht_rpcs_of_a_round(dhts, monkeypatch, name, levers):
     from hivemind.dht.protocol import DHTProtocol
 
     for call in ("find", "store"):  # before the DHTs fork their processes, which inherit it
         monkeypatch.setattr(DHTProtocol, f"call_{call}", counted(getattr(DHTProtocol, f"call_{call}"), call))
-    got = rpcs_per_peer_round(dhts, levers, peers=peers, sized="5 replicas" not in name)
+    got = rpcs_per_peer_round(dhts, levers)
     print(f"{name}: DHT RPCs per peer and round {got}")
-    assert got["ok"] == peers * 5, "every round of every peer succeeded"
+    assert got["ok"] == 3 * 5, "every round of every peer succeeded"
     least_find, most_find, least_store, most_store = EXPECTED_RPCS[name]
     assert least_find <= got["find"] <= most_find and least_store <= got["store"] <= most_store, got
-
-
-def test_the_dhts_replication_is_sized_for_the_swarm_with_lean_dht_use():
-    from workers.averaging.levers import MAX_REPLICAS, replication
-
-    assert replication(Levers(), 24) == dict(num_replicas=24, bucket_size=24)
-    assert replication(Levers(), 8) == dict(num_replicas=8, bucket_size=20), "k-buckets never below hivemind's 20"
-    assert replication(Levers(), 5) == {} and replication(Levers(), None) == {}, "hivemind's own up to 5, or unknown"
-    assert replication(Levers.off(), 24) == {}, "plain hivemind keeps its defaults"
-    assert replication(Levers(), 1000)["num_replicas"] == MAX_REPLICAS

@@ -7,8 +7,7 @@ with every lever a round makes 0.1 RPCs, 1 local DHT read and 3 streams (docs/pe
   Here the declaration is stored only when it changes, or before it expires.
 - `lean_dht`: in a swarm no larger than the DHT's replication factor every node stores every key, so a store goes
   straight to the known nodes (no traversal first), and a read of the group key (or of the sticky groups' liveness
-  records) comes from the node's own storage, with one full read after a read that found nobody else. The
-  replication factor is sized for the launched swarm (`replication`), so this holds past hivemind's 5.
+  records) comes from the node's own storage, with one full read after a read that found nobody else.
 - `flat` (workers/averaging/flat.py): one buffer per dtype, a part per reducer.
 - `sticky` (workers/averaging/sticky.py): a group that is the whole live swarm is kept for the next rounds.
 - `dht_cache` off: hivemind's DHT caching only adds refresh traffic to a swarm whose nodes hold every key.
@@ -59,27 +58,11 @@ class Levers:
 NO_DHT_CACHE = dict(cache_locally=False, cache_nearest=0, cache_on_store=False, cache_refresh_before_expiry=0)
 
 
-REPLICAS = 5  # hivemind's default num_replicas: the size up to which every node stores every key
-MAX_REPLICAS = 64  # beyond, a store to every node costs more than the traversal it saves
-
-
-def replication(levers: Levers, swarm_size: int | None) -> dict:
-    """The DHT's replication for a swarm of (at most) `swarm_size` nodes: with `lean_dht` every node is to store every
-    key (num_replicas and the k-buckets as large as the swarm, up to MAX_REPLICAS), so the lean stores and local reads
-    hold up past hivemind's 5 replicas; {} keeps hivemind's defaults. Measured on the quickstart with groups of 8 on
-    2 cores: 16 peers got 86% of their rounds through, against 25% with hivemind's 5 (docs/performance.md)."""
-    if not levers.lean_dht or swarm_size is None or swarm_size <= REPLICAS:
-        return {}
-    size = min(swarm_size, MAX_REPLICAS)
-    return dict(num_replicas=size, bucket_size=max(20, size))
-
-
-def start_dht(levers: Levers, swarm_size: int | None = None, **kwargs):
-    """hivemind.DHT(start=True, **kwargs), with the levers' DHT options (`replication` for a swarm of `swarm_size`)
-    and p2pd's environment."""
+def start_dht(levers: Levers, **kwargs):
+    """hivemind.DHT(start=True, **kwargs), with the levers' DHT options and p2pd's environment."""
     import hivemind
 
-    options = {**({} if levers.dht_cache else NO_DHT_CACHE), **replication(levers, swarm_size)}
+    options = {} if levers.dht_cache else NO_DHT_CACHE
     with p2pd_env(gomaxprocs=levers.p2pd_gomaxprocs):
         return hivemind.DHT(start=True, **options, **kwargs)
 

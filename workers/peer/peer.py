@@ -174,10 +174,8 @@ class Peer:
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
         authorizer = SwarmKeyAuthorizer(self.swarm_key, self.anomalies) if self.swarm_key else None
         with naming_taken_port(self.cfg.network, offset):
-            swarm = None if self.whole_set else self.cfg.peers + self.cfg.joins  # an open swarm's size is unknown
-            self.dht = start_dht(Levers.of(self.cfg.gossip), swarm, initial_peers=initial_peers,
-                                 host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                                 authorizer=authorizer)  # fmt: skip
+            self.dht = start_dht(Levers.of(self.cfg.gossip), initial_peers=initial_peers, host_maddrs=host_maddrs,
+                                 announce_maddrs=announce_maddrs, authorizer=authorizer)  # fmt: skip
         if self.swarm_key:
             publish_membership(self.dht, self.run_id, self.swarm_key)
         self.averaging = self._hivemind_averaging()
