@@ -201,8 +201,9 @@ def _run_sweep(sweep: Sweep, out: Path, address: str | None, resume_dir: Path | 
 
     result = run_sweep(sweep, out, address, resume_dir)
     target = sweep.settings.target_acc
-    _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir), "--plot",
-                                        *(["--target-acc", str(target)] if target else [])]))  # fmt: skip
+    if result.exit_code != 130:  # interrupted: its `--resume` compares the points when they are all done
+        _analyze(build_parser().parse_args(["analyze", str(result.sweep_dir), "--plot",
+                                            *(["--target-acc", str(target)] if target else [])]))  # fmt: skip
     storage = sweep.points[0].config.storage  # the sweep's own files (index, comparison); each run uploads its own
     if not FolderMirror(result.sweep_dir, remote_of(storage, result.sweep_dir), top_level=True).finish():
         return result.exit_code or 1

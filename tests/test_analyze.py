@@ -333,3 +333,13 @@ def test_the_swarms_time_to_target_counts_each_peer_with_what_it_last_reported()
     assert swarm_to_target_s(run, 0.45) == 4.0  # (0.9 + 0.3 + 0.2) / 3 = 0.47, once every peer has reported
     assert swarm_to_target_s(run, 0.6) == 4.5  # (0.9 + 0.9 + 0.2) / 3, before peer 2's epoch-2 row
     assert np.isnan(swarm_to_target_s(run, 0.95))
+
+
+def test_a_run_cut_short_before_any_consensus_plots_none_and_raises_nothing():
+    """An interrupted run's rows may carry no consensus distance at all (an all-empty column reads as object): seen
+    in a Ctrl-C of a sweep, whose comparison then failed in plot_consensus."""
+    from launcher.results.plots import plot_consensus
+
+    rows = pd.DataFrame(dict(run_id="cut", peer=[0, 1], epoch=1, test_acc=0.1, test_loss=2.3, wall_time_s=1.0,
+                             samples_seen=32, consensus_dist=pd.Series([None, None], dtype=object)))  # fmt: skip
+    assert plot_consensus(rows) is None

@@ -103,7 +103,8 @@ def plot_consensus(df: pd.DataFrame) -> Figure | None:
     drawn = 0
     for run in split_runs(df):
         curve = epoch_curve(run)
-        shown = curve[np.isfinite(curve["consensus_dist"]) & (curve["consensus_dist"] > 0)]
+        distance = pd.to_numeric(curve["consensus_dist"], errors="coerce")  # all-empty (a run cut short): object
+        shown = curve[np.isfinite(distance) & (distance > 0)]
         if not shown.empty:
             ax.plot(shown["wall_time_s"], shown["consensus_dist"], marker=".", label=run["run_id"].iloc[0])
             drawn += 1
