@@ -192,16 +192,17 @@ def measured_run(bench_dir: Path, data_root: Path, method: str, peers: int, ever
                  "data.test_batch_size=500", f"optim.epochs={epochs}", f"peers={peers}", "resources.num_cpus=0.25",
                  f"resources.num_gpus={1 / peers if torch.cuda.is_available() else 0}",
                  f"gossip.every_steps={every_steps}", *METHODS[method]]  # fmt: skip
-    run = windowed_run(load_config(CIFAR, overrides), bench_dir / "runs")
+    run, _ = windowed_run(load_config(CIFAR, overrides), bench_dir / "runs")
     if run["exit_code"] != 0 or "cpu_s" not in run:
         raise RuntimeError(f"bench run {method} ({run['run']}): exit {run['exit_code']}, training window "
                            f"{'found' if 'cpu_s' in run else 'not found'}")  # fmt: skip
     return {key: value for key, value in run.items() if key != "exit_code"}
 
 
-def windowed_run(cfg, out: Path) -> dict:
+def windowed_run(cfg, out: Path) -> tuple[dict, pd.DataFrame]:
     """Run `cfg`; the machine's busy CPU in its training window (cpu_s, wall_s, cpu_s_<kind> per kind of process, when
-    the window was found), its rounds, its final consensus, its peers' mean samples/s, and its exit code."""
+    the window was found), its rounds, its final consensus, its peers' mean samples/s, and its exit code; and its
+    metrics rows."""
     epochs = cfg.optim.epochs
     window = TrainingWindow(epochs)
     launcher = logging.getLogger("launcher")
@@ -221,7 +222,7 @@ def windowed_run(cfg, out: Path) -> dict:
     if window.start is not None and window.end is not None:
         kinds = {f"cpu_s_{kind.replace(' ', '_')}": spent for kind, spent in cpu_by_kind(*window.processes).items()}
         run.update(cpu_s=window.end[0] - window.start[0], wall_s=window.end[1] - window.start[1], **kinds)
-    return run
+    return run, metrics
 
 
 def round_cost(bench_dir: Path, data_root: Path, peers: int, every_steps: int, epochs: int, repeats: int,
@@ -350,8 +351,7 @@ def swarm_scale(bench_dir: Path, points: list[tuple[int, float]] = SCALE, epochs
         cfg = load_config(QUICKSTART, [f"peers={peers}", f"optim.epochs={epochs}", "gossip.group_size=8",
                                        "resources.num_cpus=0.25", *method])  # fmt: skip
         logger.info("G8: %d peers, %s", peers, method[0])
-        run = windowed_run(cfg, bench_dir / "g8")
-        metrics = read_metrics(bench_dir / "g8" / run["run"])
+        run, metrics = windowed_run(cfg, bench_dir / "g8")
         rounds = run["rounds_ok"] + run["rounds_failed"]
         control = run.get("cpu_s_hivemind_processes", math.nan) + run.get("cpu_s_p2pd", math.nan)
         rows.append(dict(bench="G8", what="none" if matchmaking is None else "gossip", peers=peers,

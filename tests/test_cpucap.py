@@ -44,7 +44,7 @@ def test_a_capped_process_gets_its_share_of_a_core_and_no_more():
     free = busy_cpu_s("none", 0)
     capped = busy_cpu_s("test-cap/peer-0-0", 0.25)
     print(f"2 s of spinning: {free:.2f} CPU-s uncapped, {capped:.2f} capped at a quarter core")
-    assert capped <= 0.25 * 2.0 * 1.3 and free > capped
+    assert capped <= 0.25 * 2.0 * 1.3 and free >= 2 * capped  # idle machine: 2.0 against 0.5 CPU-s
     remove_caps("test-cap")
     assert not (cpu_hierarchy() / BASE / "test-cap").exists(), "its group is removed once it is empty"
 
