@@ -4,10 +4,11 @@ of figures taken in one run mean anything).
 
 - C, round cost (and G1 throughput from the same runs): the 4-peer (and, without --quick, 8-peer) cifar_cnn swarm
   on generated CIFAR-format data at H = 10, run with `none` and with each method (`gossip`, the same with
-  `gossip.cheap_rounds: false` = plain hivemind, `allreduce` = gloo on the same tensors, `sgp`), REPEATS times
-  interleaved (none, m1, m2, ..., none, m1, ...), so slow drifts of a shared machine hit every method alike. For each
-  run: the whole machine's busy CPU (/proc/stat: the driver, Ray, the actors, hivemind's processes, p2pd) between the
-  launcher's "started training" line and its last epoch line; c = (that - the same repeat's `none`) / peer-rounds.
+  `gossip.cheap_rounds: false` = plain hivemind, `allreduce` = gloo on the same tensors, `sgp` blocking and
+  overlapped), REPEATS times interleaved (none, m1, m2, ..., none, m1, ...), so slow drifts of a shared machine hit
+  every method alike. For each run: the whole machine's busy CPU (/proc/stat: the driver, Ray, the actors, hivemind's
+  processes, p2pd) between the launcher's "started training" line and its last epoch line; c = (that - the same
+  repeat's `none`) / peer-rounds.
   Reported: the median c with its range, the `none`-against-`none` noise floor in the same unit, the share of rounds
   that succeeded and the final consensus against `none`'s (a cheap round that fails or averages nothing is no
   saving), and samples/s per peer over `none`'s (G1), median over the repeats. Without --quick also at H = 50.
@@ -50,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "configs" / "experiments" / "cifar10_gossip.yaml"
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"
 METHODS = {"none": ["gossip.method=none"], "gossip": [], "gossip (plain hivemind)": ["gossip.cheap_rounds=false"],
-           "allreduce": ["gossip.method=allreduce"], "sgp": ["gossip.method=sgp"]}  # fmt: skip
+           "allreduce": ["gossip.method=allreduce"], "sgp": ["gossip.method=sgp"],
+           "sgp (overlap)": ["gossip.method=sgp", "gossip.overlap=true"]}  # fmt: skip
 REPEATS = 3  # G2: rounds per setting (the median is reported)
 
 
@@ -236,6 +238,23 @@ def round_cost(bench_dir: Path, data_root: Path, peers: int, every_steps: int, e
             rows.append(dict(bench="C", what=method, peers=peers, every_steps=every_steps, epochs=epochs,
                              repeat=repeat, **run))  # fmt: skip
     return rows
+
+
+def cost_runs(out: Path, methods: list[str], repeats: int, data_root: Path | None = None, peers: int = 4,
+              every_steps: int = 10, epochs: int = 16) -> pd.DataFrame:  # fmt: skip
+    """Bench C's runs of `methods` alone at one setting, on a local Ray of its own (a study beside the bench, e.g.
+    results/examples/bench/sgp-*/): one row per run, also written to `out`/runs.csv."""
+    import ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    try:
+        rows = round_cost(out, data_root or cifar_data(), peers, every_steps, epochs, repeats, methods)
+    finally:
+        ray.shutdown()
+    runs = pd.DataFrame(rows)
+    runs.to_csv(out / "runs.csv", index=False)
+    return runs
 
 
 def excess_ms(arm: pd.DataFrame, none: pd.DataFrame, column: str, rounds: pd.Series) -> pd.Series:

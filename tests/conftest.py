@@ -123,11 +123,13 @@ def dhts():
 
     started = []
 
-    def start(count: int, levers: Levers | None = None) -> list:
-        """`levers`: whose DHT options (default: a peer's, caching off and p2pd on one thread)."""
+    def start(count: int, levers: Levers | None = None, swarm_size: int | None = None) -> list:
+        """`levers`: whose DHT options (default: a peer's, caching off and p2pd on one thread); `swarm_size`: the
+        swarm a peer would size its DHT's replication for (default: hivemind's)."""
         for _ in range(count):
             initial = started[0].get_visible_maddrs() if started else []
-            started.append(start_dht(levers or Levers(), initial_peers=initial, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+            started.append(start_dht(levers or Levers(), swarm_size, initial_peers=initial,
+                                     host_maddrs=["/ip4/127.0.0.1/tcp/0"]))  # fmt: skip
         return started[-count:]
 
     yield start

@@ -343,3 +343,18 @@ def test_a_run_cut_short_before_any_consensus_plots_none_and_raises_nothing():
     rows = pd.DataFrame(dict(run_id="cut", peer=[0, 1], epoch=1, test_acc=0.1, test_loss=2.3, wall_time_s=1.0,
                              samples_seen=32, consensus_dist=pd.Series([None, None], dtype=object)))  # fmt: skip
     assert plot_consensus(rows) is None
+
+
+def test_a_setting_only_some_runs_have_is_the_experiments_condition():
+    """E2's one slow link: `emulation.links.7.rate_mbit` is 1 in the slow-link runs and empty in the control runs.
+    It is the condition their time-to-target plot is drawn against (the comparison read back from its CSV had
+    found none, and wrote no plot)."""
+    from launcher.results.analyze import experiment_condition
+    from launcher.results.plots import condition_label
+
+    link = {"emulation.links.7.rate_mbit": [np.nan, 1.0, np.nan, 1.0], "gossip.overlap": True}
+    table = pd.DataFrame(dict(method=["gossip", "gossip", "allreduce", "allreduce"], rate_mbit=50.0, scenario="[]",
+                              **link))  # fmt: skip
+    assert experiment_condition(table) == "emulation.links.7.rate_mbit"
+    assert experiment_condition(table.drop(columns="emulation.links.7.rate_mbit")) is None
+    assert [condition_label(v) for v in table["emulation.links.7.rate_mbit"]] == ["unset", "1.0", "unset", "1.0"]

@@ -73,7 +73,8 @@ def test_a_round_without_a_partner_fails_after_matchmaking_time_not_the_round_ti
         peer.shutdown()
     print(f"failed round: {peer.stats.seconds:.2f} s")
     assert peer.stats.failed == 1
-    assert cfg.matchmaking_time <= peer.stats.seconds < cfg.matchmaking_time + 2.0
+    # the round's deadline is matchmaking_time + request_timeout; then hivemind's step fails and reports back
+    assert cfg.matchmaking_time <= peer.stats.seconds < cfg.matchmaking_time + 5.0
 
 
 @pytest.mark.integration

@@ -60,9 +60,13 @@ def test_a_diverged_peer_shares_nothing_and_is_given_up_when_it_cannot_train(run
     assert set(events[events.event == "diverged"].peer) == {1}, "nobody else diverged"
     metrics = read_metrics(diverged.run_dir)
     others = metrics[metrics.peer != 1]
-    # from the epoch after the one it blew up in (its last report is the epoch before that one)
-    after = others[others.epoch > metrics[metrics.peer == 1].epoch.max() + 1]
-    assert len(after) and (after.averaging_group_size <= 3).all(), "from its blow-up on, no group had peer 1 in it"
+    # from the epoch after the one it blew up in (its last report is the epoch before that one). On a loaded machine
+    # it may fall behind and blow up late (CI: it reloaded a state of epoch 5 and was given up there), leaving no
+    # such epoch in a 6-epoch run; the rows below and the final norms still show that nobody took its model
+    last_report = metrics[metrics.peer == 1].epoch.max()
+    assert last_report < EPOCHS, "it was given up before the run's end"
+    after = others[others.epoch > last_report + 1]
+    assert (after.averaging_group_size.dropna() <= 3).all(), "from its blow-up on, no group had peer 1 in it"
     assert others.test_loss.notna().all() and (others.test_loss < 10).all(), "no row shows a poisoned model"
     final = others[others.epoch == EPOCHS]
     assert len(final) == 3 and final.consensus_dist.iloc[0] < 1e-4, "the others averaged on among themselves"

@@ -195,34 +195,57 @@ def tx_bytes(link: NetnsLink) -> int:
 
 
 MODEL_FLOATS = 2_500_000  # 10 MB of float32
+ROUND_TIMEOUT = 30.0  # a round's matchmaking, or its all-reduce (10 MB at 50 Mbit/s: 1.6 s each way)
 
 
-def averaging_round(averagers: list, emulation: Emulation) -> tuple[float, list[int]]:
+def averaging_round(averagers: list, emulation: Emulation) -> tuple[float, list[int]] | None:
     """One all-reduce of the averagers' tensors: seconds from the trigger (the group is formed: matchmaking is not
-    timed) to the results, and the bytes each peer's link sent meanwhile."""
+    timed) to the results, and the bytes each peer's link sent meanwhile; None for a round that did not average both
+    (on a loaded machine, hivemind's matchmaking can leave a peer out: it reaches the trigger without a group, and its
+    partner's all-reduce waits for it until allreduce_timeout)."""
     from hivemind.averaging.control import AveragingStage
 
-    controls = [averager.step(wait=False, require_trigger=True, timeout=60) for averager in averagers]
-    deadline = time.monotonic() + 60
+    controls = [
+        averager.step(wait=False, require_trigger=True, timeout=ROUND_TIMEOUT, allow_retries=False)
+        for averager in averagers
+    ]  # (a retry would time a second matchmaking: the test retries instead)
+    deadline = time.monotonic() + ROUND_TIMEOUT
     while not all(control.stage == AveragingStage.AWAITING_TRIGGER for control in controls):
-        assert time.monotonic() < deadline, "no group formed"
+        if time.monotonic() > deadline or any(control.done() for control in controls):
+            break
         time.sleep(0.01)
     before = [tx_bytes(link) for link in emulation.links.values()]
     started = time.perf_counter()
     for control in controls:
         control.allow_allreduce()
-    assert [len(control.result(timeout=60)) for control in controls] == [2, 2], "a group of both peers"
+    groups = []
+    for control in controls:  # every step ends (allreduce_timeout, step timeout) before the next round starts
+        try:
+            groups.append(len(control.result(timeout=3 * ROUND_TIMEOUT)))
+        except Exception as error:  # noqa: BLE001 (a failed round is tried again by fastest_round)
+            control.cancel()
+            groups.append(repr(error))
     seconds = time.perf_counter() - started
+    if groups != [2, 2]:
+        print(f"a round that did not average both peers: {groups}")
+        return None
     return seconds, [tx_bytes(link) - sent for link, sent in zip(emulation.links.values(), before, strict=True)]
 
 
-def fastest_round(averagers: list, emulation: Emulation, rounds: int = 2) -> tuple[float, list[int]]:
-    """The quickest of a few rounds: a busy machine (others' tests) only ever adds time, the link sets the floor."""
-    return min((averaging_round(averagers, emulation) for _ in range(rounds)), key=lambda timed: timed[0])
+def fastest_round(averagers: list, emulation: Emulation, rounds: int = 2, tries: int = 4) -> tuple[float, list[int]]:
+    """The quickest of `rounds` rounds that averaged: a busy machine (others' tests) only ever adds time, the link
+    sets the floor; a round that failed is tried again, up to `tries` rounds in all (so the last one averaged)."""
+    done = []
+    for _ in range(tries):
+        if (timed := averaging_round(averagers, emulation)) is not None:
+            done.append(timed)
+        if len(done) == rounds:
+            return min(done, key=lambda timed: timed[0])
+    raise AssertionError(f"{len(done)} of {tries} rounds averaged both peers, not {rounds}")
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)  # a failed round ends within 2 ROUND_TIMEOUTs (matchmaking, all-reduce): 8 tries at most
 def test_a_shaped_link_carries_an_averaging_round_no_faster_than_its_rate(links):
     import hivemind
     import torch
@@ -235,12 +258,13 @@ def test_a_shaped_link_carries_an_averaging_round_no_faster_than_its_rate(links)
                 dhts.append(hivemind.DHT(initial_peers=initial, host_maddrs=[f"/ip4/{link.ip}/tcp/0"], start=True))
                 averagers.append(hivemind.DecentralizedAverager(
                     [torch.full((MODEL_FLOATS,), float(peer))], dhts[-1], prefix="shaped", target_group_size=2,
-                    min_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0, start=True))  # fmt: skip
+                    min_group_size=2, allreduce_timeout=ROUND_TIMEOUT, start=True))  # fmt: skip
         fast, fast_sent = fastest_round(averagers, emulation)
         emulation.set_rate(50)
         slow, slow_sent = fastest_round(averagers, emulation)
-        with averagers[0].get_tensors() as tensors:
-            assert torch.allclose(tensors[0], torch.full((MODEL_FLOATS,), 0.5)), "the rounds really averaged"
+        with averagers[0].get_tensors() as first, averagers[1].get_tensors() as second:
+            assert torch.equal(first[0], second[0]), "the last round left both peers with one average"
+            assert 0 < first[0].min() and first[0].max() < 1, "the rounds really averaged (from 0 and 1)"
     finally:
         for process in averagers + dhts:
             process.shutdown()

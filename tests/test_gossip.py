@@ -54,10 +54,10 @@ def test_a_round_starts_once_the_swarm_has_joined_not_after_matchmaking_time(dht
     run knows of, so the round runs at once instead of waiting out the 5 s."""
     cfg = GossipConfig(group_size=16, matchmaking_time=5.0, round_timeout=10.0)
     _, peers = swarm(dhts, cfg, "fast")
-    started = time.perf_counter()
     sizes = in_parallel(peers, lambda peer: peer.average())
     assert sizes == [2, 2]
-    assert time.perf_counter() - started < 3.0, "no wait for a group of 16 that the swarm cannot fill"
+    # the rounds alone (the shutdowns after them are not timed): a round that waited for a group of 16 takes 5 s
+    assert max(peer.stats.seconds for peer in peers) < 3.0, "no wait for a group of 16 that the swarm cannot fill"
 
 
 def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile(dhts):

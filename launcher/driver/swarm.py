@@ -112,7 +112,8 @@ class Swarm:
         pids = ray.get([p.actor.call.remote("process_ids") for p in self.peers.values()], timeout=timeout)
         self.state_timeout_s = ray.get(self.peers[0].actor.call.remote("state_timeout"), timeout=timeout)
         self.swarm_size = cfg.peers
-        ray.get([p.actor.call.remote("set_swarm_size", cfg.peers) for p in self.peers.values()], timeout=timeout)
+        told = [p.actor.call.remote("set_swarm_size", cfg.peers, cfg.peers) for p in self.peers.values()]
+        ray.get(told, timeout=timeout)
         self._start_training(list(self.peers.values()), timeout)
         self.training_since = time.monotonic()
         for incarnation, processes in zip(self.peers.values(), pids, strict=True):
@@ -242,14 +243,16 @@ class Swarm:
 
     def _signal(self, incarnation: Incarnation, signal_: Signal, reason: str = "") -> None:
         """The one place a phase changes (launcher/driver/lifecycle.py). The swarm's size follows its running peers:
-        each running peer is told, so that its rounds aim at the peers that are there."""
+        each running peer is told, so that its rounds aim at the peers that are there, and how many peers' DHTs are up
+        (running or done), so that its lean DHT path knows how many nodes make the whole swarm (levers.small_swarm)."""
         incarnation.phase, incarnation.since = advance(incarnation.phase, signal_), time.monotonic()
         incarnation.reason = reason or incarnation.reason
         running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
         if self.training_since is not None and len(running) != self.swarm_size:
             self.swarm_size = len(running)
+            dht_nodes = sum(inc.phase in DHT_UP for inc in self.peers.values())
             for inc in running:
-                inc.actor.call.remote("set_swarm_size", self.swarm_size)
+                inc.actor.call.remote("set_swarm_size", self.swarm_size, dht_nodes)
 
     def views(self) -> list[PeerView]:
         now = time.monotonic()

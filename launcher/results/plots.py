@@ -181,7 +181,9 @@ def series_labels(table: pd.DataFrame) -> pd.Series:
 
 def condition_label(value: object) -> str:
     """A condition as a tick label: a scenario as what it does (a straggler's factor, the number of kills), any
-    other setting as its value."""
+    other setting as its value, and one a run did not set (E2's slow link, empty in its control runs) as "unset"."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "unset"
     text = str(value)
     if not text.startswith("["):
         return text

@@ -98,8 +98,9 @@ class AveragingStrategy:
         if self.before_round is not None:
             self.before_round(check)
 
-    def set_swarm_size(self, peers: int) -> None:
-        """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many."""
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+        """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many;
+        `dht_nodes`: how many peers' DHTs are up, running or done (0: not known)."""
 
     def drop_round(self) -> None:
         """Forget a round in flight without applying it (the parameters are about to be replaced)."""

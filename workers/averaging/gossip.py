@@ -104,6 +104,9 @@ class GossipAveraging(AveragingStrategy):
         self.anomalies, self.swarm_size = anomalies, swarm_size
         # the group target, read by hivemind's matchmaking in the averager's process (live_target_matchmaking)
         self.target = mp.get_context("fork").Value("i", min(cfg.group_size, swarm_size or cfg.group_size), lock=False)
+        # the peers whose DHT is up, read by the DHT's lean path in the averager's process (levers.small_swarm; 0: not
+        # known, until the driver tells)
+        self.dht_nodes = mp.get_context("fork").Value("i", 0, lock=False)
         self.tensors = averaged_tensors(model)
         # with `flat`, hivemind averages one buffer per dtype, each tensor a slice of it (`_views`)
         self.layout = FlatLayout(self.tensors) if self.levers.flat else None
@@ -138,11 +141,13 @@ class GossipAveraging(AveragingStrategy):
             swarm_key=swarm_key,
             anomalies=anomalies,
             levers=self.levers,
+            dht_nodes=self.dht_nodes,
             start=True,
         )
 
-    def set_swarm_size(self, peers: int) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
         self.target.value = min(self.cfg.group_size, max(peers, self.cfg.min_group_size))
+        self.dht_nodes.value = dht_nodes
 
     def drop_round(self) -> None:
         if self.in_flight is not None:

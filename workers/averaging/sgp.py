@@ -61,7 +61,7 @@ class SgpAveraging(AveragingStrategy):
                                 codec=compression(cfg.compression), overlap=cfg.overlap, timeout=cfg.round_timeout,
                                 lock=self.lock)  # fmt: skip
 
-    def set_swarm_size(self, peers: int) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
         self.swarm_size = max(peers, 1)
 
     def share_state(self, provider, priority) -> None:

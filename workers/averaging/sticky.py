@@ -116,10 +116,19 @@ class StickyGroups(LeverAware):
 
     async def _declare_live(self, live: bool) -> None:
         expires = get_dht_time() + self.levers.live_ttl
-        await dht_store(self.dht, f"{self.prefix}.live", self.peer_id.to_bytes(), live, expires, self.levers.lean_dht)
+        await dht_store(
+            self.dht,
+            f"{self.prefix}.live",
+            self.peer_id.to_bytes(),
+            live,
+            expires,
+            self.levers.lean_dht,
+            self.swarm_nodes(),
+        )
 
     async def _live_set(self, full: bool) -> frozenset:
-        read = dht_read(self.dht, f"{self.prefix}.live", local=self.levers.lean_dht and not full)
+        local = self.levers.lean_dht and not full
+        read = dht_read(self.dht, f"{self.prefix}.live", local=local, swarm=self.swarm_nodes())
         result = await asyncio.wait_for(read, timeout=self._wait_s())
         if result is None or not isinstance(result.value, dict):
             return frozenset()

@@ -56,6 +56,7 @@ from workers.peer.train import train
 logger = logging.getLogger(__name__)
 
 
+GOSSIP_ROUNDS = ("gossip", "diloco")  # the methods averaging by GossipAveraging's rounds (diloco: an outer step after)
 MAX_RELOADS_IN_A_ROW = 3  # a peer that diverges again this often before it reports an epoch cannot train
 
 
@@ -174,8 +175,11 @@ class Peer:
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
         authorizer = SwarmKeyAuthorizer(self.swarm_key, self.anomalies) if self.swarm_key else None
         with naming_taken_port(self.cfg.network, offset):
-            self.dht = start_dht(Levers.of(self.cfg.gossip), initial_peers=initial_peers, host_maddrs=host_maddrs,
-                                 announce_maddrs=announce_maddrs, authorizer=authorizer)  # fmt: skip
+            # the DHT's replication sized for the swarm where the lean DHT path uses it: gossip's rounds
+            swarm = self.most_peers() if self.cfg.gossip.method in GOSSIP_ROUNDS else None
+            self.dht = start_dht(Levers.of(self.cfg.gossip), swarm, initial_peers=initial_peers,
+                                 host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                                 authorizer=authorizer)  # fmt: skip
         if self.swarm_key:
             publish_membership(self.dht, self.run_id, self.swarm_key)
         self.averaging = self._hivemind_averaging()
@@ -183,13 +187,17 @@ class Peer:
                           if proc.name() != "torch_shm_manager"]  # fmt: skip
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
+    def most_peers(self) -> int | None:
+        """The most peers the swarm can have: the run's peers and scripted joiners (None: an open swarm's, unknown)."""
+        return None if self.whole_set else self.cfg.peers + self.cfg.joins
+
     def _hivemind_averaging(self) -> AveragingStrategy:
         gossip, setup = self.cfg.gossip, self.setup
-        if gossip.method in ("gossip", "diloco"):  # diloco: gossip's rounds with an outer step after each
+        if gossip.method in GOSSIP_ROUNDS:
             rounds = DiLoCoAveraging if gossip.method == "diloco" else GossipAveraging
             return rounds(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
                           swarm_key=self.swarm_key, anomalies=self.anomalies,
-                          swarm_size=None if self.whole_set else self.cfg.peers + self.cfg.joins)  # fmt: skip
+                          swarm_size=self.most_peers())  # fmt: skip
         if gossip.method == "sgp":  # the epoch being trained: the round index of `every_steps: epoch`
             return SgpAveraging(setup.model, self.dht, gossip, prefix=self.run_id, lock=setup.lock,
                                 swarm_key=self.swarm_key, anomalies=self.anomalies,
@@ -342,9 +350,10 @@ class Peer:
         self.setup.leave_after, self.setup.slowdown, self.setup.lr_factor = (
             effects.leave_after, slowdown, effects.lr_factor)  # fmt: skip
 
-    def set_swarm_size(self, peers: int) -> None:
-        """How many peers the swarm has now: a group aims at that many (workers/averaging/gossip.py)."""
-        self.averaging.set_swarm_size(peers)
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+        """How many peers the swarm has now: a group aims at that many (workers/averaging/gossip.py); `dht_nodes`:
+        how many peers' DHTs are up (0: not known)."""
+        self.averaging.set_swarm_size(peers, dht_nodes)
 
     def poll(self) -> PeerStatus:
         """Everything reported since the last poll, the current state and the heartbeat. Never waits on the
