@@ -24,6 +24,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 EPOCHS = 10  # the quickstart passes 0.93 mean accuracy at epoch 7-8; a restart (about 11 s) must land before the end
 
 
+# the scripted join: a joiner asked for at epoch 1 starts an actor, a DHT and downloads the state, 3.4 s on an idle
+# machine, in which the swarm did the rest of 10 epochs (0.4 s each): it arrived after the end. 20 leave it time.
+JOIN_EPOCHS = 20
+
+
 def churn_config(*overrides: str):
     return quick_config(f"optim.epochs={EPOCHS}", *overrides)
 
@@ -143,28 +148,32 @@ def test_a_peer_whose_dht_process_died_is_wedged_killed_and_restarted(ray_local,
 
 def test_a_scripted_join_and_leave(ray_local, tmp_path):
     scenario = "scenario=[{at_epoch: 1, event: join}, {at_epoch: 5, peer: 2, event: leave}]"
-    result = run_experiment(churn_config(scenario), tmp_path)
+    result = run_experiment(churn_config(scenario, f"optim.epochs={JOIN_EPOCHS}"), tmp_path)
     metrics, events = read_metrics(result.run_dir), read_events(result.run_dir)
     print(events.to_string())
     assert result.exit_code == 0
     joiner = metrics[metrics.peer == 4].sort_values("epoch")
     first = int(joiner.epoch.iloc[0])
-    assert 2 <= first < EPOCHS and joiner.epoch.tolist() == list(range(first, EPOCHS + 1)), "swarm's epoch to the end"
+    assert 2 <= first < JOIN_EPOCHS and joiner.epoch.tolist() == list(range(first, JOIN_EPOCHS + 1)), (
+        "swarm's epoch to the end"
+    )
     swarm_then = metrics[metrics.epoch == first - 1].peer.tolist()
     assert swarm_then and 4 not in swarm_then, "its first row follows the swarm's last epoch before it joined"
     # it averages in every epoch but perhaps its last: a joiner an epoch's fraction behind may come to the run's
     # last round after the others have done theirs (seen in CI: a group of 4 in every epoch, then none)
     assert (joiner.averaging_group_size.iloc[:-1] >= 2).all()
-    assert joiner.averaging_rounds_ok.iloc[-1] >= EPOCHS - first
+    assert joiner.averaging_rounds_ok.iloc[-1] >= JOIN_EPOCHS - first
     assert set(events[events.peer == 4].event) >= {"joined", "state_downloaded", "done"}
     leaver = metrics[metrics.peer == 2]
     assert leaver.epoch.max() == 5 and "left" in set(events[events.peer == 2].event)
-    final = metrics[metrics.epoch == EPOCHS]
+    final = metrics[metrics.epoch == JOIN_EPOCHS]
     assert sorted(final.peer) == [0, 1, 3, 4] and (final.consensus_peers == 4).all()
     assert final.consensus_dist.iloc[0] < 1e-4
     # the group target follows the live swarm: before the joiner is there and after the leave, a round of the peers
     # that are there does not wait out matchmaking_time (1.5 s) for a peer that is not
-    assert metrics[metrics.epoch == 1].averaging_seconds.max() < 1.5  # the first peer waits for the last to arrive
+    # (the median: the first peer to arrive waits for the last, which on a loaded machine can be most of 1.5 s; a
+    # target of 5 makes every peer but the last to arrive wait out the leader's 1.5 s)
+    assert metrics[metrics.epoch == 1].averaging_seconds.median() < 1.2
     assert metrics[metrics.epoch > 6].averaging_seconds.median() < 1.0
 
 
