@@ -116,8 +116,10 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
     if not any(distance[e] < 1e-6 * scale for e in whole):
         behind = epoch_behind(metrics, whole)
         assert behind, f"every peer is at the swarm's parameters, or one runs an epoch behind: {distance.to_dict()}"
-        if peer not in behind:  # the restarted peer ended in the others' lockstep: their last round left one model
-            lockstep = sorted(set(metrics.peer) - behind - {peer})
+        lockstep = sorted(set(metrics.peer) - behind - {peer})
+        last = metrics[(metrics.epoch == EPOCHS) & metrics.peer.isin([peer, *lockstep])]
+        if peer not in behind and (last.averaging_group_size >= len(lockstep) + 1).all():
+            # the restarted peer ended in the others' lockstep, and their last round was one group: one model
             mine = flat_model(result.run_dir, peer)
             apart = max((flat_model(result.run_dir, other) - mine).norm().item() for other in lockstep)
             assert apart < 1e-6 * scale, f"the restarted peer's final model is {apart:.3g} from {lockstep}'"
@@ -143,7 +145,7 @@ def flat_model(run_dir, peer: int) -> torch.Tensor:
 
 def epoch_behind(metrics, epochs: list[int]) -> set[int]:
     """The peers whose row of each of `epochs` reached the driver more than half an epoch after the others' median."""
-    arrived = metrics.pivot_table(index="epoch", columns="peer", values="run_time_s")
+    arrived = metrics.pivot_table(index="epoch", columns="peer", values="run_time_s", aggfunc="max")
     period = arrived.median(axis=1).diff().median()
     late = {peer: arrived[peer] - arrived.drop(columns=peer).median(axis=1) for peer in arrived.columns}
     return {peer for peer, lag in late.items() if (lag.reindex(epochs) > 0.5 * period).all()}
@@ -187,9 +189,9 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     assert final.consensus_dist.iloc[0] < 1e-4
     # the group target follows the live swarm: before the joiner is there and after the leave, a round of the peers
     # that are there does not wait out matchmaking_time (1.5 s) for a peer that is not
-    # (the median: the first peer to arrive waits for the last, which on a loaded machine can be most of 1.5 s; a
-    # target of 5 makes every peer but the last to arrive wait out the leader's 1.5 s)
-    assert metrics[metrics.epoch == 1].averaging_seconds.median() < 1.2
+    # (the first peer to arrive waits for the last, which on a loaded machine can be most of 1.5 s; a target of 5
+    # makes every peer that arrived with the leader wait out its 1.5 s)
+    assert (metrics[metrics.epoch == 1].averaging_seconds >= 1.4).sum() <= 1
     assert metrics[metrics.epoch > 6].averaging_seconds.median() < 1.0
 
 
