@@ -119,10 +119,7 @@ def assert_recovered(result, epoch_lines, leftover, peer: int, death_event: str)
         lockstep = sorted(set(metrics.peer) - behind - {peer})
         last = metrics[(metrics.epoch == EPOCHS) & metrics.peer.isin([peer, *lockstep])]
         if peer not in behind and (last.averaging_group_size >= len(lockstep) + 1).all():
-            # the restarted peer ended in the others' lockstep, and their last round was one group: one model
-            mine = flat_model(result.run_dir, peer)
-            apart = max((flat_model(result.run_dir, other) - mine).norm().item() for other in lockstep)
-            assert apart < 1e-6 * scale, f"the restarted peer's final model is {apart:.3g} from {lockstep}'"
+            assert_one_model(result.run_dir, [peer, *lockstep])  # the restarted peer ended in the others' lockstep
     # the others' rows went on: no gap between the driver's epoch lines of more than 3 epoch-times, plus the one
     # round that lost the peer, not the restart's 10 s or more. That round takes up to two matchmaking deadlines
     # (5 s + a 2.5 s request timeout each) for a member whose group held the dead peer: the group fails at its
@@ -143,6 +140,13 @@ def final_model(run_dir, peer: int) -> dict[str, torch.Tensor]:
 
 def flat_model(run_dir, peer: int) -> torch.Tensor:
     return torch.cat([t.flatten().double() for t in final_model(run_dir, peer).values()])
+
+
+def assert_one_model(run_dir, peers: list[int]) -> None:
+    """The peers' final models are one (within 1e-6 of the first one's norm): their last round was one group."""
+    models = [flat_model(run_dir, peer) for peer in peers]
+    apart = max((model - models[0]).norm().item() for model in models[1:])
+    assert apart < 1e-6 * models[0].norm().item(), f"final models of {peers} {apart:.3g} apart"
 
 
 def epoch_behind(metrics, epochs: list[int]) -> set[int]:
@@ -193,9 +197,7 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     # and its last round then finds nobody. The peers whose last round was the group of four end with one model
     together = final[final.averaging_group_size == 4].peer.tolist()
     assert len(together) >= 3, final
-    models = [flat_model(result.run_dir, peer) for peer in together]
-    apart = max((model - models[0]).norm().item() for model in models[1:])
-    assert apart < 1e-6 * models[0].norm().item(), f"final models of {together} {apart:.3g} apart"
+    assert_one_model(result.run_dir, together)
     if len(together) == 4:
         assert final.consensus_dist.iloc[0] < 1e-4
     # the group target follows the live swarm: before the joiner is there and after the leave, a round of the peers
