@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import hivemind
 import pytest
@@ -283,10 +284,23 @@ def test_a_newcomer_far_behind_the_swarms_round_catches_up_instead_of_waiting_ou
 
 
 @pytest.mark.timeout(150)
-def test_a_dead_peer_does_not_block_the_others_and_leaves_the_graph(eight):
-    own = start_dhts(4, first=eight[0])
+async def records_held(_dht, node, key: str) -> int:
+    """(In the DHT's process) how many subkeys of `key` the node holds in its own storage."""
+    from hivemind.dht.routing import DHTID
+
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    return 0 if found is None else len(found.value)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["full-reads", "lean-dht"])
+def test_a_dead_peer_does_not_block_the_others_and_leaves_the_graph(eight, lean):
+    """`lean`: a DHT of its own 4 nodes, where the liveness records are stored straight to every node and read from
+    the node's own storage (sgp's default in a launched swarm); else 4 nodes in the 12 of `eight`'s DHT: full reads."""
+    own = start_dhts(4) if lean else start_dhts(4, first=eight[0])
     timeout, ttl = 1.5, 3.0
-    peers = swarm(own, "t6", timeout=timeout, liveness_ttl=ttl)
+    peers = swarm(own, "t6", timeout=timeout, liveness_ttl=ttl, lean_dht=lean)
+    if lean:  # every record was stored in every node's own storage (the lean reads see them without a traversal)
+        assert [dht.run_coroutine(partial(records_held, key="t6.sgp_live")) for dht in own] == [4] * 4
     dead, survivors = peers[3], peers[:3]
     try:
         with ThreadPoolExecutor(4) as pool:

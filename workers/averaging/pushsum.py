@@ -11,15 +11,15 @@ stay 1, and for n a power of two m consecutive rounds average exactly (other n m
 A message carries z itself and the weight it sends, w/2 (x/2 = (w/2)·z): the receiver adds (w/2)·z to its numerator
 and w/2 to its weight. z's scale is the parameters', which suits float16; halving is exact.
 
-Modes: synchronous (`overlap=False`) sends, then waits up to `timeout` for the message of round k (less when its
-view of the live set changes, or its in-neighbour shows it moved on); a message of a later round is held until that
-round, one more than `max_staleness` rounds late is refused (its sender takes its mass back); the parameters change
-only inside `round()`. Overlapped (`overlap=True`): the send runs in the background, and a message is added when it
-arrives (in a thread of its own, under `lock`; `hold` defers it to the next round), whatever round this peer is in; a
-round waits only while this peer is more than `max_staleness` rounds ahead of the peer that sends to it (no message of
-round k - max_staleness from it yet): the paper's bounded delay, which keeps the peers within a few rounds of each
-other. With MAX_IN_FLIGHT sends still in flight an overlapped round sends nothing (keeps its mass): sends never queue
-up behind a slow link.
+Modes: synchronous (`overlap=False`) sends, then waits up to `timeout` for the message of round k (less when its view of
+the live set changes, or its in-neighbour shows it moved on; a second of silence re-reads the live set); a message of a
+later round is held until that round, one more than `max_staleness` rounds late is refused (its sender takes its mass
+back); the parameters change only inside `round()`. Overlapped (`overlap=True`): the send runs in the background, and a
+message is added when it arrives (in a thread of its own, under `lock`; `hold` defers it to the next round), whatever
+round this peer is in; a round waits only while this peer is more than `max_staleness` rounds ahead of the peer that
+sends to it (no message of round k - max_staleness from it yet): the paper's bounded delay, which keeps the peers within
+a few rounds of each other. With MAX_IN_FLIGHT sends still in flight an overlapped round sends nothing (keeps its mass):
+sends never queue up behind a slow link.
 
 Mass: a send that provably did not land (no stream, or a refusal: too late, a receiver outside the graph) is taken
 back, as a message to itself; mass is lost only when a send fails after its bytes left (a timeout, a receiver that
@@ -44,6 +44,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from hivemind.compression import CompressionBase, NoCompression
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 MAX_AHEAD = 16  # synchronous: a message more rounds ahead of this peer than this is refused (bounds what is held)
 SEEN = 1024  # (sender, round) pairs remembered to refuse a duplicate
 MAX_IN_FLIGHT = 2  # overlapped: a round with this many sends still in flight skips its own send (keeps its mass)
+SILENT_S = 1.0  # a round whose in-neighbour stays silent this long re-reads the live set (it may have left)
 
 
 class NonFiniteParameters(ValueError):
@@ -104,14 +106,14 @@ class _Message:
 class PushSum:
     def __init__(self, dht: DHT, prefix: str, tensors: list[torch.Tensor], *, swarm_key: bytes | None = None,
                  anomalies=None, codec: CompressionBase | None = None, overlap: bool = False, timeout: float = 5.0,
-                 max_staleness: int = 2, liveness_ttl: float = LIVENESS_TTL_S,
+                 max_staleness: int = 2, liveness_ttl: float = LIVENESS_TTL_S, lean_dht: bool = False,
                  lock: threading.Lock | None = None):  # fmt: skip
         if not tensors or not all(t.is_floating_point() for t in tensors):
             raise ValueError("push-sum mixes floating-point tensors")
         self.dht, self.tensors, self.lock = dht, list(tensors), lock
         self.swarm_key, self.anomalies, self.codec = swarm_key, anomalies, codec or NoCompression()
         self.overlap, self.timeout, self.max_staleness = overlap, timeout, max_staleness
-        self.live = LiveSet(dht, prefix, swarm_key, liveness_ttl)
+        self.live = LiveSet(dht, prefix, swarm_key, liveness_ttl, lean=lean_dht)
         self.peer_id: PeerID = dht.peer_id
         self.handler_name = f"{prefix}.PushSum.push"
         self._dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -251,10 +253,11 @@ class PushSum:
 
     def wait_members(self, count: int, timeout: float) -> list[PeerID]:
         """Re-read the live set until it has at least `count` members (a start, tests); the live set either way."""
-        deadline = time.monotonic() + timeout
+        deadline, full = time.monotonic() + timeout, False
         while len(self.live.members) < count and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                self._call(self._refresh(), timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(Exception):  # (lean: a local read first, then full ones)
+                self._call(self._refresh(full), timeout=max(0.1, deadline - time.monotonic()))
+            full = True
             if len(self.live.members) < count:
                 time.sleep(0.2)
         return self.members()
@@ -318,6 +321,13 @@ class PushSum:
             return not self.overlap and any(m.k == k and not m.own for m in self._inbox)
 
         with self._state:
+            if self._state.wait_for(heard, timeout=max(0.0, min(SILENT_S, deadline - time.perf_counter()))):
+                return
+        # silent: the in-neighbour may have left (its tombstone is in this node's storage with the lean DHT) or died;
+        # the periodic read would come up to ttl/3 later
+        with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
+            self._loop.call_soon_threadsafe(self._refresh_soon, False)
+        with self._state:
             self._state.wait_for(heard, timeout=max(0.0, deadline - time.perf_counter()))
 
     @staticmethod
@@ -379,8 +389,9 @@ class PushSum:
         with self._state:
             self._joined, self._first_k = True, None
         await self._refresh()
-        self._tasks = [asyncio.create_task(self._every(self.live.publish)),
-                       asyncio.create_task(self._every(self._refresh))]  # fmt: skip
+        ttl = self.live.ttl
+        self._tasks = [asyncio.create_task(self._every(self.live.publish, ttl / self.live.publishes_per_ttl)),
+                       asyncio.create_task(self._every(self._refresh, ttl / self.live.reads_per_ttl))]  # fmt: skip
 
     async def _exit(self) -> None:
         for task in self._tasks:
@@ -399,8 +410,7 @@ class PushSum:
         with contextlib.suppress(Exception):
             await self._p2p.shutdown()
 
-    async def _every(self, action) -> None:
-        period = self.live.ttl / 3
+    async def _every(self, action, period: float) -> None:
         while True:
             await asyncio.sleep(period)
             try:
@@ -410,16 +420,17 @@ class PushSum:
             except Exception as err:  # noqa: BLE001 (a DHT hiccup: the cached state stays, tried again later)
                 logger.debug("push-sum %s failed: %r", getattr(action, "__name__", action), err)
 
-    async def _refresh(self) -> None:
-        if await self.live.refresh():
+    async def _refresh(self, full: bool = False) -> None:
+        if await self.live.refresh(full):
             with self._state:
                 self._state.notify_all()  # a synchronous wait for a message from a member that left ends
 
-    def _refresh_soon(self) -> None:
-        """Re-read the live set now (a message from a peer this one does not know yet, a send that found nobody):
-        views then agree sooner than the periodic read would make them."""
+    def _refresh_soon(self, full: bool = True) -> None:
+        """Re-read the live set now (a message from a peer this one does not know yet, a send that found nobody: in
+        full; an in-neighbour silent for SILENT_S: lean, locally): views then agree sooner than the periodic read
+        would make them."""
         if self._joined and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self._every_once(self._refresh))
+            self._refreshing = asyncio.create_task(self._every_once(partial(self._refresh, full=full)))
 
     @staticmethod
     async def _every_once(action) -> None:

@@ -59,10 +59,11 @@ class SgpAveraging(AveragingStrategy):
         self.sharer = state_sharer(dht, prefix, swarm_key, anomalies)  # forks hivemind's process: before PushSum
         self.push_sum = PushSum(dht, prefix, self.tensors, swarm_key=swarm_key, anomalies=anomalies,
                                 codec=compression(cfg.compression), overlap=cfg.overlap, timeout=cfg.round_timeout,
-                                lock=self.lock)  # fmt: skip
+                                lean_dht=Levers.of(cfg).lean_dht, lock=self.lock)  # fmt: skip
 
     def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
         self.swarm_size = max(peers, 1)
+        self.push_sum.live.peers, self.push_sum.live.dht_nodes = peers, dht_nodes  # (the live set's lean reads)
 
     def share_state(self, provider, priority) -> None:
         """Serve the state to newcomers, and enter the graph (training starts, or goes on after a reload)."""

@@ -175,8 +175,8 @@ class Peer:
         host_maddrs, announce_maddrs = dht_maddrs(self.cfg.network, offset)
         authorizer = SwarmKeyAuthorizer(self.swarm_key, self.anomalies) if self.swarm_key else None
         with naming_taken_port(self.cfg.network, offset):
-            # the DHT's replication sized for the swarm where the lean DHT path uses it: gossip's rounds
-            swarm = self.most_peers() if self.cfg.gossip.method in GOSSIP_ROUNDS else None
+            # the DHT's replication sized for the swarm where the lean DHT path uses it: gossip's rounds, sgp's live set
+            swarm = self.most_peers() if self.cfg.gossip.method in (*GOSSIP_ROUNDS, "sgp") else None
             self.dht = start_dht(Levers.of(self.cfg.gossip), swarm, initial_peers=initial_peers,
                                  host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                                  authorizer=authorizer)  # fmt: skip
