@@ -20,6 +20,7 @@ from hivemind.compression import NoCompression
 from tests.conftest import ROOT
 from workers.averaging.admission import SwarmKeyAuthorizer
 from workers.averaging.gossip import compression
+from workers.averaging.liveness import latest_records
 from workers.averaging.pushsum import PushSum
 from workers.averaging.pushsum_wire import NOT_FINITE, push
 from workers.core.anomalies import Anomalies
@@ -283,7 +284,14 @@ def test_a_newcomer_far_behind_the_swarms_round_catches_up_instead_of_waiting_ou
         shutdown([ahead, behind])
 
 
-@pytest.mark.timeout(150)
+def test_a_local_read_keeps_what_the_last_full_read_found_unless_its_own_record_is_later():
+    full = {b"a": (10.0, True), b"b": (10.0, True), b"c": (10.0, True)}
+    local = {b"a": (12.0, True), b"b": (11.0, False), b"d": (9.0, True)}  # b left (tombstone), c's store missed it
+    assert latest_records(full, local) == {b"a": (12.0, True), b"b": (11.0, False), b"c": (10.0, True),
+                                           b"d": (9.0, True)}  # fmt: skip
+    assert latest_records(full, {b"c": (8.0, True)})[b"c"] == (10.0, True)  # an older copy does not replace it
+
+
 async def records_held(_dht, node, key: str) -> int:
     """(In the DHT's process) how many subkeys of `key` the node holds in its own storage."""
     from hivemind.dht.routing import DHTID
@@ -292,6 +300,7 @@ async def records_held(_dht, node, key: str) -> int:
     return 0 if found is None else len(found.value)
 
 
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("lean", [False, True], ids=["full-reads", "lean-dht"])
 def test_a_dead_peer_does_not_block_the_others_and_leaves_the_graph(eight, lean):
     """`lean`: a DHT of its own 4 nodes, where the liveness records are stored straight to every node and read from

@@ -7,16 +7,18 @@ both in the background: no DHT operation per round. A peer that leaves the graph
 tombstone ("live": False), so the others drop it at their next read; a killed one's record expires within `ttl`.
 
 `lean` (the `lean_dht` lever, workers/averaging/levers.py): in a swarm whose nodes all store every key, a record goes
-straight to the known nodes and a read comes from the node's own storage, as the sticky groups' records do; a read
-that finds fewer live members than the swarm has is followed by a full one, at most once per `ttl` (and on demand:
-`refresh(full=True)`, e.g. a message from a sender this peer does not know). Measured idle on the 2-core machine (4
+straight to the known nodes and a read comes from the node's own storage, as the sticky groups' records do. A local
+read is merged with the last full read (per PeerID the record that expires later: a record whose store missed this
+node is not dropped at the next local read), and followed by a full one when it finds fewer live members than the
+swarm runs, at most once per `ttl` (and on demand: `refresh(full=True)`, e.g. a message from a sender this peer does
+not know). Measured idle on the 2-core machine (4
 peers, no swarm key, results/examples/bench/sgp-lean-20261207/idle_liveness.py: three interleaved repeats), the
 records cost each peer 8.8-11.8 ms of CPU per second with full stores and reads, 5.1-6.5 with lean ones (0.9-2.3
 without records); in a training run (4 peers, cifar_cnn) sgp's background in hivemind's processes and p2pd fell from
 9.0-9.6 to 3.2-5.0 ms per peer and second, with the quieter state declarations (workers/averaging/levers.py).
 
 With a swarm key only records with a valid proof for their PeerID count (and in the closed DHT only members can write
-at all); an open swarm keeps the same records without a proof. Reads use latest=True: the key is a dictionary of
+at all); an open swarm keeps the same records without a proof. Full reads use latest=True: the key is a dictionary of
 subkeys, and hivemind's get(latest=False) stops at the first copy that has not expired, e.g. this node's own store,
 which may hold only some of them.
 """
@@ -50,6 +52,7 @@ class LiveSet:
         self.peers = 0  # the peers running in the swarm, as the driver last counted them (0: not known)
         self.dht_nodes = 0  # the peers whose DHT is up, running or done (0: not known): `small_swarm`'s count
         self._last_full = -math.inf
+        self._full_records: dict[bytes, tuple[float, bool]] = {}  # what the last full read found
         self.peer_id: PeerID = dht.peer_id
         self.proof = membership_proof(swarm_key, self.peer_id.to_bytes()) if swarm_key else b""
         self.members: list[PeerID] = [self.peer_id]  # sorted by PeerID bytes: the graph's order
@@ -67,13 +70,15 @@ class LiveSet:
                                self.dht_nodes)  # fmt: skip
 
     async def refresh(self, full: bool = False) -> bool:
-        """Re-read the live members (lean: locally, in full when that finds fewer than the running peers, at most
-        once per ttl; `full`: in full now); whether the list changed."""
-        live = await self._read(full or not self.lean)
-        if self.lean and not full and len(live) < self.peers and time.monotonic() >= self._last_full + self.ttl:
-            live = await self._read(True)
+        """Re-read the live members (lean: locally, merged with what the last full read found, and in full when that
+        finds fewer than the running peers, at most once per ttl; `full`: in full now); whether the list changed."""
+        records = await self._read(full or not self.lean)
+        if self.lean and not full:  # per PeerID the later record of the two reads: one a store never brought stays
+            records = latest_records(self._full_records, records)
+            if len(self._live(records)) < self.peers and time.monotonic() >= self._last_full + self.ttl:
+                records = await self._read(True)
         members = []
-        for raw in sorted(live):
+        for raw in sorted(self._live(records)):
             with contextlib.suppress(Exception):  # not a PeerID: ignored
                 members.append(PeerID(raw))
         if members == self.members:
@@ -81,20 +86,37 @@ class LiveSet:
         self.members, self.version = members, self.version + 1
         return True
 
-    async def _read(self, full: bool) -> set[bytes]:
-        """The PeerIDs (bytes) with a live record, this one's included."""
+    async def _read(self, full: bool) -> dict[bytes, tuple[float, bool]]:
+        """Per PeerID (bytes), its record: (expiration, whether it says live with a valid proof)."""
         if full:
             self._last_full = time.monotonic()
         found = await dht_read(self.dht, self.key, local=not full, swarm=self.dht_nodes)
-        live = {self.peer_id.to_bytes()}
+        records = {}
         if found is not None and isinstance(found.value, dict):
-            live |= {subkey for subkey, item in found.value.items() if self._is_live(subkey, item)}
-        return live
+            for subkey, item in found.value.items():
+                if isinstance(subkey, bytes):
+                    records[subkey] = (item.expiration_time, self._says_live(subkey, item.value))
+        if full:
+            self._full_records = records
+        return records
 
-    def _is_live(self, subkey: object, item) -> bool:
-        value = item.value
-        if not isinstance(subkey, bytes) or item.expiration_time < get_dht_time() or not isinstance(value, dict):
-            return False
-        if value.get("live") is not True:
+    def _live(self, records: dict[bytes, tuple[float, bool]]) -> set[bytes]:
+        """The PeerIDs whose record says live and has not expired, this one's included."""
+        now = get_dht_time()
+        return {self.peer_id.to_bytes()} | {subkey for subkey, (expiration, live) in records.items()
+                                             if live and expiration >= now}  # fmt: skip
+
+    def _says_live(self, subkey: bytes, value) -> bool:
+        if not isinstance(value, dict) or value.get("live") is not True:
             return False
         return self.swarm_key is None or is_member(self.swarm_key, subkey, value.get("proof"))
+
+
+def latest_records(*reads: dict[bytes, tuple[float, bool]]) -> dict[bytes, tuple[float, bool]]:
+    """Per PeerID, the record that expires latest among the reads (a DHT keeps that one; ties: the later read's)."""
+    merged: dict[bytes, tuple[float, bool]] = {}
+    for records in reads:
+        for subkey, record in records.items():
+            if record[0] >= merged.get(subkey, (-math.inf, False))[0]:
+                merged[subkey] = record
+    return merged

@@ -325,8 +325,9 @@ class PushSum:
                 return
         # silent: the in-neighbour may have left (its tombstone is in this node's storage with the lean DHT) or died;
         # the periodic read would come up to ttl/3 later
-        with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
-            self._loop.call_soon_threadsafe(self._refresh_soon, False)
+        if self.live.lean:  # (a local read; without the lean DHT the periodic full reads serve)
+            with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
+                self._loop.call_soon_threadsafe(self._refresh_soon, False)
         with self._state:
             self._state.wait_for(heard, timeout=max(0.0, deadline - time.perf_counter()))
 
