@@ -192,11 +192,13 @@ def test_a_scripted_join_and_leave(ray_local, tmp_path):
     assert leaver.epoch.max() == 5 and "left" in set(events[events.peer == 2].event)
     final = metrics[metrics.epoch == JOIN_EPOCHS]
     assert sorted(final.peer) == [0, 1, 3, 4] and (final.consensus_peers == 4).all()
-    # one model from the last round of all four. A peer may run a round behind: its round of epoch e met the others'
-    # of e + 1 (hivemind's groups carry no round number; seen in the suite: peer 3 after a round that split 2 + 1),
-    # and its last round then finds nobody. The peers whose last round was the group of four end with one model
+    # one model from the last round of all four. Peers may run a round behind: their round of epoch e met the others'
+    # of e + 1 (hivemind's groups carry no round number; seen in the suite: peer 3 after a round that split 2 + 1;
+    # peers 0 and the joiner after the rounds around the join split: groups of 3, 2 and 2 reported), and their last
+    # round then finds nobody.
+    # The peers whose last round was the group of four (the ones ahead, at least two) end with one model
     together = final[final.averaging_group_size == 4].peer.tolist()
-    assert len(together) >= 3, final
+    assert len(together) >= 2, final
     assert_one_model(result.run_dir, together)
     if len(together) == 4:
         assert final.consensus_dist.iloc[0] < 1e-4
