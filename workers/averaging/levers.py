@@ -212,8 +212,8 @@ class QuietStateDeclarations(LeverAware):
             self._state_updated.clear()
             wait = None
             if state[0]:  # the renewal, or a priority not declared yet once it may be
-                wait = expires - margin - now if state == declared else min(expires, stored + 2 * margin) - margin - now
-                wait = max(0.0, wait)
+                due = expires - margin if state == declared else min(expires - margin, stored + margin)
+                wait = max(0.0, due - now)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._state_updated.wait(), timeout=wait)
 

@@ -7,15 +7,15 @@ both in the background: no DHT operation per round. A peer that leaves the graph
 tombstone ("live": False), so the others drop it at their next read; a killed one's record expires within `ttl`.
 
 `lean` (the `lean_dht` lever, workers/averaging/levers.py): in a swarm whose nodes all store every key, a record goes
-straight to the known nodes and a read comes from the node's own storage, as the sticky groups' records do. A local
-read is merged with the last full read (per PeerID the record that expires later: a record whose store missed this
-node is not dropped at the next local read), and followed by a full one when it finds fewer live members than the
-swarm runs, at most once per `ttl` (and on demand: `refresh(full=True)`, e.g. a message from a sender this peer does
-not know). Measured idle on the 2-core machine (4
-peers, no swarm key, results/examples/bench/sgp-lean-20261207/idle_liveness.py: three interleaved repeats), the
-records cost each peer 8.8-11.8 ms of CPU per second with full stores and reads, 5.1-6.5 with lean ones (0.9-2.3
-without records); in a training run (4 peers, cifar_cnn) sgp's background in hivemind's processes and p2pd fell from
-9.0-9.6 to 3.2-5.0 ms per peer and second, with the quieter state declarations (workers/averaging/levers.py).
+straight to the known nodes and a read comes from the node's own storage, as the sticky groups' records do. A local read
+is merged with the last full read (per PeerID the record that expires later: a record whose store missed this node is
+not dropped at the next local read), and followed by a full one when it finds fewer live members than the swarm runs, at
+most once per `ttl` (and on demand: `refresh(full=True)`, e.g. a message from a sender this peer does not know).
+Measured idle on the 2-core machine (4 peers, no swarm key, results/examples/bench/sgp-lean-20261207/idle_liveness.py:
+three interleaved repeats), the records cost each peer 8.8-11.8 ms of CPU per second with full stores and reads, 5.1-6.5
+with lean ones (0.9-2.3 without records); in a training run (4 peers, cifar_cnn) sgp's background in hivemind's
+processes and p2pd fell from 9.0-9.6 to 3.2-5.0 ms per peer and second, with the quieter state declarations
+(workers/averaging/levers.py).
 
 With a swarm key only records with a valid proof for their PeerID count (and in the closed DHT only members can write
 at all); an open swarm keeps the same records without a proof. Full reads use latest=True: the key is a dictionary of

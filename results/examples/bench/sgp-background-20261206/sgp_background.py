@@ -1,7 +1,9 @@
 """Where sgp's c goes in a training run: the bench's C (4 peers, cifar_cnn, H = 10) with a third arm, sgp with
 every_steps past the run's end (the config counts CIFAR-10's 50,000 images, the bench writes 8,000: no round comes,
 measured): its processes, liveness records and state sharer, no exchange. Its CPU over
-none's, per peer-round of the sgp arm of the same repeat, is the part of sgp's c that does not depend on rounds."""
+none's, per peer-round of the sgp arm of the same repeat, is the part of sgp's c that does not depend on rounds.
+Usage: sgp_background.py OUT_DIR REPEATS [METHOD ...] (more of the bench's methods beside sgp, e.g. allreduce: stop
+32's sgp-lean-20261207 ran it with allreduce)."""
 
 import logging
 import sys
@@ -20,7 +22,8 @@ LAST = steps_per_epoch(cfg.data, 4) * EPOCHS  # the last step by the config's co
 bench.METHODS["sgp (no rounds)"] = ["gossip.method=sgp", f"gossip.every_steps={LAST}"]
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 out = Path(sys.argv[1])
-runs = cost_runs(out, ["none", "sgp", "sgp (no rounds)"], repeats=int(sys.argv[2]), data_root=DATA, epochs=EPOCHS)
+methods = ["none", "sgp", *sys.argv[3:], "sgp (no rounds)"]
+runs = cost_runs(out, methods, repeats=int(sys.argv[2]), data_root=DATA, epochs=EPOCHS)
 pd.set_option("display.width", 250)
 print(round_cost_summary(runs[runs.what != "sgp (no rounds)"]).round(4).to_string())
 none = runs[runs.what == "none"].set_index("repeat")
