@@ -17,6 +17,7 @@ import pytest
 import torch
 from hivemind.compression import NoCompression
 
+from launcher.driver.swarm import peer_id_of
 from tests.conftest import ROOT
 from workers.averaging.admission import SwarmKeyAuthorizer
 from workers.averaging.gossip import compression
@@ -284,6 +285,37 @@ def test_a_newcomer_far_behind_the_swarms_round_catches_up_instead_of_waiting_ou
         shutdown([ahead, behind])
 
 
+@pytest.mark.timeout(120)
+def test_a_newcomer_behind_peers_that_never_sent_to_it_does_not_wait_for_them(eight):
+    """Two peers ten rounds ahead of a newcomer, in one graph of three once it is in: one of them never sent the
+    newcomer a message (its rounds before went to the other), and the newcomer's round whose in-neighbour it is would
+    wait for a message that never comes, while the two wait for the newcomer's message of their round (seen in a
+    churn run: the swarm and a joiner waited for each other 4 s, a round's timeout). A receiver answers with its round,
+    so a sender knows which of its target's sends have ended; and a peer more than its staleness window behind a member
+    it heard of waits for nobody."""
+    timeout = 5.0
+    first = [PushSum(dht, "t14", initial(i), timeout=timeout) for i, dht in enumerate(eight[2:4])]
+    newcomer = PushSum(eight[4], "t14", initial(2), timeout=timeout)
+    try:
+        for peer in first:
+            peer.join(expected=2)
+        with ThreadPoolExecutor(3) as pool:
+            for k in range(40):  # two alone: each sends every round to the other
+                results, _ = rounds(first, k, pool)
+            assert all(r.delivered for r in results)
+            newcomer.join(expected=3)
+            assert [len(peer.wait_members(3, timeout=20)) for peer in first] == [3, 3]
+            runs = [pool.submit(lambda peer=peer: [peer.round(k) for k in range(40, 46)]) for peer in first]
+            runs.append(pool.submit(lambda: [newcomer.round(k) for k in range(30, 46)]))
+            results = [run.result() for run in runs]
+        slowest = max(r.seconds for rounds_of_one in results for r in rounds_of_one)
+        assert slowest < 0.5 * timeout, f"a round waited {slowest:.1f} s"
+        assert all(r.delivered for rounds_of_one in results for r in rounds_of_one[-2:]), "in step from there on"
+        assert sum(peer.weight for peer in [*first, newcomer]) == pytest.approx(3.0, abs=1e-9)
+    finally:
+        shutdown([*first, newcomer])
+
+
 def test_a_local_read_keeps_what_the_last_full_read_found_unless_its_own_record_is_later():
     full = {b"a": (10.0, True), b"b": (10.0, True), b"c": (10.0, True)}
     local = {b"a": (12.0, True), b"b": (11.0, False), b"d": (9.0, True)}  # b left (tombstone), c's store missed it
@@ -338,6 +370,65 @@ def test_a_dead_peer_does_not_block_the_others_and_leaves_the_graph(eight, lean)
         shutdown(peers)
         assert time.monotonic() - started < 15, "the dead one's too"
         for dht in own[:3]:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_peer_the_driver_names_leaves_the_views_at_once():
+    """The driver names a dead incarnation by the PeerID in its multiaddrs: the others drop it from their views then,
+    where its record (ttl 30 s here) would keep it, and no synchronous round waits for its message (CI saw a whole
+    swarm stall 5.8 s: a joiner's in-neighbour was a peer killed a second before). The lean DHT of the launched
+    swarm."""
+    own = start_dhts(4)
+    timeout, ttl = 5.0, 30.0
+    peers = swarm(own, "t13", timeout=timeout, liveness_ttl=ttl, lean_dht=True)
+    dead, survivors = peers[3], peers[:3]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results, _ = rounds(peers, 0, pool)
+            assert all(r.delivered for r in results)
+            name = peer_id_of([str(maddr) for maddr in own[3].get_visible_maddrs()])
+            assert name == dead.peer_id.to_base58()
+            own[3].shutdown()  # its p2pd and DHT die
+            for peer in survivors:
+                peer.expect(3, 3, [name])
+            assert all(p.members() == sorted(p.members()) and dead.peer_id not in p.members() for p in survivors)
+            for k in range(1, 4):  # every offset of the 3-peer graph: each round is a full exchange, none waits
+                results, counts = rounds(survivors, k, pool)
+                assert all(r.delivered and r.seconds < 1.0 for r in results), results
+                assert all(c.received == 1 for c in counts)
+    finally:
+        shutdown(peers)
+        for dht in own[:3]:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("lean", [False, True], ids=["full-reads", "lean-dht"])
+def test_a_newcomer_the_driver_counts_is_in_the_others_views_at_once(lean):
+    """The driver tells the running peers their new count once a newcomer is in (its record already stored): their
+    views take it in then, not at the periodic read (ttl/3, here 10 s; CI saw a joiner get no message in its first
+    epoch's six rounds). The DHT of 3 nodes is the launched swarm's: within the replication, every node counted."""
+    own = start_dhts(3)
+    ttl = 30.0
+    try:
+        first = swarm(own[:2], "t12", liveness_ttl=ttl, lean_dht=lean)
+        for peer in first:
+            peer.expect(2, 3)
+        newcomer = PushSum(own[2], "t12", initial(2), liveness_ttl=ttl, lean_dht=lean)
+        newcomer.expect(3, 3)
+        assert len(newcomer.join(expected=3, wait=10)) == 3
+        told = time.monotonic()
+        for peer in first:
+            peer.expect(3, 3)
+        while any(len(p.members()) < 3 for p in first) and time.monotonic() - told < ttl / 3:
+            time.sleep(0.05)
+        assert [len(p.members()) for p in first] == [3, 3] and time.monotonic() - told < 2.0
+        views = {tuple(p.members()) for p in [*first, newcomer]}
+        assert len(views) == 1, "one graph"
+    finally:
+        shutdown([*first, newcomer])
+        for dht in own:
             dht.shutdown()
 
 

@@ -20,13 +20,18 @@ SGP = (f"optim.epochs={EPOCHS}", "gossip.method=sgp", "gossip.every_steps=2")  #
 CHURN = (
     "scenario=[{at_epoch: 3, peer: 1, event: kill}, {at_epoch: 3, event: join}, {at_epoch: 6, peer: 2, event: leave}]"
 )
+# the churn run is longer: its swarm goes on at full speed through the faults (the dead peer leaves the views when
+# the driver names it), about 0.27 s an epoch here, and a restart takes 5-7 s (an actor, a DHT, the state): at 12
+# epochs, and at 30 in 2 runs of 7, the restarted peer came back after the others were done
+CHURN_EPOCHS = 60
 
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tmp_path_factory, none_ten_epochs):
     out = tmp_path_factory.mktemp("sgp")
     found = {"none": (None, none_ten_epochs)}
-    for name, extra in (("sync", ()), ("overlap", ("gossip.overlap=true",)), ("churn", (CHURN,))):
+    churn = (CHURN, f"optim.epochs={CHURN_EPOCHS}")
+    for name, extra in (("sync", ()), ("overlap", ("gossip.overlap=true",)), ("churn", churn)):
         result = run_experiment(quick_config(*SGP, *extra), out)
         found[name] = (result, read_metrics(result.run_dir))
     return found
@@ -79,17 +84,23 @@ def test_a_kill_a_join_and_a_leave(runs):
         assert set(events[events.peer == peer].event) >= {kind, "state_downloaded"}
         rows = metrics[(metrics.peer == peer) & (metrics.restarts == (1 if peer == 1 else 0))].sort_values("epoch")
         first = int(rows.epoch.iloc[0])
-        assert 2 <= first < EPOCHS and rows.epoch.tolist() == list(range(first, EPOCHS + 1)), rows.epoch.tolist()
+        assert 2 <= first < CHURN_EPOCHS - 2, first  # (back while the others train)
+        assert rows.epoch.tolist() == list(range(first, CHURN_EPOCHS + 1)), rows.epoch.tolist()
     assert metrics[metrics.peer == 2].epoch.max() == 6 and "left" in set(events[events.peer == 2].event)
     last, fault_free = final(metrics), final(runs["sync"][1])
     assert sorted(last.peer) == [0, 1, 3, 4]
     print(f"final test_acc {last.test_acc.mean():.4f}, fault-free {fault_free.test_acc.mean():.4f}")
     assert last.test_acc.mean() >= fault_free.test_acc.mean() - 0.02  # (a run with faults may also end higher)
-    # averaging went on through the churn: the peers that trained on to the end together (0, 3 and the joiner) added
-    # messages in every epoch after it. The restarted peer may come back when the others are nearly done, and then
-    # trains its last epochs alone (on a loaded machine its restart took 7.9 s, the rest of the run 3 s: it delivered
-    # nothing after its first epoch back, and the final consensus was 0.3x `none`'s): the final consensus, which
-    # counts it, is held to half of `none`'s, not to the fault-free runs' tenth
-    together = metrics[metrics.peer.isin([0, 3, 4]) & (metrics.epoch >= 7)]
-    assert (together.messages_received >= 1).all(), together
-    assert last.consensus_dist.iloc[0] <= 0.5 * final(runs["none"][1]).consensus_dist.iloc[0]
+    # averaging went on through the churn: every peer in the run at its end added messages in every epoch from its
+    # first epoch with one on, and that came within its first four. (A newcomer's state is some rounds behind the
+    # swarm's, which does about 20 rounds a second here: until it has caught up, its messages come too late for the
+    # others and theirs too early for it, both refused and their mass kept; seen: a joiner's first three epochs.)
+    # CI saw a joiner get none in its first epochs for another reason, fixed: the killed peer stayed in the views
+    # until its record expired, and every round whose in-neighbour it was waited out its timeout
+    for _, rows in metrics[metrics.peer.isin([0, 1, 3, 4])].groupby("peer"):
+        received = rows[rows.restarts == rows.restarts.max()].sort_values("epoch").messages_received.tolist()
+        entered = next((i for i, count in enumerate(received) if count >= 1), len(received))
+        assert entered <= 3 and min(received[entered:]) >= 1, received
+    consensus, none = last.consensus_dist.iloc[0], final(runs["none"][1]).consensus_dist.iloc[0]
+    print(f"final consensus {consensus:.3g}, {none:.3g} without communication")
+    assert consensus <= 0.1 * none  # (the fault-free runs' bar: every peer trains on together to the end)

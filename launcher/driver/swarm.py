@@ -38,6 +38,16 @@ logger = logging.getLogger("launcher")
 STOP_TIMEOUT_S = 15.0  # a peer's graceful stop at the end (a blocking round may be under way)
 DRAIN_TIMEOUT_S = 5.0
 FETCH_TIMEOUT_S = 20.0  # all final models from other nodes together
+GONE_TOLD = 16  # the latest dead incarnations whose PeerIDs the running peers are told
+
+
+def peer_id_of(maddrs: list[str]) -> str | None:
+    """The PeerID (base58) in a peer's visible multiaddrs ("/ip4/.../tcp/.../p2p/<PeerID>"), or None."""
+    for maddr in maddrs:
+        parts = maddr.rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "p2p":
+            return parts[-1]
+    return None
 
 
 @dataclass
@@ -80,6 +90,7 @@ class Swarm:
         self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
         self.netns: dict[int, NetnsLink] = {}  # peer -> its network namespace (emulation; set before `start`)
         self.swarm_size = 0  # running peers, as last told to them (a group aims at that many)
+        self.told_gone: tuple[str, ...] = ()  # the dead incarnations' PeerIDs, as last told to them
         self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
         self.group = GroupView(cfg.peers, 0) if is_group_method(cfg.gossip.method) else None  # the process group
         self.here = ray.get_runtime_context().get_node_id()
@@ -248,11 +259,20 @@ class Swarm:
         incarnation.phase, incarnation.since = advance(incarnation.phase, signal_), time.monotonic()
         incarnation.reason = reason or incarnation.reason
         running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
-        if self.training_since is not None and len(running) != self.swarm_size:
-            self.swarm_size = len(running)
+        gone = self._gone()
+        if self.training_since is not None and (len(running) != self.swarm_size or gone != self.told_gone):
+            self.swarm_size, self.told_gone = len(running), gone
             dht_nodes = sum(inc.phase in DHT_UP for inc in self.peers.values())
             for inc in running:
-                inc.actor.call.remote("set_swarm_size", self.swarm_size, dht_nodes)
+                inc.actor.call.remote("set_swarm_size", self.swarm_size, dht_nodes, list(gone))
+
+    def _gone(self) -> tuple[str, ...]:
+        """The PeerIDs of the latest incarnations that died (at most GONE_TOLD, newest first): push-sum's live sets
+        drop them at once, where their liveness records would keep them up to a ttl (workers/averaging/liveness.py)."""
+        dead = [inc for inc in [*self.retired, *self.peers.values()] if inc.phase in (Phase.DEAD, Phase.GIVEN_UP)]
+        dead.sort(key=lambda inc: inc.since, reverse=True)
+        found = (peer_id_of(inc.maddrs) for inc in dead)  # (an incarnation being replaced may be in both lists)
+        return tuple(dict.fromkeys(pid for pid in found if pid is not None))[:GONE_TOLD]
 
     def views(self) -> list[PeerView]:
         now = time.monotonic()
@@ -396,7 +416,8 @@ class Swarm:
         self._signal(incarnation, Signal.LAUNCHED)
         effects = self.effects.setdefault(peer, Effects())
         size = max(self.swarm_size, 1)
-        incarnation.launch = incarnation.actor.call.remote("join", initial_peers, effects, size, donor)
+        gone = list(self._gone())  # (a newcomer's first read may still find the dead's records)
+        incarnation.launch = incarnation.actor.call.remote("join", initial_peers, effects, size, donor, gone)
         self.peers[peer] = incarnation
 
     def kill(self, peer: int, process: str = "peer") -> None:

@@ -4,6 +4,7 @@ round averages, the Diverged error. Each method lives in a module of its own (no
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,9 +99,10 @@ class AveragingStrategy:
         if self.before_round is not None:
             self.before_round(check)
 
-    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many;
-        `dht_nodes`: how many peers' DHTs are up, running or done (0: not known)."""
+        `dht_nodes`: how many peers' DHTs are up, running or done (0: not known); `gone`: the PeerIDs (base58) of the
+        latest incarnations the driver saw die."""
 
     def drop_round(self) -> None:
         """Forget a round in flight without applying it (the parameters are about to be replaced)."""

@@ -21,6 +21,7 @@ import math
 import multiprocessing as mp
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,7 +146,7 @@ class GossipAveraging(AveragingStrategy):
             start=True,
         )
 
-    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         self.target.value = min(self.cfg.group_size, max(peers, self.cfg.min_group_size))
         self.dht_nodes.value = dht_nodes
 

@@ -4,7 +4,10 @@ The membership proofs (workers/core/membership.py) live for days and survive the
 living. Each peer in the graph stores a record under f"{prefix}.sgp_live" (subkey: its PeerID bytes, value {"proof",
 "live"}) that expires after `ttl`, re-stored every ttl/3, and reads the whole key every ttl/3 into its member list,
 both in the background: no DHT operation per round. A peer that leaves the graph overwrites its record with a
-tombstone ("live": False), so the others drop it at their next read; a killed one's record expires within `ttl`.
+tombstone ("live": False), so the others drop it at their next read; a killed one's record expires within `ttl`,
+but in a launched swarm the driver, which sees the actor die within about 0.5 s, names the dead incarnations' PeerIDs
+(`expect(gone=...)`) and they leave the view at once; its new count of running peers makes a view that lacks peers
+(a newcomer, its record already stored) read again at once.
 
 `lean` (the `lean_dht` lever, workers/averaging/levers.py): in a swarm whose nodes all store every key, a record goes
 straight to the known nodes and a read comes from the node's own storage, as the sticky groups' records do. A local read
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterable
 
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
@@ -51,6 +55,7 @@ class LiveSet:
         self.dht, self.key, self.swarm_key, self.ttl, self.lean = dht, f"{prefix}.sgp_live", swarm_key, ttl, lean
         self.peers = 0  # the peers running in the swarm, as the driver last counted them (0: not known)
         self.dht_nodes = 0  # the peers whose DHT is up, running or done (0: not known): `small_swarm`'s count
+        self.gone: set[bytes] = set()  # the PeerIDs of incarnations the driver saw die: out of the view
         self._last_full = -math.inf
         self._full_records: dict[bytes, tuple[float, bool]] = {}  # what the last full read found
         self.peer_id: PeerID = dht.peer_id
@@ -58,6 +63,22 @@ class LiveSet:
         self.members: list[PeerID] = [self.peer_id]  # sorted by PeerID bytes: the graph's order
         self.version = 0  # bumped whenever `members` changes
         self._last_expiration = 0.0
+
+    def expect(self, peers: int, dht_nodes: int = 0, gone: Iterable[str] = ()) -> bool:
+        """What the driver saw: `peers` running, `dht_nodes` DHTs up, and the PeerIDs (base58) of incarnations that
+        died. The dead leave this view now (their records would keep them in it up to a ttl). When the count grew (a
+        newcomer entered, its record already stored), the next read that finds fewer may read in full at once. Whether
+        this view now lacks peers (a read is due)."""
+        if peers > self.peers:
+            self._last_full = -math.inf
+        self.peers, self.dht_nodes = peers, dht_nodes
+        dead = set()
+        for raw in gone:
+            with contextlib.suppress(Exception):  # not a PeerID: ignored
+                dead.add(PeerID.from_base58(raw).to_bytes())
+        self.gone = dead  # (one assignment: a read on the loop's thread sees the old set or this one)
+        self._set_members({m.to_bytes() for m in self.members})
+        return len(self.members) < peers
 
     async def publish(self, live: bool = True) -> bool:
         """Store this peer's record (with live=False a tombstone, which replaces every record stored before)."""
@@ -77,8 +98,12 @@ class LiveSet:
             records = latest_records(self._full_records, records)
             if len(self._live(records)) < self.peers and time.monotonic() >= self._last_full + self.ttl:
                 records = await self._read(True)
+        return self._set_members(self._live(records))
+
+    def _set_members(self, live: set[bytes]) -> bool:
+        """The view from these PeerIDs (less the dead); whether it changed (then `version` is bumped)."""
         members = []
-        for raw in sorted(self._live(records)):
+        for raw in sorted(live - self.gone):
             with contextlib.suppress(Exception):  # not a PeerID: ignored
                 members.append(PeerID(raw))
         if members == self.members:

@@ -43,6 +43,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -128,7 +129,8 @@ class PushSum:
         self._sent: torch.Tensor | None = None  # the parameters as last sent, mixed since (apply_due)
         self._inbox: list[_Message] = []
         self._seen: dict[tuple[bytes, int], None] = {}  # (sender, round) of accepted messages, oldest first
-        self._heard: dict[bytes, int] = {}  # per sender, the latest round of its messages (taken or refused)
+        self._heard: dict[bytes, int] = {}  # per member, the latest round it is known to have sent in (its messages,
+        # taken or refused, and the answers to this peer's)
         self._first_k: int | None = None  # the first round since this peer entered the graph
         self._counts = Counts()
         self._in_flight: list[concurrent.futures.Future] = []
@@ -167,6 +169,21 @@ class PushSum:
         if n < 2 or self.peer_id not in members:
             return None
         return members[(members.index(self.peer_id) + 2 ** (k % math.ceil(math.log2(n)))) % n]
+
+    def expect(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
+        """What the driver saw: `peers` running (`dht_nodes` DHTs up) and the PeerIDs of incarnations that died. The
+        dead leave the view at once: a killed peer's record keeps it there up to a ttl, and a synchronous round whose
+        in-neighbour it is waits out its timeout (seen: a whole 4-peer swarm stalled 5.8 s after a kill). A view with
+        fewer members than `peers` is re-read now: a newcomer's record is stored before the driver counts it, and the
+        periodic read (every ttl/3, 3 s) would leave it without a message that long."""
+        with self._state:
+            version = self.live.version
+            lacking = self.live.expect(peers, dht_nodes, gone)
+            if self.live.version != version:
+                self._state.notify_all()  # a round waiting for a message from the dead ends
+        if lacking:
+            with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
+                self._loop.call_soon_threadsafe(self._refresh_soon, False)
 
     def join(self, expected: int = 1, wait: float = 10.0) -> list[PeerID]:
         """Enter the graph: publish this peer's liveness record (renewed in the background from now on), accept
@@ -318,7 +335,13 @@ class PushSum:
         def heard() -> bool:
             if self._closed or not self._joined or self.live.version != version or self._heard.get(source, -1) >= k:
                 return True
-            return not self.overlap and any(m.k == k and not m.own for m in self._inbox)
+            if self.overlap:
+                return False
+            # (synchronous) a message of round k from another peer came: views that disagree. Or this peer is more
+            # than its window behind a member: its messages are refused as late, and the in-neighbour may have passed
+            # round k before this peer was in its view, never to send it (while the swarm waits for this peer's
+            # messages of its rounds): catch up without waiting
+            return any(m.k == k and not m.own for m in self._inbox) or self._swarm_round() > k + self.max_staleness
 
         with self._state:
             if self._state.wait_for(heard, timeout=max(0.0, min(SILENT_S, deadline - time.perf_counter()))):
@@ -330,6 +353,10 @@ class PushSum:
                 self._loop.call_soon_threadsafe(self._refresh_soon, False)
         with self._state:
             self._state.wait_for(heard, timeout=max(0.0, deadline - time.perf_counter()))
+
+    def _swarm_round(self) -> int:
+        """The latest round heard of any member (the caller holds `_state`)."""
+        return max(self._heard.values(), default=-1)
 
     @staticmethod
     def _outcome(future: concurrent.futures.Future | None, deadline: float) -> wire.SendOutcome | None:
@@ -448,6 +475,12 @@ class PushSum:
             self._counts.bytes_sent += outcome.nbytes
             if outcome.taken_back:  # provably not applied there: the mass comes back
                 self._inbox.append(_Message(k, self.peer_id, weight, flat, 0, own=True))
+            if not self.overlap and outcome.round >= 1:  # the target is in that round: its sends of the rounds before
+                # have ended (a synchronous round waits for its send), and one it did not make to this peer by then it
+                # never will (e.g. it made it before this peer was in its view)
+                key = target.to_bytes()
+                self._heard[key] = max(self._heard.get(key, -1), outcome.round - 1)
+                self._state.notify_all()
         if outcome.taken_back:
             self._schedule_apply()
         if outcome.status in (wire.UNREACHABLE, wire.CLOSED):
@@ -463,7 +496,7 @@ class PushSum:
             logger.debug("push-sum: message from %s failed: %r", info.peer_id, err)
             self._drop()
             status = wire.MALFORMED
-        await wire.answer(writer, status, self.timeout)
+        await wire.answer(writer, status, self.timeout, -1 if self._k is None else self._k)
 
     def _drop(self) -> None:
         with self._state:

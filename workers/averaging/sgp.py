@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,9 +61,9 @@ class SgpAveraging(AveragingStrategy):
                                 codec=compression(cfg.compression), overlap=cfg.overlap, timeout=cfg.round_timeout,
                                 lean_dht=Levers.of(cfg).lean_dht, lock=self.lock)  # fmt: skip
 
-    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         self.swarm_size = max(peers, 1)
-        self.push_sum.live.peers, self.push_sum.live.dht_nodes = peers, dht_nodes  # (the live set's lean reads)
+        self.push_sum.expect(peers, dht_nodes, gone)
 
     def share_state(self, provider, priority) -> None:
         """Serve the state to newcomers, and enter the graph (training starts, or goes on after a reload)."""

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -233,13 +234,15 @@ class Peer:
         self.apply_effects(effects)
         return Joined([], self.setup.progress.epoch + 1, source, time.monotonic() - started, self.process_ids())
 
-    def join(self, initial_peers: list[str], effects: Effects, swarm_size: int, donor: int | None = None) -> Joined:
+    def join(self, initial_peers: list[str], effects: Effects, swarm_size: int, donor: int | None = None,
+             gone: Sequence[str] = ()) -> Joined:  # fmt: skip
         """Join a running swarm: start the DHT off `initial_peers` (peers whose DHT is up), take the state (see
         `restore_state`), then train the rest of the run with the peer's scenario `effects`. `donor`: no peer's
-        DHT was up, so this peer restarts the swarm from `donor`'s last checkpoint (`initial_peers` is empty)."""
+        DHT was up, so this peer restarts the swarm from `donor`'s last checkpoint (`initial_peers` is empty).
+        `gone`: the PeerIDs of the incarnations that died lately (`set_swarm_size`)."""
         started = time.monotonic()
         maddrs = self.start_dht(initial_peers)
-        self.set_swarm_size(swarm_size)
+        self.set_swarm_size(swarm_size, 0, gone)
         source = self.restore_state(self.state_timeout(), donor)
         self.apply_effects(effects)
         self.start_training()
@@ -350,10 +353,10 @@ class Peer:
         self.setup.leave_after, self.setup.slowdown, self.setup.lr_factor = (
             effects.leave_after, slowdown, effects.lr_factor)  # fmt: skip
 
-    def set_swarm_size(self, peers: int, dht_nodes: int = 0) -> None:
+    def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         """How many peers the swarm has now: a group aims at that many (workers/averaging/gossip.py); `dht_nodes`:
-        how many peers' DHTs are up (0: not known)."""
-        self.averaging.set_swarm_size(peers, dht_nodes)
+        how many peers' DHTs are up (0: not known); `gone`: the PeerIDs of incarnations the driver saw die."""
+        self.averaging.set_swarm_size(peers, dht_nodes, gone)
 
     def poll(self) -> PeerStatus:
         """Everything reported since the last poll, the current state and the heartbeat. Never waits on the
