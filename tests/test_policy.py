@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from launcher.driver.collect import EpochCollector
+from launcher.driver.lifecycle import Phase
 from launcher.driver.policy import Decision, GroupView, PeerView, decide, exit_code, stall_deadline
 from launcher.driver.scenario import Clock, Scenario
+from launcher.driver.swarm import Incarnation, gone_peer_ids
 from tests.test_collect import make_row
 from workers.core.config import FaultsConfig, ScenarioEvent
 from workers.core.errors import ConfigError
@@ -245,3 +247,20 @@ def test_no_phase_is_set_outside_the_lifecycle_table():
                 if any(isinstance(t, ast.Attribute) and t.attr == "phase" for t in names):
                     assignments.append(f"{path.name}:{function.name}")
     assert assignments == ["swarm.py:_signal"]
+
+
+def test_the_peers_are_told_the_latest_dead_incarnations_each_once():
+    """What the driver names to push-sum's live sets (workers/averaging/liveness.py): dead and given-up incarnations,
+    newest first, each PeerID once (an incarnation being replaced is in both the retired list and the peers), at most
+    `limit`; never a live one, nor one that died before its DHT was up (no multiaddrs)."""
+
+    def incarnation(peer: int, phase: Phase, since: float, pid: str | None) -> Incarnation:
+        maddrs = [f"/ip4/127.0.0.1/tcp/{4000 + peer}/p2p/{pid}"] if pid else []
+        return Incarnation(peer, 0, None, "node", phase=phase, since=since, maddrs=maddrs)
+
+    old = incarnation(1, Phase.DEAD, 5.0, "QmOld")
+    everyone = [old, old, incarnation(0, Phase.RUNNING, 1.0, "QmRun"), incarnation(2, Phase.GIVEN_UP, 7.0, "QmGave"),
+                incarnation(3, Phase.DEAD, 9.0, None), incarnation(4, Phase.LEFT, 8.0, "QmLeft"),
+                incarnation(5, Phase.DONE, 8.0, "QmDone"), incarnation(6, Phase.DEAD, 2.0, "QmOlder")]  # fmt: skip
+    assert gone_peer_ids(everyone) == ("QmGave", "QmOld", "QmOlder")
+    assert gone_peer_ids(everyone, limit=2) == ("QmGave", "QmOld")

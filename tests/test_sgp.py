@@ -293,7 +293,7 @@ def test_a_newcomer_behind_peers_that_never_sent_to_it_does_not_wait_for_them(ei
     churn run: the swarm and a joiner waited for each other 4 s, a round's timeout). A receiver answers with its round,
     so a sender knows which of its target's sends have ended; and a peer more than its staleness window behind a member
     it heard of waits for nobody."""
-    timeout = 5.0
+    timeout = 10.0
     first = [PushSum(dht, "t14", initial(i), timeout=timeout) for i, dht in enumerate(eight[2:4])]
     newcomer = PushSum(eight[4], "t14", initial(2), timeout=timeout)
     try:
@@ -395,7 +395,7 @@ def test_a_dead_peer_the_driver_names_leaves_the_views_at_once():
             assert all(p.members() == sorted(p.members()) and dead.peer_id not in p.members() for p in survivors)
             for k in range(1, 4):  # every offset of the 3-peer graph: each round is a full exchange, none waits
                 results, counts = rounds(survivors, k, pool)
-                assert all(r.delivered and r.seconds < 1.0 for r in results), results
+                assert all(r.delivered and r.seconds < 0.5 * timeout for r in results), results
                 assert all(c.received == 1 for c in counts)
     finally:
         shutdown(peers)
@@ -407,10 +407,10 @@ def test_a_dead_peer_the_driver_names_leaves_the_views_at_once():
 @pytest.mark.parametrize("lean", [False, True], ids=["full-reads", "lean-dht"])
 def test_a_newcomer_the_driver_counts_is_in_the_others_views_at_once(lean):
     """The driver tells the running peers their new count once a newcomer is in (its record already stored): their
-    views take it in then, not at the periodic read (ttl/3, here 10 s; CI saw a joiner get no message in its first
+    views take it in then, not at the periodic read (ttl/3, here 20 s; CI saw a joiner get no message in its first
     epoch's six rounds). The DHT of 3 nodes is the launched swarm's: within the replication, every node counted."""
     own = start_dhts(3)
-    ttl = 30.0
+    ttl = 60.0
     try:
         first = swarm(own[:2], "t12", liveness_ttl=ttl, lean_dht=lean)
         for peer in first:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def peer_id_of(maddrs: list[str]) -> str | None:
         if len(parts) >= 2 and parts[-2] == "p2p":
             return parts[-1]
     return None
+
+
+def gone_peer_ids(incarnations: Iterable[Incarnation], limit: int = GONE_TOLD) -> tuple[str, ...]:
+    """The PeerIDs of the latest `limit` incarnations that died (dead or given up, newest first, each once; one that
+    died before its DHT was up has no PeerID here, and its liveness record's ttl bounds it): push-sum's live sets drop
+    them at once, where their records would keep them up to a ttl (workers/averaging/liveness.py)."""
+    dead = sorted((inc for inc in incarnations if inc.phase in (Phase.DEAD, Phase.GIVEN_UP)),
+                  key=lambda inc: inc.since, reverse=True)  # fmt: skip
+    found = (peer_id_of(inc.maddrs) for inc in dead)
+    return tuple(dict.fromkeys(pid for pid in found if pid is not None))[:limit]
 
 
 @dataclass
@@ -260,19 +271,15 @@ class Swarm:
         incarnation.reason = reason or incarnation.reason
         running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
         gone = self._gone()
-        if self.training_since is not None and (len(running) != self.swarm_size or gone != self.told_gone):
+        if self.training_since is not None and (len(running) != self.swarm_size or set(gone) != set(self.told_gone)):
             self.swarm_size, self.told_gone = len(running), gone
             dht_nodes = sum(inc.phase in DHT_UP for inc in self.peers.values())
             for inc in running:
                 inc.actor.call.remote("set_swarm_size", self.swarm_size, dht_nodes, list(gone))
 
     def _gone(self) -> tuple[str, ...]:
-        """The PeerIDs of the latest incarnations that died (at most GONE_TOLD, newest first): push-sum's live sets
-        drop them at once, where their liveness records would keep them up to a ttl (workers/averaging/liveness.py)."""
-        dead = [inc for inc in [*self.retired, *self.peers.values()] if inc.phase in (Phase.DEAD, Phase.GIVEN_UP)]
-        dead.sort(key=lambda inc: inc.since, reverse=True)
-        found = (peer_id_of(inc.maddrs) for inc in dead)  # (an incarnation being replaced may be in both lists)
-        return tuple(dict.fromkeys(pid for pid in found if pid is not None))[:GONE_TOLD]
+        # (an incarnation being replaced may be in both lists)
+        return gone_peer_ids([*self.retired, *self.peers.values()])
 
     def views(self) -> list[PeerView]:
         now = time.monotonic()

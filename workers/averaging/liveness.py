@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Iterable
 
@@ -62,6 +63,7 @@ class LiveSet:
         self.proof = membership_proof(swarm_key, self.peer_id.to_bytes()) if swarm_key else b""
         self.members: list[PeerID] = [self.peer_id]  # sorted by PeerID bytes: the graph's order
         self.version = 0  # bumped whenever `members` changes
+        self._members_lock = threading.Lock()  # `expect` (the actor's thread) and `refresh` (the loop's) both set them
         self._last_expiration = 0.0
 
     def expect(self, peers: int, dht_nodes: int = 0, gone: Iterable[str] = ()) -> bool:
@@ -76,8 +78,9 @@ class LiveSet:
         for raw in gone:
             with contextlib.suppress(Exception):  # not a PeerID: ignored
                 dead.add(PeerID.from_base58(raw).to_bytes())
-        self.gone = dead  # (one assignment: a read on the loop's thread sees the old set or this one)
-        self._set_members({m.to_bytes() for m in self.members})
+        with self._members_lock:
+            self.gone = dead
+            self._set_members({m.to_bytes() for m in self.members})
         return len(self.members) < peers
 
     async def publish(self, live: bool = True) -> bool:
@@ -96,12 +99,14 @@ class LiveSet:
         records = await self._read(full or not self.lean)
         if self.lean and not full:  # per PeerID the later record of the two reads: one a store never brought stays
             records = latest_records(self._full_records, records)
-            if len(self._live(records)) < self.peers and time.monotonic() >= self._last_full + self.ttl:
+            if len(self._live(records) - self.gone) < self.peers and time.monotonic() >= self._last_full + self.ttl:
                 records = await self._read(True)
-        return self._set_members(self._live(records))
+        with self._members_lock:
+            return self._set_members(self._live(records))
 
     def _set_members(self, live: set[bytes]) -> bool:
-        """The view from these PeerIDs (less the dead); whether it changed (then `version` is bumped)."""
+        """The view from these PeerIDs (less the dead); whether it changed (then `version` is bumped). The caller holds
+        `_members_lock`."""
         members = []
         for raw in sorted(live - self.gone):
             with contextlib.suppress(Exception):  # not a PeerID: ignored

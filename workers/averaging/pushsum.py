@@ -12,7 +12,9 @@ A message carries z itself and the weight it sends, w/2 (x/2 = (w/2)·z): the re
 and w/2 to its weight. z's scale is the parameters', which suits float16; halving is exact.
 
 Modes: synchronous (`overlap=False`) sends, then waits up to `timeout` for the message of round k (less when its view of
-the live set changes, or its in-neighbour shows it moved on; a second of silence re-reads the live set); a message of a
+the live set changes, or its in-neighbour shows it moved on: a message of its, taken or refused, or the answer to one of
+this peer's, which carries the receiver's round; or when this peer is more than `max_staleness` rounds behind a member:
+it catches up without waiting; a second of silence re-reads the live set); a message of a
 later round is held until that round, one more than `max_staleness` rounds late is refused (its sender takes its mass
 back); the parameters change only inside `round()`. Overlapped (`overlap=True`): the send runs in the background, and a
 message is added when it arrives (in a thread of its own, under `lock`; `hold` defers it to the next round), whatever
@@ -326,9 +328,11 @@ class PushSum:
         return len(self._in_flight) >= MAX_IN_FLIGHT
 
     def _wait_for_message(self, k: int, members: list[PeerID], version: int, deadline: float) -> None:
-        """Until round k's in-neighbour (by this view of the live set) has sent a message of round k or later (later:
-        it moved on without one for this peer), a message of round k came from another peer (synchronous: views that
-        disagree), this peer's view changed (the in-neighbour may be gone), or `deadline`."""
+        """Until round k's in-neighbour (by this view of the live set) is known to have made its send of round k (a
+        message of round k or later from it, taken or refused; the answer to one of this peer's, from a later round),
+        a message of round k came from another peer (synchronous: views that disagree), this peer is more than
+        `max_staleness` rounds behind a member (synchronous: it catches up), this peer's view changed (the
+        in-neighbour may be gone), or `deadline`."""
         n = len(members)
         source = members[(members.index(self.peer_id) - 2 ** (k % math.ceil(math.log2(n)))) % n].to_bytes()
 
@@ -355,8 +359,8 @@ class PushSum:
             self._state.wait_for(heard, timeout=max(0.0, deadline - time.perf_counter()))
 
     def _swarm_round(self) -> int:
-        """The latest round heard of any member (the caller holds `_state`)."""
-        return max(self._heard.values(), default=-1)
+        """The latest round heard of any member of this view (the caller holds `_state`)."""
+        return max((self._heard.get(member.to_bytes(), -1) for member in self.live.members), default=-1)
 
     @staticmethod
     def _outcome(future: concurrent.futures.Future | None, deadline: float) -> wire.SendOutcome | None:
@@ -475,9 +479,10 @@ class PushSum:
             self._counts.bytes_sent += outcome.nbytes
             if outcome.taken_back:  # provably not applied there: the mass comes back
                 self._inbox.append(_Message(k, self.peer_id, weight, flat, 0, own=True))
-            if not self.overlap and outcome.round >= 1:  # the target is in that round: its sends of the rounds before
-                # have ended (a synchronous round waits for its send), and one it did not make to this peer by then it
-                # never will (e.g. it made it before this peer was in its view)
+            if not self.overlap and outcome.round >= 1:  # the target is in that round: it made its sends of the rounds
+                # before (a synchronous round waits for its send, up to its timeout), and one it did not make to this
+                # peer it never will (e.g. it made it before this peer was in its view). One still on its way lands
+                # later: added a round late, or refused as late and taken back by its sender
                 key = target.to_bytes()
                 self._heard[key] = max(self._heard.get(key, -1), outcome.round - 1)
                 self._state.notify_all()
