@@ -101,7 +101,7 @@ class Swarm:
         self.killed_at: dict[int, float] = {}  # peer -> when the scenario killed it (to time the detection)
         self.netns: dict[int, NetnsLink] = {}  # peer -> its network namespace (emulation; set before `start`)
         self.swarm_size = 0  # running peers, as last told to them (a group aims at that many)
-        self.told_gone: tuple[str, ...] = ()  # the dead incarnations' PeerIDs, as last told to them
+        self.told_gone: frozenset[str] = frozenset()  # the dead incarnations' PeerIDs, as last told to them
         self.state_timeout_s = 0.0  # a newcomer's state download may take this long (peer 0 says, from its model)
         self.group = GroupView(cfg.peers, 0) if is_group_method(cfg.gossip.method) else None  # the process group
         self.here = ray.get_runtime_context().get_node_id()
@@ -271,8 +271,8 @@ class Swarm:
         incarnation.reason = reason or incarnation.reason
         running = [inc for inc in self.peers.values() if inc.phase == Phase.RUNNING]
         gone = self._gone()
-        if self.training_since is not None and (len(running) != self.swarm_size or set(gone) != set(self.told_gone)):
-            self.swarm_size, self.told_gone = len(running), gone
+        if self.training_since is not None and (len(running) != self.swarm_size or frozenset(gone) != self.told_gone):
+            self.swarm_size, self.told_gone = len(running), frozenset(gone)
             dht_nodes = sum(inc.phase in DHT_UP for inc in self.peers.values())
             for inc in running:
                 inc.actor.call.remote("set_swarm_size", self.swarm_size, dht_nodes, list(gone))

@@ -184,8 +184,7 @@ class PushSum:
             if self.live.version != version:
                 self._state.notify_all()  # a round waiting for a message from the dead ends
         if lacking:
-            with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
-                self._loop.call_soon_threadsafe(self._refresh_soon, False)
+            self._read_locally_soon()
 
     def join(self, expected: int = 1, wait: float = 10.0) -> list[PeerID]:
         """Enter the graph: publish this peer's liveness record (renewed in the background from now on), accept
@@ -353,8 +352,7 @@ class PushSum:
         # silent: the in-neighbour may have left (its tombstone is in this node's storage with the lean DHT) or died;
         # the periodic read would come up to ttl/3 later
         if self.live.lean:  # (a local read; without the lean DHT the periodic full reads serve)
-            with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
-                self._loop.call_soon_threadsafe(self._refresh_soon, False)
+            self._read_locally_soon()
         with self._state:
             self._state.wait_for(heard, timeout=max(0.0, deadline - time.perf_counter()))
 
@@ -464,6 +462,11 @@ class PushSum:
         if self._joined and (self._refreshing is None or self._refreshing.done()):
             self._refreshing = asyncio.create_task(self._every_once(partial(self._refresh, full=full)))
 
+    def _read_locally_soon(self) -> None:
+        """`_refresh_soon(full=False)` from a thread other than the loop's."""
+        with contextlib.suppress(RuntimeError):  # (the loop is closed: shut down)
+            self._loop.call_soon_threadsafe(self._refresh_soon, False)
+
     @staticmethod
     async def _every_once(action) -> None:
         with contextlib.suppress(Exception):
@@ -483,8 +486,7 @@ class PushSum:
                 # before (a synchronous round waits for its send, up to its timeout), and one it did not make to this
                 # peer it never will (e.g. it made it before this peer was in its view). One still on its way lands
                 # later: added a round late, or refused as late and taken back by its sender
-                key = target.to_bytes()
-                self._heard[key] = max(self._heard.get(key, -1), outcome.round - 1)
+                self._moved_on(target.to_bytes(), outcome.round - 1)
                 self._state.notify_all()
         if outcome.taken_back:
             self._schedule_apply()
@@ -569,7 +571,7 @@ class PushSum:
             return refused
         with self._state:
             self._seen[(sender.to_bytes(), k)] = None
-            self._heard[sender.to_bytes()] = max(self._heard.get(sender.to_bytes(), k), k)  # (with the inbox: at once)
+            self._moved_on(sender.to_bytes(), k)  # (with the inbox: at once)
             if len(self._seen) > SEEN:
                 del self._seen[next(iter(self._seen))]
             self._inbox.append(_Message(k, sender, weight, flat, nbytes))
@@ -581,13 +583,17 @@ class PushSum:
             self._refresh_soon()
         return wire.ACCEPTED
 
+    def _moved_on(self, member: bytes, k: int) -> None:
+        """`member` is known to have made its send of round k (the caller holds `_state`)."""
+        self._heard[member] = max(self._heard.get(member, k), k)
+
     def _heard_from(self, sender: PeerID, k: int) -> None:
         """A member's message of round k that was refused (too late or early, a duplicate, this peer outside the
         graph): its sender has moved on to round k all the same, so a round waiting for its message of an earlier
         round waits no longer (a newcomer behind the swarm catches up instead of waiting out its timeout every round).
         A member this peer's view lacks: the view is re-read now."""
         with self._state:
-            self._heard[sender.to_bytes()] = max(self._heard.get(sender.to_bytes(), k), k)
+            self._moved_on(sender.to_bytes(), k)
             self._state.notify_all()
         if sender not in self.live.members:
             self._refresh_soon()
