@@ -3,8 +3,9 @@ against the baselines a user would pick instead, measured side by side in one ru
 of figures taken in one run mean anything).
 
 - C, round cost (and G1 throughput from the same runs): the 4-peer (and, without --quick, 8-peer) cifar_cnn swarm
-  on generated CIFAR-format data at H = 10, run with `none` and with each method (`gossip`, the same with
-  `gossip.cheap_rounds: false` = plain hivemind, `allreduce` = gloo on the same tensors, `sgp` blocking and
+  on generated CIFAR-format data at H = 10, run with `none` and with each method (`gossip`, the same overlapped,
+  with `gossip.sticky_transport: hivemind` (the whole swarm's group kept by hivemind, not moved onto gloo), and with
+  `gossip.cheap_rounds: false` = plain hivemind; `allreduce` = gloo on the same tensors; `sgp` blocking and
   overlapped), REPEATS times interleaved (none, m1, m2, ..., none, m1, ...), so slow drifts of a shared machine hit
   every method alike. For each run: the whole machine's busy CPU (/proc/stat: the driver, Ray, the actors, hivemind's
   processes, p2pd) between the launcher's "started training" line and its last epoch line; c = (that - the same
@@ -50,7 +51,9 @@ logger = logging.getLogger("launcher.bench")
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "configs" / "experiments" / "cifar10_gossip.yaml"
 QUICKSTART = ROOT / "configs" / "experiments" / "quickstart.yaml"
-METHODS = {"none": ["gossip.method=none"], "gossip": [], "gossip (plain hivemind)": ["gossip.cheap_rounds=false"],
+METHODS = {"none": ["gossip.method=none"], "gossip": [],
+           "gossip (hivemind sticky)": ["gossip.sticky_transport=hivemind"],
+           "gossip (plain hivemind)": ["gossip.cheap_rounds=false"], "gossip (overlap)": ["gossip.overlap=true"],
            "allreduce": ["gossip.method=allreduce"], "sgp": ["gossip.method=sgp"],
            "sgp (overlap)": ["gossip.method=sgp", "gossip.overlap=true"]}  # fmt: skip
 REPEATS = 3  # G2: rounds per setting (the median is reported)
@@ -483,7 +486,7 @@ def _hivemind_rounds(rank: int, group: int, megabytes: int, port: int, rendezvou
             rendezvous.put([str(addr) for addr in dht.get_visible_maddrs()])
     tensors = bench_tensors(megabytes, shapes)
     tensors = FlatLayout(tensors).buffers(tensors) if flat else tensors
-    levers = Levers(sticky=False, flat=flat)  # every round matchmade (G2 times matchmaking)
+    levers = Levers(sticky=False, gloo=False, flat=flat)  # every round matchmade (G2 times matchmaking)
     averager = swarm_averager_class()(tensors, dht, prefix="bench", target_group_size=group, min_group_size=group,
                                       min_matchmaking_time=5.0, request_timeout=2.0, allreduce_timeout=120,
                                       compression=compression(codec), part_size_bytes=PART_SIZE_BYTES, levers=levers,

@@ -103,8 +103,10 @@ def test_a_stranger_without_the_key_gets_into_no_round(tmp_path, private_ray_env
     state averager, whose name is as predictable."""
     log_path = tmp_path / "log.txt"
     with log_path.open("w") as log:
-        # 20 epochs: the run outlasts the stranger's attempts (a round of 4 starts at once: epochs take a second)
-        args = [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--set", "optim.epochs=20",
+        # 60 epochs: the run outlasts the stranger's 10 s of attempts (a round of 4 starts at once, and gossip's rounds
+        # on gloo take milliseconds: epochs take a third of a second; CI saw a 20-epoch run end before the refusal
+        # reached events.csv)
+        args = [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--set", "optim.epochs=60",
                 "--set", f"gossip.method={method}"]  # fmt: skip
         run = subprocess.Popen([*args, "--out", str(tmp_path)], cwd=ROOT, env=private_ray_env, stdout=log,
                                stderr=subprocess.STDOUT)  # fmt: skip

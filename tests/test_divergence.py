@@ -13,15 +13,18 @@ import torch
 
 from launcher.driver.controller import run_experiment
 from launcher.results.summary import read_events, read_metrics
-from tests.conftest import quick_config
+from tests.conftest import quick_config, slowed
 from workers.peer.checkpoint import checkpoint_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 EPOCHS = 6
+# every peer's steps 10x slower: the driver hands the lr event out when it sees epoch 2, and unslowed (rounds on gloo
+# take milliseconds) the peers had finished all 6 epochs before it came
+SLOW = slowed(4, 10)
 RUNS = {
-    "nan": ['scenario=[{"peer": 1, "event": "lr", "factor": .inf, "at_epoch": 2}]'],
-    "blowup": ['scenario=[{"peer": 1, "event": "lr", "factor": 100, "at_epoch": 2}]'],
+    "nan": [f'scenario=[{SLOW}, {{"peer": 1, "event": "lr", "factor": .inf, "at_epoch": 2}}]'],
+    "blowup": [f'scenario=[{SLOW}, {{"peer": 1, "event": "lr", "factor": 100, "at_epoch": 2}}]'],
     "clean": [],
     "skewed": ["data.partition=dirichlet", "data.dirichlet_alpha=0.1"],
 }

@@ -1,6 +1,7 @@
 """Sticky groups (workers/averaging/sticky.py) with real hivemind peers on loopback, in this process: a group that is
 the whole live swarm is reused, averages exactly, keeps one attempt counter on every member, and falls back to
-matchmaking when a member is SIGKILLed or a newcomer arrives; a stranger's liveness record changes nothing."""
+matchmaking when a member is SIGKILLed or a newcomer arrives; a stranger's liveness record changes nothing. hivemind
+keeps the group where the gloo transport does not (`Levers(gloo=False)` here; the gloo rounds: tests/test_gloo.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from workers.core.config import GossipConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
+HIVEMIND = Levers(gloo=False)  # the sticky group's rounds through hivemind
 CFG = GossipConfig(group_size=16, matchmaking_time=2.0, round_timeout=20.0)  # sticky_wait: 2 + 1 s
 
 
@@ -28,7 +30,7 @@ class Swarm:
     """Peers of one prefix, each a GossipAveraging over a small model, whose rounds run together."""
 
     def __init__(self, dhts, prefix: str, levers: Levers | None = None, **options):
-        self.dhts, self.prefix, self.levers, self.options = dhts, prefix, levers or Levers(), options
+        self.dhts, self.prefix, self.levers, self.options = dhts, prefix, levers or HIVEMIND, options
         self.peers: list[GossipAveraging] = []
         self.pool = ThreadPoolExecutor(8)
 
@@ -108,7 +110,7 @@ def kill(peer: GossipAveraging) -> None:
 
 
 def test_a_sigkilled_member_costs_the_survivors_one_round_then_they_stick_again(swarm):
-    peers = swarm("kill", 3, levers=Levers(live_ttl=3.0))  # the dead one's record expires within 3 s
+    peers = swarm("kill", 3, levers=Levers(live_ttl=3.0, gloo=False))  # the dead one's record expires within 3 s
     for _ in range(2):
         peers.round(peers.peers)
     survivors, dead = peers.peers[:2], peers.peers[2]

@@ -9,26 +9,31 @@ one waits for it). A round per epoch lands before the epoch's evaluation; a roun
 epoch's end, but not past the peer's last epoch.
 
 Matchmaking is paced (`paced_matchmaking`): hivemind re-read the DHT back to back while a peer waited for its group.
-A round costs what it must (workers/averaging/levers.py, `Levers`): a group that is the whole live swarm is kept for
-the next rounds (sticky.py), the DHT is asked only what a small swarm needs, and the tensors travel as one flat buffer
-per dtype, a part per reducer (flat.py). `levers=Levers.off()` (or `gossip.cheap_rounds: false`) is plain hivemind.
+A round costs what it must (workers/averaging/levers.py, `Levers`): once a group is the whole swarm, its members run
+the next rounds through a gloo process group of their own (gloo.py; without it, hivemind keeps the group: sticky.py),
+the DHT is asked only what a small swarm needs, and the tensors travel as one flat buffer per dtype, a part per
+reducer (flat.py). `levers=Levers.off()` (or `gossip.cheap_rounds: false`) is plain hivemind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from workers.averaging.allreduce import ring_bytes
 from workers.averaging.base import AveragingStrategy, Diverged, all_finite, averaged_tensors
 from workers.averaging.flat import FlatLayout
+from workers.averaging.gloo import GlooRounds, ip4_host
 from workers.averaging.levers import Levers
 from workers.averaging.matchmaking import live_target_matchmaking, paced_matchmaking
 from workers.core.config import GossipConfig
@@ -79,10 +84,10 @@ def uniform_8bit():
 
 @dataclass
 class Round:
-    """A round in flight: the tensors as they were sent, hivemind's handle, the training thread's time so far."""
+    """A round in flight: the tensors as they were sent, its handle, the training thread's time so far."""
 
     sent: list[torch.Tensor]
-    control: object  # hivemind's StepControl
+    control: object  # hivemind's StepControl, or a Future of a round through gloo: result() is its members
     blocked_s: float
     started: float  # perf_counter
 
@@ -108,6 +113,7 @@ class GossipAveraging(AveragingStrategy):
         # the peers whose DHT is up, read by the DHT's lean path in the averager's process (levers.small_swarm; 0: not
         # known, until the driver tells)
         self.dht_nodes = mp.get_context("fork").Value("i", 0, lock=False)
+        self.swarm_now: int | None = None  # the running peers, as the driver last told (None: not told)
         self.tensors = averaged_tensors(model)
         # with `flat`, hivemind averages one buffer per dtype, each tensor a slice of it (`_views`)
         self.layout = FlatLayout(self.tensors) if self.levers.flat else None
@@ -145,15 +151,31 @@ class GossipAveraging(AveragingStrategy):
             dht_nodes=self.dht_nodes,
             start=True,
         )
+        # a group of the whole swarm moves onto gloo (gloo.py) once the driver has told the swarm's size; until
+        # then, without it (standalone peers), or where gloo gave up, hivemind keeps the group (sticky.py). Made
+        # after the averager's process is forked: a gloo object's threads do not survive a fork, and one the child
+        # collected as garbage crashed it
+        host = ip4_host(dht.get_visible_maddrs()) if self.levers.gloo else None
+        self.gloo = GlooRounds(host, self.matchmaking_deadline, swarm_key) if host else None
+
+    @property
+    def bytes_source(self) -> str:
+        return "modelled" if self.gloo is not None else "measured"  # (a gloo round's bytes: its ring's, modelled)
 
     def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         self.target.value = min(self.cfg.group_size, max(peers, self.cfg.min_group_size))
         self.dht_nodes.value = dht_nodes
+        self.swarm_now = peers  # (a gloo group of another size is left after its next round)
 
     def drop_round(self) -> None:
-        if self.in_flight is not None:
-            self.in_flight.control.cancel()
-            self.in_flight = None
+        """Forget the round in flight (a diverged peer's: never applied), and leave the gloo group: its groupmates'
+        next collective fails at once, and they matchmake without this peer while it reloads."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is not None and not flight.control.cancel() and isinstance(flight.control, Future):
+            with contextlib.suppress(Exception):  # a gloo round already running: let it end, unapplied
+                flight.control.result()
+        if self.gloo is not None and self.gloo.ready():
+            self.gloo.leave()
         self.early_epoch_round_started = False
 
     def share_state(self, provider, priority) -> None:
@@ -204,11 +226,13 @@ class GossipAveraging(AveragingStrategy):
         overlap and a round every H steps it carries over into the next epoch instead (the training thread never
         waits for it there; the row counts it when it lands), but not past the peer's last epoch."""
         if self.averages_at_epoch_end() and not self.early_epoch_round_started:  # (with overlap it started `lead_steps`
-            self.start_round()  # before the end, unless the epoch was too short for that; it may have landed already)
+            self.start_round(last=last)  # before the end, unless the epoch was too short; it may have landed already)
         self.early_epoch_round_started = False
         carry_over = self.cfg.overlap and not self.averages_at_epoch_end() and not last
         if self.in_flight is not None and not carry_over:
             self.finish_round()
+        if last and self.gloo is not None and self.gloo.ready():  # (a round per epoch left it with its last round)
+            self.gloo.leave()  # the others' next collective fails at once: they matchmake instead of waiting
         self._previous_step = None  # the evaluation is no step
         if self.averager.allow_state_sharing:
             self.averager.state_sharing_priority = self._priority()
@@ -222,8 +246,9 @@ class GossipAveraging(AveragingStrategy):
         self.start_round()
         return None if self.cfg.overlap else self.finish_round()
 
-    def start_round(self) -> None:
-        """Hand the tensors to hivemind. Parameters that are not finite are never shared: Diverged."""
+    def start_round(self, last: bool = False) -> None:
+        """Hand the tensors to hivemind, or to the gloo group (`last`: this peer's last round, after which it leaves
+        the group). Parameters that are not finite are never shared: Diverged."""
         started = time.perf_counter()
         try:  # a skipped round is no averaging round (neither ok nor failed): the `diverged` event says it
             if not all_finite(self.tensors):
@@ -235,8 +260,33 @@ class GossipAveraging(AveragingStrategy):
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, src in zip(self._views(shared), self.tensors, strict=True):
                 dst.copy_(src)
-        control = self.averager.step(timeout=self.matchmaking_deadline, wait=False)
+        if self.gloo is not None and self.gloo.ready():
+            leave = last or self.swarm_now != self.gloo.group.size()
+            control = self.gloo.thread.submit(self._through_gloo, sent, leave)
+        else:
+            control = self._matchmade()
         self.in_flight = Round(sent, control, time.perf_counter() - started, started)
+
+    def _matchmade(self):
+        """A hivemind round (matchmaking, or the sticky group), offering this peer's gloo rendezvous if it has one."""
+        offer = self.gloo.offer(self.swarm_now) if self.gloo is not None else None
+        return self.averager.step(gather=offer, timeout=self.matchmaking_deadline, wait=False)
+
+    def _through_gloo(self, sent: list[torch.Tensor], leave: bool):
+        """On the gloo thread: the round through the group (its members' ranks), or, if it failed (a member died or
+        left, or did not come within the timeout), a hivemind round at once from the same tensors (its gathered
+        data)."""
+        try:
+            with self.averager.get_tensors() as shared:
+                size = self.gloo.run(shared, self.cfg.alpha, leave)
+                self.averager.part_bytes.value += ring_bytes(sum(t.numel() * t.element_size() for t in shared), size)
+            return range(size)
+        except RuntimeError as err:
+            logger.warning("gloo round failed, matchmaking instead: %s", str(err)[:200])
+        with torch.no_grad(), self.averager.get_tensors() as shared:  # (the failed collective left them half reduced)
+            for dst, src in zip(self._views(shared), sent or self.tensors, strict=True):
+                dst.copy_(src)
+        return self._matchmade().result()
 
     def finish_round(self) -> int | None:
         """Wait for the round in flight, apply its result, record it; the group size, or None if it failed or was
@@ -244,7 +294,7 @@ class GossipAveraging(AveragingStrategy):
         started, flight = time.perf_counter(), self.in_flight
         self.in_flight = None
         try:
-            gathered = flight.control.result()
+            gathered = flight.control.result()  # hivemind's gathered data, or the gloo group's ranks
         except Exception as err:  # hivemind raises on no group / all-reduce failure / timeout
             logger.warning("averaging round failed: %r", err)
             gathered = None
@@ -252,6 +302,9 @@ class GossipAveraging(AveragingStrategy):
             gathered = None
         group_size = len(gathered) if gathered else None
         partial = self._partial_since_last()
+        if isinstance(gathered, dict) and not partial and self.gloo is not None:  # a complete matchmade round
+            offers = {peer.to_bytes(): data for peer, data in gathered.items()}
+            self.gloo.form(offers, self.averager.peer_id.to_bytes())
         if partial and group_size:
             logger.warning("averaging round with %d peers lost part of its all-reduce (counted as partial)", group_size)
         self.last_round_s = time.perf_counter() - flight.started
@@ -300,6 +353,8 @@ class GossipAveraging(AveragingStrategy):
     def shutdown(self) -> None:
         if self.in_flight is not None:
             self.in_flight.control.cancel()
+        if self.gloo is not None:
+            self.gloo.shutdown()
         self.averager.shutdown()
 
 

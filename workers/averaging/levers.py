@@ -12,6 +12,8 @@ with every lever a round makes 0.1 RPCs, 1 local DHT read and 3 streams (docs/pe
   node that knows every peer whose DHT is up takes this path (`small_swarm`), others traverse until they do.
 - `flat` (workers/averaging/flat.py): one buffer per dtype, a part per reducer.
 - `sticky` (workers/averaging/sticky.py): a group that is the whole live swarm is kept for the next rounds.
+- `gloo` (workers/averaging/gloo.py): a sticky group's rounds all-reduce through a gloo process group of its members
+  instead of hivemind's streams through p2pd.
 - `dht_cache` off: hivemind's DHT caching only adds refresh traffic to a swarm whose nodes hold every key.
 - `p2pd_gomaxprocs`, `averager_threads`: p2pd's Go threads and the averager's torch threads on shared cores.
 Each lever touches hivemind only through subclasses and substitutions in the averager's own process, behind
@@ -38,6 +40,7 @@ from workers.core.config import GossipConfig
 @dataclass(frozen=True)
 class Levers:
     sticky: bool = True
+    gloo: bool = True
     quiet_state: bool = True
     lean_dht: bool = True
     flat: bool = True
@@ -49,12 +52,13 @@ class Levers:
     @classmethod
     def off(cls) -> Levers:
         """Plain hivemind 1.1.12 (with the project's pacing, live group target, admission and SaferRunner)."""
-        return cls(sticky=False, quiet_state=False, lean_dht=False, flat=False, dht_cache=True, p2pd_gomaxprocs=None,
-                   averager_threads=None)  # fmt: skip
+        return cls(sticky=False, gloo=False, quiet_state=False, lean_dht=False, flat=False, dht_cache=True,
+                   p2pd_gomaxprocs=None, averager_threads=None)  # fmt: skip
 
     @classmethod
     def of(cls, cfg: GossipConfig) -> Levers:
-        return cls() if cfg.cheap_rounds else cls.off()
+        gloo = cfg.sticky_transport == "gloo" and cfg.compression == "none"  # (gloo sends full precision)
+        return cls(gloo=gloo) if cfg.cheap_rounds else cls.off()
 
 
 NO_DHT_CACHE = dict(cache_locally=False, cache_nearest=0, cache_on_store=False, cache_refresh_before_expiry=0)

@@ -154,7 +154,7 @@ def state_sharer(dht, prefix: str, swarm_key: bytes | None, anomalies):
         prefix=prefix,
         target_group_size=GROUP_SIZE,
         allow_state_sharing=False,  # until share_state: a newcomer must not serve its fresh initialisation
-        levers=Levers(sticky=False),  # it never averages: no sticky group to keep alive
+        levers=Levers(sticky=False, gloo=False),  # it never averages: no sticky group to keep alive
         next_chunk_timeout=DONOR_WAIT_S + 30.0,  # a donor answers once its epoch has ended (workers/peer/state.py)
         swarm_key=swarm_key,
         anomalies=anomalies,

@@ -4,21 +4,26 @@ forms the same group anyway, and matchmaking was most of a small round's cost.
 
 Protocol (each member runs it alone; nothing is exchanged beyond what hivemind's all-reduce sends):
 1. Forming. A matchmade round completes at this member (no part lost: `lost_a_part`), its group has >= 2 members, all
-   in NODE mode, and equals the live set read in full from the DHT. The member keeps G = (base id = the matchmade
+   in NODE mode, equals the live set read in full from the DHT, and will not run its next rounds through gloo
+   (workers/averaging/gloo.py `plan`, from the same gathered data). The member keeps G = (base id = the matchmade
    group_id, the ordered peer ids, the gathered data, counter 0).
 2. A sticky round. Where hivemind's step would look for a group (`Matchmaking.look_for_group`), the member checks
-   locally that the live set still equals G's peers and that its gather data is unchanged; then counter += 1 and the
-   group is GroupInfo(sha256(base id, counter), G's peers in G's order, G's gathered data), at once. hivemind's step
-   then runs its all-reduce as for any group; hivemind accepts a part only for the runner's group_id, so only members
-   running the same attempt of the same group average together. Senders must come within `sticky_wait`
-   (min_matchmaking_time + request_timeout, what a plain round waits for its group).
+   locally that the live set still equals G's peers and that its mode and bandwidth are unchanged (its gathered user
+   data may change: a sticky round hands out G's copy, and the project's, gloo's offer, planned no gloo group there,
+   nor does it from that copy; a member told a new swarm size before the others must not leave G alone, or the
+   others' sticky round loses its parts); then counter += 1 and the group is GroupInfo(sha256(base id, counter), G's
+   peers in G's order, G's gathered data), at once. hivemind's step then runs its all-reduce as for any group;
+   hivemind accepts a part only for the runner's group_id, so only members running the same attempt of the same
+   group average together. Senders must come within `sticky_wait` (min_matchmaking_time + request_timeout, what a
+   plain round waits for its group).
 3. Arrivals apart. A part for this member's next attempt that arrives before the member registered it waits for the
    registration (at most sticky_wait), instead of hivemind's immediate BAD_GROUP_ID.
 4. Failure. A sticky all-reduce gives up at the first reducer or sender it loses (SaferRunner's `fail_fast`: its
    tensors, one flat buffer, are then left as they were), and anything but a complete round drops G; so does a change
-   of the live set or of the gather data. hivemind's step then retries, by matchmaking, within the step's deadline:
-   members whose views of the live set differed, or the survivors of a dead member, meet there in the same round. A
-   member without G answers parts for G's next attempt with BAD_GROUP_ID at once, so its groupmates give up at once.
+   of the live set, or of the member's mode or bandwidth. hivemind's step then retries, by matchmaking, within the
+   step's deadline: members whose views of the live set differed, or the survivors of a dead member, meet there in
+   the same round. A member without G answers parts for G's next attempt with BAD_GROUP_ID at once, so its
+   groupmates give up at once.
    Counters cannot drift: a sticky round completes at a member only if every member sent it parts for the same
    group_id and reduced its parts in it, i.e. every member ran the same attempt. A member that failed or left drops
    G; the others' next attempt then fails (its parts never come, or are refused) and they drop G too. A new G starts
@@ -51,6 +56,7 @@ from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import achain, anext, as_aiter
 from hivemind.utils.timed_storage import get_dht_time
 
+from workers.averaging.gloo import plan as gloo_plan
 from workers.averaging.levers import LeverAware, dht_read, dht_store
 from workers.averaging.matchmaking import hivemind_internals
 from workers.averaging.runner import lost_a_part
@@ -157,8 +163,8 @@ class StickyGroups(LeverAware):
         return group.group_info()
 
     async def _reason_to_drop(self, group: StickyGroup, step: StepControl) -> str | None:
-        if step.data_for_gather != group.my_gather:
-            return "gather data changed"
+        if self.serializer.loads(step.data_for_gather)[:2] != self.serializer.loads(group.my_gather)[:2]:
+            return "mode or bandwidth changed"
         try:
             live = await self._live_set(full=False)
         except Exception as err:  # noqa: BLE001
@@ -215,10 +221,20 @@ class StickyGroups(LeverAware):
             logger.debug("no sticky group: %r", err)
             return
         nodes = all(mode == AveragingMode.NODE for mode in modes)
-        if info.group_size >= 2 and nodes and live == frozenset(info.peer_ids):
+        if info.group_size >= 2 and nodes and live == frozenset(info.peer_ids) and not self._moves_onto_gloo(info):
             my_gather = info.gathered[info.peer_ids.index(self.peer_id)]
             self._sticky_group = StickyGroup(info.group_id, info.peer_ids, info.gathered, my_gather)
             self._sticky_counts["formed"] += 1
+
+    def _moves_onto_gloo(self, info: GroupInfo) -> bool:
+        """Whether the group's members run the next rounds through gloo (workers/averaging/gloo.py: every member
+        offered it in its gathered data, and counted the swarm as this group): then hivemind keeps no group."""
+        try:
+            offers = {peer.to_bytes(): self.serializer.loads(self.serializer.loads(data)[2])
+                      for peer, data in zip(info.peer_ids, info.gathered, strict=True)}  # fmt: skip
+        except Exception:  # noqa: BLE001 (not the project's gathered data)
+            return False
+        return gloo_plan(offers, self.peer_id.to_bytes(), None) is not None
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext

@@ -210,6 +210,17 @@ class GossipConfig(_Section):
             "peers of a run must agree on it."
         ),
     )
+    sticky_transport: Literal["gloo", "hivemind"] = Field(
+        "gloo",
+        description=(
+            "gossip, diloco: once a matchmade group is the whole swarm, its rounds run through gloo (a process group "
+            "of its members, in the peers' own processes: a round costs what the allreduce method's does; "
+            "workers/averaging/gloo.py) or through hivemind (the group kept, its all-reduce through p2pd; "
+            "workers/averaging/sticky.py). gloo only with compression none (it sends full precision). gloo's traffic "
+            "is not authenticated (as the allreduce method's is not): a closed swarm on a network shared with "
+            "untrusted hosts sets hivemind."
+        ),
+    )
 
     @model_validator(mode="after")
     def _min_not_above_target(self) -> GossipConfig:
@@ -256,6 +267,7 @@ _METHOD_KNOBS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "outer_lr": (0.7, ("diloco",)),
     "outer_momentum": (0.9, ("diloco",)),
     "cheap_rounds": (True, ("gossip", "diloco")),
+    "sticky_transport": ("gloo", ("gossip", "diloco")),
 }
 
 

@@ -52,7 +52,9 @@ class MetricsRow:
                                     "2(n-1)/n of the tensors; sgp: the messages this peer sent; empty where unknown",
                                     "bytes", source="see bytes_source", scope="this epoch", default=0)  # fmt: skip
     bytes_source: str = column("where averaging_bytes comes from: measured (counted on the wire) or modelled (gloo "
-                               "counts no bytes)", source="the method's", default="measured")  # fmt: skip
+                               "counts no bytes: the all-reduce baseline, and gossip's rounds on gloo, whose "
+                               "matchmade rounds are still counted)", source="the method's",
+                               default="measured")  # fmt: skip
     averaging_rounds_partial: int = column("rounds that ran but whose all-reduce lost a part (a reducer or a sender "
                                            "failed): neither ok nor failed", scope="cumulative", default=0)  # fmt: skip
     messages_received: int = column("sgp: push-sum messages this peer added to its parameters (its own mass coming "

@@ -40,6 +40,14 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)} (needs CAP_SYS_ADMIN: root)")
 
 
+def enter_namespace_fd(fd: int) -> None:
+    """This thread into the network namespace of `fd` (an open /proc/.../ns/net), for good: a worker thread's
+    initializer, for a pool whose sockets must live where its maker's did (nothing to do, and no privilege needed,
+    where the thread already is)."""
+    if os.fstat(fd).st_ino != os.stat("/proc/thread-self/ns/net").st_ino:
+        _setns(fd)
+
+
 @contextmanager
 def inside(namespace: str) -> Iterator[None]:
     """This thread in network namespace `namespace` (an `ip netns` name) for the body, then back where it was."""
