@@ -71,14 +71,14 @@ def plan(gathered: dict[bytes, object], me: bytes, swarm_key: bytes | None) -> P
     """The gloo group of a complete matchmade round's members (`gathered`: each member's PeerID bytes -> its gathered
     data), or None: fewer than 2 members, or one offered no rendezvous or counts the swarm otherwise. The same on
     every member."""
-    offers = [gathered[peer] for peer in sorted(gathered)]
-    size = len(offers)
+    members = sorted(gathered)
+    offers, size = [gathered[peer] for peer in members], len(members)
     valid = all(isinstance(offer, dict) and isinstance(offer.get("gloo"), str) for offer in offers)
     if size < 2 or not valid or any(offer.get("swarm") != size for offer in offers):
         return None
-    members = b"".join(sorted(gathered)) + str(offers[0].get("led", 0)).encode()
-    prefix = hmac.new(swarm_key or b"open", b"gloo/" + members, hashlib.sha256).hexdigest()[:32]
-    return Plan(offers[0]["gloo"], prefix, sorted(gathered).index(me), size)
+    named = b"".join(members) + str(offers[0].get("led", 0)).encode()
+    prefix = hmac.new(swarm_key or b"open", b"gloo/" + named, hashlib.sha256).hexdigest()[:32]
+    return Plan(offers[0]["gloo"], prefix, members.index(me), size)
 
 
 @torch.no_grad()
@@ -124,8 +124,8 @@ class GlooRounds:
         self.store = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
         self.address = f"{host}:{self.store.port}"
         self.led = 0  # the groups this peer was rank 0 of: a new rendezvous prefix for each
-        namespace = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        self.thread = ThreadPoolExecutor(1, "gloo", initializer=enter_namespace_fd, initargs=(namespace,))
+        self.namespace = os.open("/proc/thread-self/ns/net", os.O_RDONLY)  # (the thread enters it when it starts)
+        self.thread = ThreadPoolExecutor(1, "gloo", initializer=enter_namespace_fd, initargs=(self.namespace,))
         self.group = None
         self.forming: Future | None = None
         self.setbacks = 0
@@ -191,3 +191,6 @@ class GlooRounds:
         self.leave()
         self.thread.shutdown(wait=True)
         self.store = None
+        if self.namespace is not None:
+            os.close(self.namespace)
+            self.namespace = None

@@ -118,6 +118,7 @@ class GossipAveraging(AveragingStrategy):
         # with `flat`, hivemind averages one buffer per dtype, each tensor a slice of it (`_views`)
         self.layout = FlatLayout(self.tensors) if self.levers.flat else None
         averaged = self.layout.buffers(self.tensors) if self.layout else [host_copy(t) for t in self.tensors]
+        self.averaged_bytes = sum(t.numel() * t.element_size() for t in averaged)
         self.in_flight: Round | None = None
         self.bytes_seen = self.partial_seen = 0
         self.step_s, self.last_round_s = 0.0, 0.0  # a local step's and the last round's wall time (overlap's lead)
@@ -257,9 +258,7 @@ class GossipAveraging(AveragingStrategy):
         except Diverged as err:
             raise Diverged(f"{err}: it skipped the round") from None
         sent = [host_copy(t) for t in self.tensors] if self.cfg.overlap else []
-        with torch.no_grad(), self.averager.get_tensors() as shared:
-            for dst, src in zip(self._views(shared), self.tensors, strict=True):
-                dst.copy_(src)
+        self._hand_over(self.tensors)
         if self.gloo is not None and self.gloo.ready():
             leave = last or self.swarm_now != self.gloo.group.size()
             control = self.gloo.thread.submit(self._through_gloo, sent, leave)
@@ -279,14 +278,18 @@ class GossipAveraging(AveragingStrategy):
         try:
             with self.averager.get_tensors() as shared:
                 size = self.gloo.run(shared, self.cfg.alpha, leave)
-                self.averager.part_bytes.value += ring_bytes(sum(t.numel() * t.element_size() for t in shared), size)
+                self.averager.part_bytes.value += ring_bytes(self.averaged_bytes, size)
             return range(size)
         except RuntimeError as err:
             logger.warning("gloo round failed, matchmaking instead: %s", str(err)[:200])
-        with torch.no_grad(), self.averager.get_tensors() as shared:  # (the failed collective left them half reduced)
-            for dst, src in zip(self._views(shared), sent or self.tensors, strict=True):
-                dst.copy_(src)
+        self._hand_over(sent or self.tensors)  # (the failed collective left them half reduced)
         return self._matchmade().result()
+
+    def _hand_over(self, tensors: list[torch.Tensor]) -> None:
+        """`tensors` (the model's, or a snapshot of them) into the averager's buffers, which a round averages."""
+        with torch.no_grad(), self.averager.get_tensors() as shared:
+            for dst, src in zip(self._views(shared), tensors, strict=True):
+                dst.copy_(src)
 
     def finish_round(self) -> int | None:
         """Wait for the round in flight, apply its result, record it; the group size, or None if it failed or was

@@ -74,7 +74,7 @@ class StickyGroup:
     base_id: bytes
     peer_ids: tuple
     gathered: tuple
-    my_gather: bytes
+    my_node: list  # this member's gathered [bandwidth, mode], as the group formed
     counter: int = 0
 
     def group_info(self) -> GroupInfo:
@@ -163,7 +163,7 @@ class StickyGroups(LeverAware):
         return group.group_info()
 
     async def _reason_to_drop(self, group: StickyGroup, step: StepControl) -> str | None:
-        if self.serializer.loads(step.data_for_gather)[:2] != self.serializer.loads(group.my_gather)[:2]:
+        if self.serializer.loads(step.data_for_gather)[:2] != group.my_node:
             return "mode or bandwidth changed"
         try:
             live = await self._live_set(full=False)
@@ -222,8 +222,8 @@ class StickyGroups(LeverAware):
             return
         nodes = all(mode == AveragingMode.NODE for mode in modes)
         if info.group_size >= 2 and nodes and live == frozenset(info.peer_ids) and not self._moves_onto_gloo(info):
-            my_gather = info.gathered[info.peer_ids.index(self.peer_id)]
-            self._sticky_group = StickyGroup(info.group_id, info.peer_ids, info.gathered, my_gather)
+            my_node = self.serializer.loads(info.gathered[info.peer_ids.index(self.peer_id)])[:2]
+            self._sticky_group = StickyGroup(info.group_id, info.peer_ids, info.gathered, my_node)
             self._sticky_counts["formed"] += 1
 
     def _moves_onto_gloo(self, info: GroupInfo) -> bool:
