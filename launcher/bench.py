@@ -18,7 +18,8 @@ of figures taken in one run mean anything).
   its time goes (matchmaking, all-reduce, the averager's and p2pd's CPU, serialization). And resnet50's 267 tensors
   (94 MB) against one tensor of the same bytes, with the project's flat buffers and without (plain hivemind).
 - G7 start-up: from the run's start to every peer's first step, against N Ray actors that import torch and build the
-  same model and a torch.optim optimizer (what any PyTorch launcher on Ray pays), and N no-op actors.
+  same model and a torch.optim optimizer (what any PyTorch launcher on Ray pays), and N no-op actors; 3 repeats,
+  interleaved (1 with --quick), the median ratio and its range.
 - G5 a straggler's failed rounds, blocking and overlapped; G8 tens of peers: 8 to 24 peers in groups of 8, the rounds
   that succeed and the control plane's CPU per peer-round (where a machine's cores run out).
 
@@ -289,9 +290,11 @@ def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
 # -- G7 ----------------------------------------------------------------------------------------------------------
 
 
-def startup(bench_dir: Path, quick: bool) -> list[dict]:
+def startup(bench_dir: Path, quick: bool, repeats: int = 3) -> list[dict]:
     """Seconds from the run's start to every peer's first step, against N Ray actors that import torch, build the
-    quickstart's model and a torch.optim optimizer and take one step (the fair denominator), and N no-op actors."""
+    quickstart's model and a torch.optim optimizer and take one step (the fair denominator), and N no-op actors:
+    `repeats` times, interleaved (the run, then each arm), each ratio taken within its repeat; the medians and the
+    ratio's range (one start-up of 8 peers on 2 cores varied 1.16-1.30 against the same arm)."""
     import ray
 
     @ray.remote(num_cpus=0.25)
@@ -316,18 +319,23 @@ def startup(bench_dir: Path, quick: bool) -> list[dict]:
     for peers in (4,) if quick else (4, 8):
         cfg = load_config(QUICKSTART, [f"peers={peers}", "optim.epochs=1", "gossip.method=none",
                                        "resources.num_cpus=0.25"])  # fmt: skip
-        result = run_experiment(cfg, bench_dir / "g7")
-        started = read_events(result.run_dir).query("event == 'started'").time_s.max()
-        arms = {}
-        for name, actor_class in (("torch_actors_s", TorchPeer), ("bare_ray_s", Noop)):
-            began = time.perf_counter()
-            actors = [actor_class.remote() for _ in range(peers)]
-            ray.get([actor.ready.remote(cfg.model) for actor in actors])
-            arms[name] = time.perf_counter() - began
-            for actor in actors:
-                ray.kill(actor)
-        rows.append(dict(bench="G7", what=f"{peers} peers", seconds=started, **arms,
-                         ratio=started / arms["torch_actors_s"], bare_ratio=started / arms["bare_ray_s"]))  # fmt: skip
+        times = []
+        for _ in range(1 if quick else repeats):
+            result = run_experiment(cfg, bench_dir / "g7")
+            arms = {"seconds": read_events(result.run_dir).query("event == 'started'").time_s.max()}
+            for name, actor_class in (("torch_actors_s", TorchPeer), ("bare_ray_s", Noop)):
+                began = time.perf_counter()
+                actors = [actor_class.remote() for _ in range(peers)]
+                ray.get([actor.ready.remote(cfg.model) for actor in actors])
+                arms[name] = time.perf_counter() - began
+                for actor in actors:
+                    ray.kill(actor)
+            times.append(arms)
+        times = pd.DataFrame(times)
+        ratios, bare = times.seconds / times.torch_actors_s, times.seconds / times.bare_ray_s
+        rows.append(dict(bench="G7", what=f"{peers} peers", repeats=len(times), **times.median().to_dict(),
+                         ratio=ratios.median(), ratio_range=f"{ratios.min():.2f}-{ratios.max():.2f}",
+                         bare_ratio=bare.median()))  # fmt: skip
     return rows
 
 
@@ -545,7 +553,8 @@ def markdown(table: pd.DataFrame, device: str) -> str:
                                    "allreduce_s", "allreduce_ratio", "averager_cpu_s", "p2pd_cpu_s", "serialize_s"]),
                            ("G5", ["what", "rounds", "failed", "straggler_s", "others_s", "averaging_s",
                                    "seconds_per_round"]),
-                           ("G7", ["what", "seconds", "torch_actors_s", "ratio", "bare_ray_s", "bare_ratio"]),
+                           ("G7", ["what", "repeats", "seconds", "torch_actors_s", "ratio", "ratio_range", "bare_ray_s",
+                                   "bare_ratio"]),
                            ("G8", ["what", "peers", "matchmaking_time", "rounds", "ok_share", "consensus",
                                    "consensus_vs_none", "round_s", "control_ms", "cores_busy"])]:  # fmt: skip
         rows = table[table.bench == bench]

@@ -2,9 +2,9 @@
 scenario event multiplies one peer's learning rate from epoch 2 on, by infinity (parameters not finite after one
 step, whenever the next round comes: 1e12 left them finite, 1e11 times their norm, when a round came right after the
 first such step) or by 100 (a finite blow-up: the loss and the parameters grow without being NaN yet at the next
-round, 2 steps on). The factor
-belongs to the peer, so it diverges again after each reload: it must never share. A strongly skewed (Dirichlet)
-run, whose peers' losses differ legitimately, must raise nothing."""
+round, 2 steps on; or a round right after its first step at x100, which the norm may miss: the step's size shows
+it, workers/peer/guard.py). The factor belongs to the peer, so it diverges again after each reload: it must never
+share. A strongly skewed (Dirichlet) run, whose peers' losses differ legitimately, must raise nothing."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def final_norm(run_dir, peer: int) -> float:
     return float(torch.cat([t.flatten().float() for t in state.values()]).norm())
 
 
-@pytest.mark.parametrize("kind, why", [("nan", "not finite"), ("blowup", "parameter norm jumped")])
+@pytest.mark.parametrize(
+    "kind, why", [("nan", ("not finite",)), ("blowup", ("parameter norm jumped", "one step moved its parameters"))]
+)
 def test_a_diverged_peer_shares_nothing_and_is_given_up_when_it_cannot_train(runs, kind, why):
     """Each time it diverges it skips its round and reloads a live peer's state; it diverges again (its learning
     rate stays wrong): after 3 times in a row it fails, and is given up (faults.max_restarts=0; exit 1). The others
@@ -56,7 +58,8 @@ def test_a_diverged_peer_shares_nothing_and_is_given_up_when_it_cannot_train(run
     print(mine.to_string())
     assert mine.event.tolist().count("diverged") >= 3 and "reloaded" in mine.event.tolist()
     assert mine.event.tolist().index("diverged") < mine.event.tolist().index("reloaded")
-    assert why in mine[mine.event == "diverged"].detail.iloc[0], "caught by the check for its kind of blow-up"
+    first = mine[mine.event == "diverged"].detail.iloc[0]
+    assert any(check in first for check in why), "caught by a check for its kind of blow-up"
     assert all("state from peer" in d for d in mine[mine.event == "reloaded"].detail), "from a live peer each time"
     assert mine.event.tolist()[-2:] == ["died", "gave_up"]
     assert "3 times in a row" in mine[mine.event == "gave_up"].detail.iloc[0]

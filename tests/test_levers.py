@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -229,3 +231,47 @@ def test_a_node_that_lost_a_peer_from_its_routing_table_still_reaches_it(dhts, t
         assert nodes[1].run_coroutine(known_nodes) == 5, "node 1's traversal found node 2 again"
     else:
         assert 1 not in seen[2], "node 2 missed the declaration of node 1, which did not know it"
+
+
+def test_hivemind_is_imported_without_scipy_optimize_which_loads_when_used():
+    """Start-up: a peer imports hivemind without the scipy.optimize that its load balancing imports (workers/averaging/
+    __init__.py); a peer that declared a bandwidth would still get hivemind's linear program, loaded on first use."""
+    code = """if True:
+        import sys
+        import workers.averaging, hivemind
+        from hivemind.averaging.load_balancing import load_balance_peers
+        assert "scipy.optimize._optimize" not in sys.modules, "loaded with hivemind"
+        assert load_balance_peers(1000, [None, None, None]) == (334, 333, 333)  # ours: no bandwidths, no program
+        assert "scipy.optimize._optimize" not in sys.modules, "loaded by a round without bandwidths"
+        parts = load_balance_peers(1000, [1.0, None, 2.0])  # a bandwidth: the linear program
+        import scipy.optimize
+        assert type(scipy.optimize).__name__ == "module" and sys.modules["scipy.optimize"] is scipy.optimize
+        assert sum(parts) == 1000 and parts[2] > parts[1], parts
+        print("ok")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("nat_traversal", [False, True])
+def test_p2pds_nat_services_run_only_where_the_config_asks(torch_threads, nat_traversal):
+    """A launched swarm's peers dial each other directly: their p2pd starts without UPnP port mapping, AutoNAT and
+    circuit relays (network.nat_traversal: false, the default), which hivemind turns on unless told."""
+    import psutil
+
+    from tests.conftest import quick_config
+    from workers.peer.peer import Peer
+
+    peer = Peer(quick_config("peers=1", f"network.nat_traversal={str(nat_traversal).lower()}"), 0, "nat")
+    try:
+        peer.start_dht([])
+        daemons = [proc for proc in psutil.Process().children(recursive=True) if proc.name() == "p2pd"]
+        assert len(daemons) == 1
+        flags = set(daemons[0].cmdline()[1:])
+        assert {f"-natPortMap={int(nat_traversal)}", f"-autonat={int(nat_traversal)}",
+                f"-relay={int(nat_traversal)}"} <= flags, flags  # fmt: skip
+    finally:  # (not Peer.stop: it kills this process's children)
+        peer.averaging.shutdown()
+        peer.dht.shutdown()

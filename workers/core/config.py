@@ -342,6 +342,14 @@ class NetworkConfig(_Section):
             "Peer i listens on port + i (0: any free port); the allreduce baseline's rendezvous uses port + peers."
         ),
     )
+    nat_traversal: bool = Field(
+        False,
+        description=(
+            "p2pd's services for peers behind NAT on the internet: UPnP port mapping, AutoNAT and circuit relays. A "
+            "launched swarm, whose peers dial each other directly, does without them (they cost each peer's start-up "
+            "about 0.1 s of CPU)."
+        ),
+    )
     swarm_key_file: Path | None = Field(
         None,
         description=(

@@ -178,9 +178,10 @@ class Peer:
         with naming_taken_port(self.cfg.network, offset):
             # the DHT's replication sized for the swarm where the lean DHT path uses it: gossip's rounds, sgp's live set
             swarm = self.most_peers() if self.cfg.gossip.method in (*GOSSIP_ROUNDS, "sgp") else None
+            nat = self.cfg.network.nat_traversal  # (hivemind's defaults: all on)
             self.dht = start_dht(Levers.of(self.cfg.gossip), swarm, initial_peers=initial_peers,
-                                 host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                                 authorizer=authorizer)  # fmt: skip
+                                 host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, authorizer=authorizer,
+                                 nat_port_map=nat, auto_nat=nat, use_relay=nat)  # fmt: skip
         if self.swarm_key:
             publish_membership(self.dht, self.run_id, self.swarm_key)
         self.averaging = self._hivemind_averaging()
