@@ -264,7 +264,7 @@ def test_p2pds_nat_services_run_only_where_the_config_asks(torch_threads, nat_tr
     from tests.conftest import quick_config
     from workers.peer.peer import Peer
 
-    peer = Peer(quick_config("peers=1", f"network.nat_traversal={str(nat_traversal).lower()}"), 0, "nat")
+    peer = Peer(quick_config("peers=2", f"network.nat_traversal={str(nat_traversal).lower()}"), 0, "nat")
     try:
         peer.start_dht([])
         daemons = [proc for proc in psutil.Process().children(recursive=True) if proc.name() == "p2pd"]
