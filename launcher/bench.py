@@ -293,8 +293,9 @@ def round_cost_summary(runs: pd.DataFrame) -> pd.DataFrame:
 def startup(bench_dir: Path, quick: bool, repeats: int = 3) -> list[dict]:
     """Seconds from the run's start to every peer's first step, against N Ray actors that import torch, build the
     quickstart's model and a torch.optim optimizer and take one step (the fair denominator), and N no-op actors:
-    `repeats` times, interleaved (the run, then each arm), each ratio taken within its repeat; the medians and the
-    ratio's range (one start-up of 8 peers on 2 cores varied 1.16-1.30 against the same arm)."""
+    `repeats` times, interleaved (the run, then each arm; odd repeats the torch arm first, so neither always starts
+    on a warmer machine), each ratio taken within its repeat; the medians and the ratio's range (one start-up of 8
+    peers on 2 cores varied 1.16-1.30 against the same arm)."""
     import ray
 
     @ray.remote(num_cpus=0.25)
@@ -319,17 +320,22 @@ def startup(bench_dir: Path, quick: bool, repeats: int = 3) -> list[dict]:
     for peers in (4,) if quick else (4, 8):
         cfg = load_config(QUICKSTART, [f"peers={peers}", "optim.epochs=1", "gossip.method=none",
                                        "resources.num_cpus=0.25"])  # fmt: skip
+
+        def actors_up(actor_class, peers=peers, model_cfg=cfg.model) -> float:
+            began = time.perf_counter()
+            actors = [actor_class.remote() for _ in range(peers)]
+            ray.get([actor.ready.remote(model_cfg) for actor in actors])
+            for actor in actors:
+                ray.kill(actor)
+            return time.perf_counter() - began
+
         times = []
-        for _ in range(1 if quick else repeats):
+        for repeat in range(1 if quick else repeats):
+            arms = {} if repeat % 2 == 0 else {"torch_actors_s": actors_up(TorchPeer)}  # (odd repeats: the arm first)
             result = run_experiment(cfg, bench_dir / "g7")
-            arms = {"seconds": read_events(result.run_dir).query("event == 'started'").time_s.max()}
-            for name, actor_class in (("torch_actors_s", TorchPeer), ("bare_ray_s", Noop)):
-                began = time.perf_counter()
-                actors = [actor_class.remote() for _ in range(peers)]
-                ray.get([actor.ready.remote(cfg.model) for actor in actors])
-                arms[name] = time.perf_counter() - began
-                for actor in actors:
-                    ray.kill(actor)
+            arms["seconds"] = read_events(result.run_dir).query("event == 'started'").time_s.max()
+            arms.setdefault("torch_actors_s", actors_up(TorchPeer))
+            arms["bare_ray_s"] = actors_up(Noop)
             times.append(arms)
         times = pd.DataFrame(times)
         ratios, bare = times.seconds / times.torch_actors_s, times.seconds / times.bare_ray_s

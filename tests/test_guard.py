@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.averaging.base import Diverged
+from workers.averaging.base import Diverged, NoAveraging
 from workers.peer.guard import MIN_HISTORY, STEP_FACTOR, DivergenceGuard
 from workers.peer.sketch import ParameterSketch
-from workers.peer.train import RoundWatch, scaled_lr
+from workers.peer.train import RoundWatch, scaled_lr, train_epoch
 
 
 def steady(guard: DivergenceGuard, rounds: int = 5, step: float = 0.1) -> None:
@@ -90,7 +90,7 @@ def test_the_watch_measures_real_optimizer_steps_and_stops_the_round_after_one_s
         with scaled_lr(optimizer, factor):
             watch.before_step()
             optimizer.step()
-            watch.step(loss)
+            watch.step(loss, len(targets))
 
     for _ in range(6):  # rounds every 2 steps
         step(), step()
@@ -105,3 +105,52 @@ def test_the_watch_measures_real_optimizer_steps_and_stops_the_round_after_one_s
     assert float(moved) / 2 < watch.last_step_size() < float(moved), "the last step: most of the two together"
     norm = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
     assert norm < 1.1 * setup.guard.norms[-1], "the norm alone would have let it share"
+
+
+def test_a_short_batchs_step_is_not_compared():
+    """An epoch's last batch may be a few samples: its step is larger than a full batch's, and it is no blow-up."""
+    model = nn.Linear(4, 2)
+    watch = RoundWatch(SimpleNamespace(model=model, guard=DivergenceGuard(), sketch=None))
+    for samples in (32, 32, 3):
+        watch.before_step()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        watch.step(torch.tensor(1.0), samples)
+        assert (watch.last_step_size() is None) == (samples == 3)
+
+
+class EveryTwoSteps(NoAveraging):
+    """A strategy that may skip its rounds, one every 2 steps, each started with the guard's check; at step 4 it
+    notes how far the loop measured the last step to be, and how far SGD moved (lr times its momentum buffer)."""
+
+    skips_rounds = True
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer, self.seen = optimizer, None
+
+    def after_step(self, step: int, left: int = 0) -> None:
+        if step == 4:
+            group = self.optimizer.param_groups[0]
+            buffers = [self.optimizer.state[p]["momentum_buffer"] for p in group["params"]]
+            moved = group["lr"] * float(torch.cat([b.flatten() for b in buffers]).norm())
+            self.seen = (self.before_round.last_step_size(), moved)
+        if step % 2 == 0:
+            self.round_starts()
+
+
+def test_the_training_loop_measures_each_step_for_the_guard(torch_threads):
+    """The real loop (a peer's setup: digits, SGD with momentum 0.9, no weight decay): the step size the guard is
+    given is the optimizer's own step, lr x |momentum buffer|, and every round's joins the guard's history."""
+    import threading
+
+    from tests.conftest import quick_config
+    from workers.peer.peer import Peer
+
+    setup = Peer(quick_config("peers=2", "gossip.method=none", "optim.epochs=1"), 0, "steps").setup
+    strategy = EveryTwoSteps(setup.optimizer)
+    strategy.before_round = RoundWatch(setup, measure_steps=strategy.skips_rounds)
+    assert train_epoch(setup, strategy, threading.Event()) is not None
+    measured, moved = strategy.seen
+    assert measured == pytest.approx(moved, rel=1e-4) and moved > 0
+    assert len(setup.guard.steps) == 5 and all(step > 0 for step in setup.guard.steps)

@@ -235,12 +235,13 @@ def test_a_node_that_lost_a_peer_from_its_routing_table_still_reaches_it(dhts, t
 
 def test_hivemind_is_imported_without_scipy_optimize_which_loads_when_used():
     """Start-up: a peer imports hivemind without the scipy.optimize that its load balancing imports (workers/averaging/
-    __init__.py); a peer that declared a bandwidth would still get hivemind's linear program, loaded on first use."""
-    code = """if True:
+    __init__.py); a peer that declared a bandwidth would still get hivemind's linear program, loaded on first use, and
+    whatever imports scipy.optimize (or one of its submodules) afterwards gets the real module."""
+    first_use = """if True:
         import sys
-        import workers.averaging, hivemind
+        import workers.averaging
         from hivemind.averaging.load_balancing import load_balance_peers
-        assert "scipy.optimize._optimize" not in sys.modules, "loaded with hivemind"
+        assert "hivemind" in sys.modules and "scipy.optimize._optimize" not in sys.modules, "loaded with hivemind"
         assert load_balance_peers(1000, [None, None, None]) == (334, 333, 333)  # ours: no bandwidths, no program
         assert "scipy.optimize._optimize" not in sys.modules, "loaded by a round without bandwidths"
         parts = load_balance_peers(1000, [1.0, None, 2.0])  # a bandwidth: the linear program
@@ -249,8 +250,19 @@ def test_hivemind_is_imported_without_scipy_optimize_which_loads_when_used():
         assert sum(parts) == 1000 and parts[2] > parts[1], parts
         print("ok")
     """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    submodule_first = """if True:
+        import inspect, sys
+        import workers.averaging
+        import scipy.optimize._minimize  # (a submodule first: the package runs whole)
+        from scipy.optimize import linprog
+        from hivemind.averaging.load_balancing import load_balance_peers
+        assert inspect.getmodule(linprog) is sys.modules["scipy.optimize._linprog"]
+        assert sum(load_balance_peers(1000, [1.0, None, 2.0])) == 1000
+        print("ok")
+    """
+    for code in (first_use, submodule_first):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.integration

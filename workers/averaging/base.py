@@ -80,6 +80,9 @@ class AveragingStrategy:
     needs, and keeps the counts that prove (or disprove) that averaging happened (`stats`)."""
 
     shares_state = False  # whether its peers serve their state to newcomers (share_state, download_state)
+    # whether a peer may skip its round (round_starts with the guard's check): the training loop then measures each
+    # step's size for the guard (workers/peer/train.py: RoundWatch)
+    skips_rounds = False
     # where its averaging_bytes come from: "measured" (counted on the wire: hivemind's parts; nothing, for `none`) or
     # "modelled" (gloo counts no bytes: its ring's traffic, 2 (n - 1) / n of the tensors per peer)
     bytes_source = "measured"

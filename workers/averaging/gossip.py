@@ -94,6 +94,7 @@ class Round:
 
 class GossipAveraging(AveragingStrategy):
     shares_state = True
+    skips_rounds = True
 
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
                  swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None,

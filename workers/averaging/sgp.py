@@ -44,6 +44,7 @@ GROUP_SIZE = 2  # a push-sum round mixes a sender's half into one target
 
 class SgpAveraging(AveragingStrategy):
     shares_state = True
+    skips_rounds = True
 
     def __init__(self, model: nn.Module, dht, cfg: GossipConfig, prefix: str, lock: threading.Lock | None = None,
                  swarm_key: bytes | None = None, anomalies=None, swarm_size: int | None = None,

@@ -43,29 +43,39 @@ class RoundWatch:
     sketch of the parameters as they were sent, for consensus_before (the drift each round repairs).
 
     The step size: how far the last optimizer step before the round moved the parameters (a blow-up in an earlier
-    step shows in the losses of the steps after it). It costs a copy of the parameters before each step and a
-    subtraction after it (for ResNet-50, 100 MB more per peer); a round's result, landing between steps, is never
-    in it."""
+    step shows in the losses of the steps after it), measured where the strategy may skip a round; a short batch (an
+    epoch's last) takes a step larger than a full one's and is not compared. It costs a copy of the parameters before
+    each step and a subtraction after it (for ResNet-50, 100 MB more per peer); a round's result, landing between
+    steps under the setup's lock, is never in it."""
 
-    def __init__(self, setup: TrainSetup):
+    def __init__(self, setup: TrainSetup, measure_steps: bool = True):
         self.setup, self.guard = setup, setup.guard
         self.loss_sum: torch.Tensor | float = 0.0  # the steps' losses since the last round, on the device
         self.steps = 0
         self.sketch_before: np.ndarray | None = None  # at the epoch's last round start (None: no round yet)
-        self.params = [p for p in setup.model.parameters() if p.requires_grad]
+        self.params = [p for p in setup.model.parameters() if p.requires_grad] if measure_steps else []
         self.last_step = [torch.empty_like(p) for p in self.params]  # the parameters before the step; then its change
+        self.batch = 0  # the largest batch seen
+        self.last_full = False  # whether the last step's batch was full
 
     @torch.no_grad()
     def before_step(self) -> None:
-        torch._foreach_copy_(self.last_step, self.params)
+        if self.params:
+            torch._foreach_copy_(self.last_step, self.params)
 
     @torch.no_grad()
-    def step(self, loss: torch.Tensor) -> None:
-        """After the optimizer's step (`before_step` came before it)."""
+    def step(self, loss: torch.Tensor, samples: int) -> None:
+        """After the optimizer's step on `samples` (`before_step` came before it)."""
         self.loss_sum, self.steps = self.loss_sum + loss.detach().float(), self.steps + 1
-        torch._foreach_sub_(self.last_step, self.params)
+        self.batch = max(self.batch, samples)
+        self.last_full = samples == self.batch
+        if self.params:
+            torch._foreach_sub_(self.last_step, self.params)
 
-    def last_step_size(self) -> float:
+    def last_step_size(self) -> float | None:
+        """None: not measured, or a short batch's."""
+        if not (self.params and self.steps and self.last_full):
+            return None
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.last_step)).float()))
 
     def __call__(self, check: bool = True) -> None:
@@ -73,7 +83,7 @@ class RoundWatch:
         flat = flat_parameters(self.setup.model)
         if check:
             loss = float(self.loss_sum) / self.steps if self.steps else None
-            step = self.last_step_size() if self.steps else None
+            step = self.last_step_size()
             if reason := self.guard.check(loss, float(flat.float().norm()), step):
                 raise Diverged(reason)
         self.loss_sum, self.steps = 0.0, 0
@@ -84,7 +94,7 @@ def train(setup: TrainSetup, averaging: AveragingStrategy, stop: threading.Event
     """Train from the epoch after `setup.progress.epoch` to `setup.epochs`; one report per epoch."""
     progress = setup.progress
     started = time.perf_counter() - progress.wall_time_s
-    watch = averaging.before_round = RoundWatch(setup)
+    watch = averaging.before_round = RoundWatch(setup, measure_steps=averaging.skips_rounds)
     for epoch in range(progress.epoch + 1, setup.epochs + 1):
         epoch_started, watch.sketch_before = time.perf_counter(), None
         totals = train_epoch(setup, averaging, stop)
@@ -131,7 +141,7 @@ def train_epoch(setup: TrainSetup, averaging: AveragingStrategy, stop: threading
         with setup.lock, scaled_lr(setup.optimizer, setup.lr_factor):
             watch.before_step()  # (under the lock: a round's result lands before or after the step, never in it)
             setup.optimizer.step()
-            watch.step(loss)
+            watch.step(loss, len(targets))
             progress.step, progress.samples_seen = progress.step + 1, progress.samples_seen + len(targets)
             progress.epoch_step += 1
         totals.add(loss, logits, targets)
