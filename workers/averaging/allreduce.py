@@ -65,7 +65,7 @@ class AllReduceAveraging(AveragingStrategy):
 
         started = time.perf_counter()
         if tensors is self.tensors:  # the parameters (not the gradients): the drift this round repairs
-            self.round_starts(check=False)  # every peer must enter the collective: no skipping here
+            self.round_starts()  # (no check: every peer must enter the collective, no skipping here)
         flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
         dist.all_reduce(flat)
         flat /= self.world_size

@@ -80,8 +80,8 @@ class AveragingStrategy:
     needs, and keeps the counts that prove (or disprove) that averaging happened (`stats`)."""
 
     shares_state = False  # whether its peers serve their state to newcomers (share_state, download_state)
-    # whether a peer may skip its round (round_starts with the guard's check): the training loop then measures each
-    # step's size for the guard (workers/peer/train.py: RoundWatch)
+    # whether a peer may skip its round: round_starts then runs the guard's check, and the training loop measures each
+    # step's size for it (workers/peer/train.py: RoundWatch)
     skips_rounds = False
     # where its averaging_bytes come from: "measured" (counted on the wire: hivemind's parts; nothing, for `none`) or
     # "modelled" (gloo counts no bytes: its ring's traffic, 2 (n - 1) / n of the tensors per peer)
@@ -97,10 +97,11 @@ class AveragingStrategy:
         """(mean group size, seconds averaging, bytes) since the last call: an epoch's row (RoundStats)."""
         return self.stats.take_window()
 
-    def round_starts(self, check: bool = True) -> None:
-        """Call as a round starts, before anything is shared; `check`: skipping is possible (not in a collective)."""
+    def round_starts(self) -> None:
+        """Call as a round starts, before anything is shared: the guard's check where a peer may skip the round
+        (`skips_rounds`; not where every peer must enter a collective)."""
         if self.before_round is not None:
-            self.before_round(check)
+            self.before_round(check=self.skips_rounds)
 
     def set_swarm_size(self, peers: int, dht_nodes: int = 0, gone: Sequence[str] = ()) -> None:
         """How many peers are in the swarm now (the driver's count of running peers): a group aims at that many;
