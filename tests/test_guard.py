@@ -107,18 +107,6 @@ def test_the_watch_measures_real_optimizer_steps_and_stops_the_round_after_one_s
     assert norm < 1.1 * setup.guard.norms[-1], "the norm alone would have let it share"
 
 
-def test_a_short_batchs_step_is_not_compared():
-    """An epoch's last batch may be a few samples: its step is larger than a full batch's, and it is no blow-up."""
-    model = nn.Linear(4, 2)
-    watch = RoundWatch(SimpleNamespace(model=model, guard=DivergenceGuard(), sketch=None))
-    for samples in (32, 32, 3):
-        watch.before_step()
-        with torch.no_grad():
-            model.weight.add_(1.0)
-        watch.step(torch.tensor(1.0), samples)
-        assert (watch.last_step_size() is None) == (samples == 3)
-
-
 class EveryTwoSteps(NoAveraging):
     """A strategy that may skip its rounds, one every 2 steps, each started with the guard's check; at step 4 it
     notes how far the loop measured the last step to be, and how far SGD moved (lr times its momentum buffer)."""

@@ -43,10 +43,9 @@ class RoundWatch:
     sketch of the parameters as they were sent, for consensus_before (the drift each round repairs).
 
     The step size: how far the last optimizer step before the round moved the parameters (a blow-up in an earlier
-    step shows in the losses of the steps after it), measured where the strategy may skip a round; a short batch (an
-    epoch's last) takes a step larger than a full one's and is not compared. It costs a copy of the parameters before
-    each step and a subtraction after it (for ResNet-50, 100 MB more per peer); a round's result, landing between
-    steps under the setup's lock, is never in it."""
+    step shows in the losses of the steps after it), measured where the strategy may skip a round. It costs a copy of
+    the parameters before each step and a subtraction after it (for ResNet-50, 100 MB more per peer); a round's
+    result, landing between steps under the setup's lock, is never in it."""
 
     def __init__(self, setup: TrainSetup, measure_steps: bool = True):
         self.setup, self.guard = setup, setup.guard
@@ -55,8 +54,6 @@ class RoundWatch:
         self.sketch_before: np.ndarray | None = None  # at the epoch's last round start (None: no round yet)
         self.params = [p for p in setup.model.parameters() if p.requires_grad] if measure_steps else []
         self.last_step = [torch.empty_like(p) for p in self.params]  # the parameters before the step; then its change
-        self.batch = 0  # the largest batch seen
-        self.last_full = False  # whether the last step's batch was full
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -67,14 +64,13 @@ class RoundWatch:
     def step(self, loss: torch.Tensor, samples: int) -> None:
         """After the optimizer's step on `samples` (`before_step` came before it)."""
         self.loss_sum, self.steps = self.loss_sum + loss.detach().float(), self.steps + 1
-        self.batch = max(self.batch, samples)
-        self.last_full = samples == self.batch
         if self.params:
             torch._foreach_sub_(self.last_step, self.params)
 
     def last_step_size(self) -> float | None:
-        """None: not measured, or a short batch's."""
-        if not (self.params and self.steps and self.last_full):
+        """None: not measured. (A short batch's step is compared too: skipping it let a round right after an epoch's
+        last step at lr x100 through, test_divergence.)"""
+        if not (self.params and self.steps):
             return None
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.last_step)).float()))
 
